@@ -1,0 +1,15 @@
+"""jaxdec: lossless speculative decoding for LLMs in JAX.
+
+    model = jaxdec.load("path/to/converted")          # see `python -m jaxdec.convert`
+    out = jaxdec.generate(model, ["def fib(n):"], max_new_tokens=64)
+    out.tokens, out.texts, out.stats
+    jaxdec.logits(model, [1, 2, 3])                   # [3, vocab] float32 numpy
+"""
+
+from jaxdec.config import ModelConfig
+from jaxdec.generate import GenerateOutput, Stats, generate, logits
+from jaxdec.loading import Model, load
+
+__version__ = "0.1.0"
+
+__all__ = ["GenerateOutput", "Model", "ModelConfig", "Stats", "generate", "load", "logits", "__version__"]

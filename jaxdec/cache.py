@@ -1,0 +1,50 @@
+"""The KV cache: preallocated, fixed-shape arrays and per-row lengths.
+
+`k[i]` and `v[i]` are layer i's keys and values, `[batch, slots, kv_heads, head_dim]`.
+`lengths[b]` counts the valid slots of row b; slot s of a row holds the token at position s.
+A step writes its T new entries at slots `lengths[b] .. lengths[b] + T - 1` of each row and
+leaves `lengths` alone: the caller commits by raising `lengths`, and rolling back rejected
+tokens is only a smaller raise. Every step function takes the cache as a donated argument.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxdec.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    lengths: jax.Array  # int32 [batch]
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.k[0].shape[1]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "num_slots", "dtype"))
+def init_cache(cfg: ModelConfig, batch_size: int, num_slots: int, dtype) -> KVCache:
+    shape = (batch_size, num_slots, cfg.num_key_value_heads, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+    return KVCache(k=zeros(), v=zeros(), lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def write_slots(layer_cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """Writes new[b, t] at slot slots[b, t] of row b; slots past the end are dropped.
+
+    Dropping (rather than clamping, as dynamic_update_slice would) means an out-of-range
+    write can never land on a valid entry.
+    """
+    rows = jnp.arange(new.shape[0])[:, None]
+    return layer_cache.at[rows, slots].set(new.astype(layer_cache.dtype), mode="drop")

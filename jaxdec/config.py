@@ -1,0 +1,129 @@
+"""Model hyper-parameters, under their Hugging Face names.
+
+`ModelConfig` is a frozen (hashable) dataclass: it is a static argument of every jitted step,
+so two models with the same shapes share compiled code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    model_type: str = "llama"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # RoPE scaling as sorted (key, value) pairs so the config stays hashable; () means none.
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    # Attention window per layer (None = full attention); empty tuple = all layers full.
+    layer_windows: tuple[int | None, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.layer_windows and len(self.layer_windows) != self.num_hidden_layers:
+            raise ValueError(f"layer_windows has {len(self.layer_windows)} entries, "
+                             f"expected num_hidden_layers={self.num_hidden_layers}")
+        rope_type = dict(self.rope_scaling).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"unsupported RoPE scaling rope_type={rope_type!r}; "
+                             f"supported: {SUPPORTED_ROPE_TYPES}")
+
+    def window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = dict(self.rope_scaling) or None
+        d["layer_windows"] = list(self.layer_windows)
+        d["eos_token_id"] = list(self.eos_token_id)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["rope_scaling"] = tuple(sorted((d.get("rope_scaling") or {}).items()))
+        d["layer_windows"] = tuple(d.get("layer_windows") or ())
+        d["eos_token_id"] = tuple(d.get("eos_token_id") or ())
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, hf: dict, generation_config: dict | None = None) -> "ModelConfig":
+        """Builds a config from a Hugging Face `config.json` (transformers 4.x or 5.x layout)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported architecture: model_type={model_type!r} "
+                             f"(architectures={hf.get('architectures')}); "
+                             f"supported model types: {SUPPORTED_MODEL_TYPES}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act={hf['hidden_act']!r}; only 'silu'")
+        if hf.get("mlp_bias"):
+            raise ValueError("unsupported mlp_bias=True")
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        # transformers 5 keeps theta and scaling in `rope_parameters`; 4.x in rope_theta/rope_scaling.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        if rope.get("rope_type", "default") == "default":
+            rope = {}
+        if hf.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("unsupported partial_rotary_factor != 1")
+        layers = hf["num_hidden_layers"]
+        windows: tuple = ()
+        window = hf.get("sliding_window")
+        if model_type == "mistral" and window:
+            windows = (int(window),) * layers
+        elif model_type == "qwen2" and hf.get("use_sliding_window") and window:
+            types = hf.get("layer_types") or [
+                "sliding_attention" if i >= hf.get("max_window_layers", layers) else "full_attention"
+                for i in range(layers)]
+            windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
+        eos = (generation_config or {}).get("eos_token_id", hf.get("eos_token_id"))
+        eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (int(eos),))
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            max_position_embeddings=hf["max_position_embeddings"],
+            model_type=model_type,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=tuple(sorted(rope.items())),
+            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            layer_windows=windows,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos,
+        )

@@ -1,0 +1,167 @@
+"""`jaxdec.generate` and `jaxdec.logits`: the host side of decoding.
+
+generate() validates and tokenizes the prompts, pads them into fixed-shape buckets, runs the
+prefill step once and then the jitted decode step (many tokens per dispatch) until every row
+is done, and unpads the result. The steps themselves live in `jaxdec.steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec import steps
+from jaxdec.cache import init_cache
+from jaxdec.loading import Model
+from jaxdec.sampling import SamplingParams, row_keys
+
+MAX_STOP_TOKENS = 16  # stop ids are padded to this many, so their number compiles nothing new
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    new_tokens: int            # all rows together
+    target_steps: int          # target forwards after prefill
+    mean_accepted: float       # tokens per target step per active row (1.0 for plain decoding)
+    prefill_seconds: float
+    decode_seconds: float
+    tokens_per_second: float   # new_tokens / decode_seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    tokens: list[list[int]]
+    texts: list[str] | None
+    stats: Stats
+
+
+def _is_token_id(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def encode_prompts(model: Model, prompts) -> list[list[int]]:
+    """Token ids of each prompt, checked: non-empty, ids inside the vocabulary."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a non-empty list of strings or of token-id lists, got {prompts!r:.80}")
+    vocab = model.config.vocab_size
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if model.tokenizer is None:
+                raise ValueError(f"prompt {i} is text ({prompt!r:.40}) but the model has no tokenizer; "
+                                 f"pass token ids instead")
+            ids = model.tokenizer.encode(prompt).ids
+        elif isinstance(prompt, Sequence) or isinstance(prompt, np.ndarray):
+            ids = list(prompt)
+            bad = [t for t in ids if not _is_token_id(t) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {vocab})")
+            ids = [int(t) for t in ids]
+        else:
+            raise ValueError(f"prompt {i} must be a string or a list of token ids, got {prompt!r:.40}")
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        rows.append(ids)
+    return rows
+
+
+def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:
+    ids = model.stop_token_ids if stop_token_ids is None else stop_token_ids
+    ids = list(ids)
+    bad = [t for t in ids if not _is_token_id(t) or not 0 <= t < model.config.vocab_size]
+    if bad:
+        raise ValueError(f"stop token id {bad[0]!r} is outside the vocabulary [0, {model.config.vocab_size})")
+    if len(ids) > MAX_STOP_TOKENS:
+        raise ValueError(f"at most {MAX_STOP_TOKENS} stop_token_ids are supported, got {len(ids)}")
+    return np.array(ids + [-1] * (MAX_STOP_TOKENS - len(ids)), np.int32)
+
+
+def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
+             stop_token_ids=None, speculative=None) -> GenerateOutput:
+    """Generates up to `max_new_tokens` new tokens for every prompt.
+
+    temperature 0 is greedy; otherwise tokens are drawn from the distribution after
+    temperature, top-k, top-p and min-p. Each row ends after a stop token (included) or
+    after max_new_tokens. `stop_token_ids=None` uses the checkpoint's EOS ids, [] never stops.
+    """
+    if speculative is not None:
+        raise ValueError(f"unsupported speculative method {speculative!r}")
+    rows = encode_prompts(model, prompts)
+    if not _is_token_id(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not _is_token_id(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    sampling = SamplingParams.create(temperature, top_k, top_p, min_p)
+    stop_ids = _stop_ids(model, stop_token_ids)
+    cfg = model.config
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                         f"model's max_position_embeddings={cfg.max_position_embeddings}")
+    if max_new_tokens == 0:
+        return GenerateOutput([[] for _ in rows], [""] * len(rows) if model.tokenizer else None,
+                              Stats(0, 0, 0.0, 0.0, 0.0, 0.0))
+
+    batch = steps.bucket(len(rows))
+    slots = steps.cache_bucket(cfg, longest + max_new_tokens)
+    prompt_bucket = min(steps.bucket(longest, steps.MIN_PROMPT_BUCKET), slots)
+    tokens = np.zeros((batch, slots), np.int32)
+    prompt_lengths = np.ones((batch,), np.int32)  # padding rows: one dummy token
+    for b, ids in enumerate(rows):
+        tokens[b, :len(ids)] = ids
+        prompt_lengths[b] = len(ids)
+    row_valid = np.arange(batch) < len(rows)
+    max_new = np.int32(max_new_tokens)
+
+    start = time.perf_counter()
+    cache = init_cache(cfg, batch, slots, model.dtype)
+    state, cache = steps.prefill(cfg, model.params, cache, tokens, prompt_lengths, row_valid, sampling,
+                                 row_keys(seed, batch), stop_ids, max_new, prompt_bucket=prompt_bucket)
+    done = np.asarray(state.done)  # waits for prefill
+    prefill_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    while not done.all():
+        state, cache = steps.decode(cfg, model.params, cache, state, sampling, stop_ids, max_new)
+        done = np.asarray(state.done)  # one host sync per dispatch of many steps
+    decode_seconds = time.perf_counter() - start
+
+    out_tokens = np.asarray(state.tokens)
+    lengths = np.asarray(state.lengths)
+    new = [out_tokens[b, len(ids):lengths[b]].tolist() for b, ids in enumerate(rows)]
+    new_tokens = sum(len(t) for t in new)
+    active_row_steps = int(state.active_row_steps)
+    stats = Stats(
+        new_tokens=new_tokens,
+        target_steps=int(state.target_steps),
+        # The first token of each row comes from prefill; the others from target steps.
+        mean_accepted=(new_tokens - len(rows)) / active_row_steps if active_row_steps else 0.0,
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        tokens_per_second=new_tokens / decode_seconds if decode_seconds > 0 else 0.0,
+    )
+    texts = None
+    if model.tokenizer is not None:
+        texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in new]
+    return GenerateOutput(tokens=new, texts=texts, stats=stats)
+
+
+def logits(model: Model, token_ids) -> np.ndarray:
+    """Next-token logits [len(token_ids), vocab_size] (float32) at every position."""
+    ids = encode_prompts(model, [token_ids])[0] if not isinstance(token_ids, str) else None
+    if ids is None:
+        raise ValueError("token_ids must be a sequence of token ids, not text")
+    if len(ids) > model.config.max_position_embeddings:
+        raise ValueError(f"{len(ids)} tokens exceed the model's max_position_embeddings="
+                         f"{model.config.max_position_embeddings}")
+    padded = np.zeros((1, steps.bucket(len(ids), steps.MIN_PROMPT_BUCKET)), np.int32)
+    padded[0, :len(ids)] = ids
+    out = steps.score(model.config, model.params, padded)
+    return np.asarray(out[0, :len(ids)], np.float32)

@@ -1,0 +1,84 @@
+"""`jaxdec.Model` and `jaxdec.load`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxdec import storage
+from jaxdec.config import ModelConfig
+
+SHIPPED_CHECKPOINTS = ("demo-target", "demo-draft")
+ATTN_IMPLS = ("xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A loaded model: hyper-parameters, the parameter pytree and the tokenizer (or None)."""
+    config: ModelConfig
+    params: Any
+    tokenizer: Any = None  # tokenizers.Tokenizer
+    attn_impl: str = "xla"
+
+    @property
+    def dtype(self):
+        return self.params["embed_tokens"]["embedding"].dtype
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        return self.config.eos_token_id
+
+
+def _resolve(path_or_name) -> Path:
+    path = Path(path_or_name).expanduser()
+    if path.exists():
+        return path
+    if str(path_or_name) in SHIPPED_CHECKPOINTS:
+        shipped = Path(__file__).resolve().parent / "checkpoints" / str(path_or_name)
+        if shipped.exists():
+            return shipped
+        raise FileNotFoundError(f"shipped checkpoint {path_or_name!r} is not installed at {shipped}")
+    raise FileNotFoundError(f"no checkpoint at {path_or_name!r} (a converted directory, "
+                            f"or one of the shipped names {SHIPPED_CHECKPOINTS})")
+
+
+def _read_tokenizer(directory: Path):
+    from tokenizers import Tokenizer
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise ValueError(f"unreadable tokenizer {path}: {err}") from err
+
+
+def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
+    """Loads a converted checkpoint (see `python -m jaxdec.convert`) or a shipped one by name.
+
+    dtype: None keeps the stored dtype; "float32" or "bfloat16" casts on load.
+    attn_impl: "xla" (the jax.numpy reference) or "pallas"; None picks the best available.
+    """
+    if attn_impl is None:
+        attn_impl = "xla"
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS} or None, got {attn_impl!r}")
+    if attn_impl == "pallas":
+        raise NotImplementedError("attn_impl='pallas': the Pallas attention kernels are not "
+                                  "implemented yet; use 'xla' (the default)")
+    if mesh is not None:
+        raise NotImplementedError("mesh=: sharding is not implemented yet; load on one device")
+    cast = storage.parse_dtype(dtype)
+    directory = _resolve(path_or_name)
+    cfg, _ = storage.read_config(directory)
+    params = storage.read_params(directory, cast)
+    return Model(config=cfg, params=params, tokenizer=_read_tokenizer(directory), attn_impl=attn_impl)
+
+
+def model_from_params(cfg: ModelConfig, params, tokenizer=None) -> Model:
+    """Wraps in-memory parameters (e.g. `jaxdec.model.init_params`) as a Model."""
+    return Model(config=cfg, params=jax.tree_util.tree_map(jax.numpy.asarray, params), tokenizer=tokenizer)

@@ -1,0 +1,162 @@
+"""One Flax decoder for Llama, Qwen2 and Mistral, and the single forward every step uses.
+
+The families differ only by config switches: grouped-query attention (num_key_value_heads),
+q/k/v bias (attention_bias, Qwen2), tied embeddings (tie_word_embeddings), RoPE scaling
+(rope_scaling) and sliding-window attention (layer_windows, Mistral).
+
+At the jit boundary everything is a pure function of pytrees:
+    forward(cfg, params, tokens[B,T], positions[B,T], cache, step_mask[B,T,T])
+        -> (logits[B,T,V], hidden[B,T,D], cache)
+Prefill, decode (T = 1) and verification (T = k + 1 or tree size) differ only in T and the mask.
+
+Parameter tree (what the converter writes; `kernel`s are [in, out]):
+    embed_tokens/embedding [V, D]
+    layers_{i}/input_layernorm/scale, post_attention_layernorm/scale [D]
+    layers_{i}/self_attn/{q,k,v,o}_proj/kernel (+ q,k,v bias when attention_bias)
+    layers_{i}/mlp/{gate,up,down}_proj/kernel
+    norm/scale [D]
+    lm_head/kernel [D, V]  (absent when tie_word_embeddings)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdec.attention import attention_mask, reference_attention
+from jaxdec.cache import KVCache, write_slots
+from jaxdec.config import ModelConfig
+from jaxdec.rope import apply_rope, rope_tables
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, k_cache, v_cache, slots, mask):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        dense = lambda n, name, bias: nn.Dense(n * cfg.head_dim, use_bias=bias, name=name)
+        q = dense(cfg.num_attention_heads, "q_proj", cfg.attention_bias)(x)
+        k = dense(cfg.num_key_value_heads, "k_proj", cfg.attention_bias)(x)
+        v = dense(cfg.num_key_value_heads, "v_proj", cfg.attention_bias)(x)
+        q = apply_rope(q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        k_cache = write_slots(k_cache, k, slots)
+        v_cache = write_slots(v_cache, v, slots)
+        out = reference_attention(q, k_cache, v_cache, mask)
+        out = nn.Dense(cfg.hidden_size, use_bias=False, name="o_proj")(out.reshape(B, T, -1))
+        return out, k_cache, v_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        gate = nn.Dense(self.cfg.intermediate_size, use_bias=False, name="gate_proj")(x)
+        up = nn.Dense(self.cfg.intermediate_size, use_bias=False, name="up_proj")(x)
+        return nn.Dense(self.cfg.hidden_size, use_bias=False, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, k_cache, v_cache, slots, mask):
+        h, k_cache, v_cache = Attention(self.cfg, name="self_attn")(
+            RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x),
+            cos, sin, k_cache, v_cache, slots, mask)
+        x = x + h
+        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x))
+        return x, k_cache, v_cache
+
+
+class Decoder(nn.Module):
+    """Embeddings, the decoder layers and the final norm; returns hidden states and the cache.
+
+    The layers are a Python loop (not a scan) so each layer's cache is its own buffer, updated
+    in place under donation, and so a drafter can skip a static set of layers.
+    """
+    cfg: ModelConfig
+    skip_layers: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: KVCache, step_mask):
+        cfg = self.cfg
+        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(tokens)
+        cos, sin = rope_tables(cfg, positions)
+        slots = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]
+        masks = {}  # one mask per distinct window
+        new_k, new_v = list(cache.k), list(cache.v)
+        for i in range(cfg.num_hidden_layers):
+            window = cfg.window(i)
+            if window not in masks:
+                masks[window] = attention_mask(cache.lengths, positions, step_mask, cache.num_slots, window)
+            layer = DecoderLayer(cfg, name=f"layers_{i}")
+            if i in self.skip_layers:
+                continue
+            x, new_k[i], new_v[i] = layer(x, cos, sin, cache.k[i], cache.v[i], slots, masks[window])
+        x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
+        return x, cache.replace(k=tuple(new_k), v=tuple(new_v))
+
+
+def lm_head(cfg: ModelConfig, params, hidden):
+    """Logits in float32 from hidden states [..., D]."""
+    if cfg.tie_word_embeddings:
+        weight = params["embed_tokens"]["embedding"].T
+    else:
+        weight = params["lm_head"]["kernel"]
+    return jnp.dot(hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=()):
+    """The decoder without the LM head: (hidden [B,T,D], cache with the new entries written)."""
+    return Decoder(cfg, tuple(skip_layers)).apply({"params": params}, tokens, positions, cache, step_mask)
+
+
+def forward(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=()):
+    """The general forward: (logits [B,T,V] float32, hidden [B,T,D], cache)."""
+    hidden, cache = forward_hidden(cfg, params, tokens, positions, cache, step_mask, skip_layers)
+    return lm_head(cfg, params, hidden), hidden, cache
+
+
+def causal_mask(batch_size: int, num_tokens: int):
+    return jnp.broadcast_to(jnp.tril(jnp.ones((num_tokens, num_tokens), bool)),
+                            (batch_size, num_tokens, num_tokens))
+
+
+def init_params(cfg: ModelConfig, rng, dtype=jnp.float32, init_std: float = 0.02):
+    """Random parameters (normal(init_std) weights, unit norms), e.g. for benchmarks."""
+    from jaxdec.cache import init_cache  # local: only needed to trace the shapes
+
+    def init():
+        return Decoder(cfg).init(rng, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                                 init_cache(cfg, 1, 1, dtype), jnp.ones((1, 1, 1), bool))["params"]
+    shapes = jax.eval_shape(init)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size, cfg.vocab_size), dtype)}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(rng, len(leaves))
+    out = []
+    for (path, leaf), key in zip(leaves, keys):
+        if path[-1].key == "scale":
+            out.append(jnp.ones(leaf.shape, dtype))
+        elif path[-1].key == "bias":
+            out.append(jnp.zeros(leaf.shape, dtype))
+        else:
+            out.append((init_std * jax.random.normal(key, leaf.shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)

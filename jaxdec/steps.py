@@ -1,0 +1,123 @@
+"""The jitted, fixed-shape step functions of plain decoding, and their shape buckets.
+
+Shapes are padded to buckets so a stream of requests compiles only a handful of programs:
+batch to a power of two, prompt length to a power of two (at least 16), and the cache (and
+the token buffer) to a power of two at least prompt + max_new_tokens. Every step donates the
+cache (and the decode state) and returns them updated, so XLA updates them in place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxdec.cache import KVCache, init_cache
+from jaxdec.config import ModelConfig
+from jaxdec.model import causal_mask, forward, forward_hidden, lm_head
+from jaxdec.sampling import SamplingParams, sample
+
+MIN_PROMPT_BUCKET = 16
+MIN_CACHE_BUCKET = 64
+DECODE_STEPS_PER_DISPATCH = 32  # tokens per host round trip in plain decoding
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def cache_bucket(cfg: ModelConfig, needed: int) -> int:
+    """Cache slots for `needed` tokens: a power of two, capped at the model's context."""
+    return max(needed, min(bucket(needed, MIN_CACHE_BUCKET), cfg.max_position_embeddings))
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries besides the cache.
+
+    `tokens[b, :lengths[b]]` is row b's prompt and output so far; the last of them is the
+    pending token, sampled but not yet in the cache (cache.lengths == lengths - 1).
+    """
+    tokens: jax.Array          # int32 [B, S]
+    lengths: jax.Array         # int32 [B]
+    prompt_lengths: jax.Array  # int32 [B]
+    done: jax.Array            # bool [B]
+    keys: jax.Array            # PRNG keys [B]
+    target_steps: jax.Array    # int32: target forwards after prefill
+    active_row_steps: jax.Array  # int32: sum over target steps of the rows still active
+
+
+def _finished(state: DecodeState, new_tokens, stop_ids, max_new_tokens):
+    is_stop = jnp.any(new_tokens[:, None] == stop_ids[None, :], axis=-1)
+    return is_stop | (state.lengths - state.prompt_lengths >= max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "prompt_bucket"), donate_argnames=("cache",))
+def prefill(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_lengths, row_valid,
+            sampling: SamplingParams, keys, stop_ids, max_new_tokens, *, prompt_bucket: int):
+    """Runs the prompts through the model and samples each row's first new token.
+
+    tokens: int32 [B, S] prompts left-aligned (S = cache slots); rows with row_valid False are
+    batch padding and start out done.
+    """
+    B = tokens.shape[0]
+    chunk = tokens[:, :prompt_bucket]
+    positions = jnp.broadcast_to(jnp.arange(prompt_bucket, dtype=jnp.int32), (B, prompt_bucket))
+    cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
+    hidden, cache = forward_hidden(cfg, params, chunk, positions, cache, causal_mask(B, prompt_bucket))
+    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    first = sample(lm_head(cfg, params, last), sampling, keys, jnp.zeros((B,), jnp.int32))
+    rows = jnp.arange(B)
+    tokens = tokens.at[rows, prompt_lengths].set(first, mode="drop")
+    state = DecodeState(
+        tokens=tokens, lengths=prompt_lengths + 1, prompt_lengths=prompt_lengths,
+        done=~row_valid, keys=keys, target_steps=jnp.int32(0), active_row_steps=jnp.int32(0))
+    state = state.replace(done=state.done | _finished(state, first, stop_ids, max_new_tokens))
+    return state, cache.replace(lengths=prompt_lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps"), donate_argnames=("cache", "state"))
+def decode(cfg: ModelConfig, params, cache: KVCache, state: DecodeState, sampling: SamplingParams,
+           stop_ids, max_new_tokens, *, num_steps: int = DECODE_STEPS_PER_DISPATCH):
+    """Up to `num_steps` plain decoding steps in one dispatch (a lax.while_loop), stopping
+    early once every row is done. Finished rows keep their lengths: their writes are dropped
+    from view because their cache length no longer moves."""
+    B = state.tokens.shape[0]
+    rows = jnp.arange(B)
+    one = jnp.ones((B, 1, 1), bool)
+
+    def step(carry):
+        i, cache, state = carry
+        pending = state.tokens[rows, state.lengths - 1]
+        logits, _, cache = forward(cfg, params, pending[:, None], (state.lengths - 1)[:, None], cache, one)
+        new = sample(logits[:, 0], sampling, state.keys, state.lengths - state.prompt_lengths)
+        active = ~state.done
+        state = state.replace(
+            # Finished rows write out of bounds (dropped); negative indices would wrap around.
+            tokens=state.tokens.at[rows, jnp.where(active, state.lengths, state.tokens.shape[1])].set(
+                new, mode="drop"),
+            lengths=state.lengths + active,
+            target_steps=state.target_steps + 1,
+            active_row_steps=state.active_row_steps + jnp.sum(active, dtype=jnp.int32))
+        state = state.replace(done=state.done | (active & _finished(state, new, stop_ids, max_new_tokens)))
+        return i + 1, cache.replace(lengths=cache.lengths + active), state
+
+    def keep_going(carry):
+        i, _, state = carry
+        return (i < num_steps) & ~jnp.all(state.done)
+
+    _, cache, state = jax.lax.while_loop(keep_going, step, (jnp.int32(0), cache, state))
+    return state, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def score(cfg: ModelConfig, params, tokens):
+    """Next-token logits at every position of tokens [B, T], from an empty cache."""
+    B, T = tokens.shape
+    cache = init_cache(cfg, B, T, params["embed_tokens"]["embedding"].dtype)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, _, _ = forward(cfg, params, tokens, positions, cache, causal_mask(B, T))
+    return logits

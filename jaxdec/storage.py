@@ -1,0 +1,70 @@
+"""The on-disk format of a converted checkpoint, read by `jaxdec.load`, written by the converter.
+
+    DIR/jaxdec_config.json   {"format": 1, "dtype": ..., "config": ModelConfig as HF-named keys}
+    DIR/params/              the parameter pytree (orbax)
+    DIR/tokenizer.json ...   the Hugging Face tokenizer files, when the source had them
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from jaxdec.config import ModelConfig
+
+CONFIG_FILE = "jaxdec_config.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def parse_dtype(dtype) -> jnp.dtype | None:
+    """None, "float32" or "bfloat16" (or the jnp dtypes) -> a jnp dtype or None."""
+    if dtype is None:
+        return None
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
+    return jnp.dtype(DTYPES[name])
+
+
+def save(directory: Path, cfg: ModelConfig, params, dtype: str) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save((directory / PARAMS_DIR).absolute(), params)
+    (directory / CONFIG_FILE).write_text(
+        json.dumps({"format": FORMAT_VERSION, "dtype": dtype, "config": cfg.to_dict()}, indent=2))
+
+
+def read_config(directory: Path) -> tuple[ModelConfig, str]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a jaxdec checkpoint: {CONFIG_FILE} is missing "
+                         f"(convert Hugging Face folders with `python -m jaxdec.convert`)")
+    try:
+        meta = json.loads(path.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unknown checkpoint format {meta.get('format')!r}")
+        return ModelConfig.from_dict(meta["config"]), meta["dtype"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"unreadable checkpoint config {path}: {err}") from err
+
+
+def read_params(directory: Path, dtype=None):
+    path = (Path(directory) / PARAMS_DIR).absolute()
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            params = checkpointer.restore(path)
+    except Exception as err:  # orbax raises many types for damaged folders
+        raise ValueError(f"unreadable checkpoint parameters {path}: {err}") from err
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    if dtype is not None:
+        params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    return params

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random HF models of each family, converted once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+import jaxdec
+from jaxdec.convert import convert
+from tests.hf_models import FAMILIES, build_hf_model, load_hf_model
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """family -> folder of a saved random HF model (with tokenizer.json)."""
+    root = tmp_path_factory.mktemp("hf")
+    return {family: build_hf_model(root / family, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def converted_dirs(hf_dirs, tmp_path_factory):
+    """family -> folder of that model converted by jaxdec.convert."""
+    root = tmp_path_factory.mktemp("converted")
+    return {family: convert(path, root / family, progress=False) for family, path in hf_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def models(converted_dirs):
+    """family -> loaded jaxdec.Model (float32)."""
+    return {family: jaxdec.load(path) for family, path in converted_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def hf_models(hf_dirs):
+    """family -> the transformers model (torch, CPU, float32)."""
+    return {family: load_hf_model(path) for family, path in hf_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def llama(models):
+    """The tiny Llama model, for tests that need just one model."""
+    return models["llama"]
