@@ -19,7 +19,7 @@ LONG = 3 * max(SLIDING_WINDOW, ROPE_ORIGINAL_CONTEXT) + 5
 def hf_greedy(hf_model, ids, max_new_tokens, eos_token_id=None):
     """HF greedy generate of one prompt; eos_token_id=None never stops (nor masks EOS)."""
     config = copy.deepcopy(hf_model.generation_config)
-    config.update(eos_token_id=eos_token_id, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    config.update(eos_token_id=[] if eos_token_id is None else eos_token_id, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 generation_config=config)
