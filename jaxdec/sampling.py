@@ -86,6 +86,12 @@ def row_keys(seed: int, batch_size: int) -> jax.Array:
 
 def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array, counters: jax.Array) -> jax.Array:
     """One token per row. logits [B, V]; keys: row keys [B]; counters [B]: new tokens so far."""
-    step_keys = jax.vmap(jax.random.fold_in)(keys, counters)
-    drawn = jax.vmap(jax.random.categorical)(step_keys, process_logits(logits, params))
-    return jnp.where(params.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    def draw(logits):
+        step_keys = jax.vmap(jax.random.fold_in)(keys, counters)
+        return jax.vmap(jax.random.categorical)(step_keys, process_logits(logits, params)).astype(jnp.int32)
+
+    def argmax(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    # A real branch, not a select: greedy decoding skips the vocabulary sort of process_logits.
+    return jax.lax.cond(params.temperature > 0, draw, argmax, logits)
