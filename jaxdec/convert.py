@@ -142,35 +142,43 @@ def convert(src, dst, *, dtype: str | None = None, overwrite: bool = False,
     params: dict = {}
     seen: set[str] = set()
     out_dtype = None
-    bar = tqdm(total=len(table), desc="converting", unit="tensor", disable=not progress)
-    for name, array in _iter_tensors(kind, files):
-        if IGNORED.match(name):
-            continue
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # a tied head saved anyway: it equals the embedding
-        if name not in table:
-            raise ConversionError(f"unexpected tensor {name!r} in the weights: the config does not match "
-                                  f"the weights (model_type={cfg.model_type}, layers={cfg.num_hidden_layers})")
-        shape, path, transpose = table[name]
-        if tuple(array.shape) != shape:
-            raise ConversionError(f"tensor {name!r} has shape {tuple(array.shape)}, but config.json implies "
-                                  f"{shape}: the config does not match the weights")
-        if name in seen:
-            raise ConversionError(f"tensor {name!r} appears twice in the weight files")
-        seen.add(name)
-        if out_dtype is None:
-            out_dtype = dtype or {"bfloat16": "bfloat16"}.get(str(array.dtype), "float32")
-        array = array.T if transpose else array
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = np.ascontiguousarray(array).astype(storage.DTYPES[out_dtype])
-        bar.update(1)
-    bar.close()
+    tied_head = None
+    # The bar shows only on a terminal (disable=None) and is erased when the loop ends or raises
+    # (leave=False), so that a refusal's stderr is its one-line reason and nothing else.
+    with tqdm(total=len(table), desc="converting", unit="tensor", leave=False,
+              disable=None if progress else True) as bar:
+        for name, array in _iter_tensors(kind, files):
+            if IGNORED.match(name):
+                continue
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                tied_head = array  # a tied head saved anyway: it must equal the embedding (checked below)
+                continue
+            if name not in table:
+                raise ConversionError(f"unexpected tensor {name!r} in the weights: the config does not match "
+                                      f"the weights (model_type={cfg.model_type}, layers={cfg.num_hidden_layers})")
+            shape, path, transpose = table[name]
+            if tuple(array.shape) != shape:
+                raise ConversionError(f"tensor {name!r} has shape {tuple(array.shape)}, but config.json implies "
+                                      f"{shape}: the config does not match the weights")
+            if name in seen:
+                raise ConversionError(f"tensor {name!r} appears twice in the weight files")
+            seen.add(name)
+            if out_dtype is None:
+                out_dtype = dtype or {"bfloat16": "bfloat16"}.get(str(array.dtype), "float32")
+            array = array.T if transpose else array
+            node = params
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = np.ascontiguousarray(array).astype(storage.DTYPES[out_dtype])
+            bar.update(1)
     missing = sorted(set(table) - seen)
     if missing:
         raise ConversionError(f"missing tensor {missing[0]!r} (and {len(missing) - 1} more): the weight files "
                               f"are incomplete or the config does not match them")
+    if tied_head is not None and not np.array_equal(tied_head.astype(storage.DTYPES[out_dtype]),
+                                                    params["embed_tokens"]["embedding"]):
+        raise ConversionError("config.json has tie_word_embeddings=true but lm_head.weight differs from the "
+                              "embedding: the config does not match the weights")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))

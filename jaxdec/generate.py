@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import time
+from collections.abc import Iterable
 from typing import Sequence
 
 import jax
@@ -73,6 +74,9 @@ def encode_prompts(model: Model, prompts) -> list[list[int]]:
 
 def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:
     ids = model.stop_token_ids if stop_token_ids is None else stop_token_ids
+    # A bare id (or any non-iterable) would fail in list() with a TypeError that names nothing.
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise ValueError(f"stop_token_ids must be a list of token ids or None, got {ids!r:.80}")
     ids = list(ids)
     bad = [t for t in ids if not _is_token_id(t) or not 0 <= t < model.config.vocab_size]
     if bad:
@@ -96,8 +100,9 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     rows = encode_prompts(model, prompts)
     if not _is_token_id(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not _is_token_id(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    # jax.random.key takes a C long: a larger seed would fail later with an OverflowError.
+    if not _is_token_id(seed) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
     sampling = SamplingParams.create(temperature, top_k, top_p, min_p)
     stop_ids = _stop_ids(model, stop_token_ids)
     cfg = model.config

@@ -76,6 +76,7 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
     directory = _resolve(path_or_name)
     cfg, _ = storage.read_config(directory)
     params = storage.read_params(directory, cast)
+    storage.check_params(directory, cfg, params)
     return Model(config=cfg, params=params, tokenizer=_read_tokenizer(directory), attn_impl=attn_impl)
 
 

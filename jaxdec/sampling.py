@@ -57,13 +57,17 @@ def process_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
     x = logits.astype(jnp.float32) / temperature
     ranked = jnp.sort(x, axis=-1)[..., ::-1]                       # descending
-    # top-k: keep values >= the k-th largest.
+    # top-k: keep values >= the k-th largest. By value, not by position: the ties at the cut-off
+    # stay in the ranking too, so top-p below weighs the same set that top-k keeps.
     k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
-    ranked = jnp.where(jnp.arange(vocab) < k, ranked, -jnp.inf)
+    kth = jnp.take(ranked, k - 1, axis=-1)[..., None]
+    ranked = jnp.where(ranked >= kth, ranked, -jnp.inf)
     # top-p: keep the smallest head of the ranking whose mass reaches top_p (at least one).
+    # top_p = 1 is off: float32 cumsums can reach 1 before the tail, which would drop it.
     ranked_probs = jax.nn.softmax(ranked, axis=-1)
     mass_before = jnp.cumsum(ranked_probs, axis=-1) - ranked_probs
-    num_kept = jnp.sum((mass_before < params.top_p) & (ranked > -jnp.inf), axis=-1, keepdims=True)
+    in_head = (mass_before < params.top_p) | (params.top_p >= 1)
+    num_kept = jnp.sum(in_head & (ranked > -jnp.inf), axis=-1, keepdims=True)
     threshold = jnp.take_along_axis(ranked, jnp.maximum(num_kept, 1) - 1, axis=-1)
     x = jnp.where(x >= threshold, x, -jnp.inf)
     # min-p: drop tokens less likely than min_p times the most likely one.

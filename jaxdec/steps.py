@@ -55,7 +55,10 @@ def _finished(state: DecodeState, new_tokens, stop_ids, max_new_tokens):
     return is_stop | (state.lengths - state.prompt_lengths >= max_new_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "prompt_bucket"), donate_argnames=("cache",))
+# keep_unused: prefill overwrites cache.lengths without reading it, and jit prunes unused
+# arguments, so without it that buffer would silently be neither donated nor reused.
+@functools.partial(jax.jit, static_argnames=("cfg", "prompt_bucket"), donate_argnames=("cache",),
+                   keep_unused=True)
 def prefill(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_lengths, row_valid,
             sampling: SamplingParams, keys, stop_ids, max_new_tokens, *, prompt_bucket: int):
     """Runs the prompts through the model and samples each row's first new token.

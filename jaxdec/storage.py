@@ -50,11 +50,37 @@ def read_config(directory: Path) -> tuple[ModelConfig, str]:
                          f"(convert Hugging Face folders with `python -m jaxdec.convert`)")
     try:
         meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):  # valid JSON, but .get below would raise AttributeError
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"unknown checkpoint format {meta.get('format')!r}")
         return ModelConfig.from_dict(meta["config"]), meta["dtype"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"unreadable checkpoint config {path}: {err}") from err
+
+
+def check_params(directory: Path, cfg: ModelConfig, params) -> None:
+    """The stored parameters must be exactly the tree the config describes.
+
+    Otherwise a config that does not match its weights loads fine and fails later inside the
+    model with a Flax error (or, with fewer layers than stored, silently ignores weights).
+    """
+    from jaxdec.model import init_params  # local: only needed to trace the expected shapes
+    try:
+        expected = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    except Exception as err:  # e.g. a size that is not an integer
+        raise ValueError(f"the config in {Path(directory) / CONFIG_FILE} describes no valid model: {err}") from err
+
+    def shapes(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+    want, got = shapes(expected), shapes(params)
+    for name in sorted(set(want) | set(got)):
+        if want.get(name) != got.get(name):
+            raise ValueError(
+                f"the parameters in {Path(directory) / PARAMS_DIR} do not match {CONFIG_FILE}: {name} is "
+                f"stored as {got.get(name, 'absent')}, the config implies {want.get(name, 'absent')}")
 
 
 def read_params(directory: Path, dtype=None):

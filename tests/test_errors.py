@@ -1,0 +1,245 @@
+"""Bad input to load, logits and generate raises ValueError naming the offending value.
+
+None of these calls gets as far as compiling anything: validation happens on the host first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec.loading import model_from_params
+from tests.hf_models import VOCAB_SIZE
+
+MAX_POSITIONS = 256  # max_position_embeddings of the fixtures
+OK = [[1, 5, 9]]
+
+
+def named(value) -> str:
+    """A `match` pattern for the value as the message spells it (repr or str)."""
+    return f"({re.escape(repr(value))}|{re.escape(str(value))})"
+
+
+# ---------------------------------------------------------------------------------------------
+# generate: prompts
+
+
+@pytest.mark.parametrize("prompts, pattern", [
+    ([], r"non-empty.*\[\]"),
+    ([[]], r"prompt 0 is empty"),
+    ([[1, 2], []], r"prompt 1 is empty"),
+    ("hello", r"'hello'"),          # a bare string, not a list of prompts
+    (None, r"None"),
+    ([5], r"prompt 0 .*\b5\b"),     # an id where a list of ids belongs
+    ([{"ids": [1]}], r"prompt 0 .*ids"),
+])
+def test_malformed_prompts(llama, prompts, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        jaxdec.generate(llama, prompts, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("bad", [-1, VOCAB_SIZE, VOCAB_SIZE + 1000, 2.5, "7", True, None])
+def test_token_id_outside_vocabulary(llama, bad):
+    with pytest.raises(ValueError, match=rf"prompt 1 has token id {named(bad)}.*vocabulary"):
+        jaxdec.generate(llama, [[1, 2], [3, bad, 4]], max_new_tokens=4)
+
+
+def test_numpy_token_ids_are_checked_too(llama):
+    with pytest.raises(ValueError, match=named(VOCAB_SIZE)):
+        jaxdec.generate(llama, [np.array([1, VOCAB_SIZE], np.int64)], max_new_tokens=4)
+
+
+def test_text_prompt_without_tokenizer(llama):
+    bare = dataclasses.replace(llama, tokenizer=None)
+    with pytest.raises(ValueError, match=r"'hello world'.*tokenizer"):
+        jaxdec.generate(bare, ["hello world"], max_new_tokens=4)
+    in_memory = model_from_params(llama.config, llama.params)
+    assert in_memory.tokenizer is None
+    with pytest.raises(ValueError, match=r"prompt 1 is text .*'abc'.*tokenizer"):
+        jaxdec.generate(in_memory, [[1, 2], "abc"], max_new_tokens=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate: lengths
+
+
+@pytest.mark.parametrize("prompt_len, max_new", [(200, 57), (MAX_POSITIONS, 1), (1, MAX_POSITIONS),
+                                                 (MAX_POSITIONS + 1, 0)])
+def test_prompt_plus_max_new_tokens_too_long(llama, prompt_len, max_new):
+    prompts = [[3] * min(prompt_len, 5), [3] * prompt_len]  # the longest row counts
+    with pytest.raises(ValueError, match=rf"{prompt_len} tokens.*max_new_tokens={max_new}.*{MAX_POSITIONS}"):
+        jaxdec.generate(llama, prompts, max_new_tokens=max_new)
+
+
+def test_longest_allowed_prompt_is_accepted(llama):
+    """The bound is inclusive: this is the edge the test above stands on (no compile at 0 new)."""
+    out = jaxdec.generate(llama, [[3] * MAX_POSITIONS], max_new_tokens=0)
+    assert out.tokens == [[]]
+
+
+@pytest.mark.parametrize("bad", [-1, -100, 2.5, "8", None, True])
+def test_bad_max_new_tokens(llama, bad):
+    with pytest.raises(ValueError, match=rf"max_new_tokens.*{named(bad)}"):
+        jaxdec.generate(llama, OK, max_new_tokens=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate: sampling parameters
+
+
+@pytest.mark.parametrize("name, bad", [
+    ("temperature", -0.5), ("temperature", -1e-9), ("temperature", float("nan")), ("temperature", "0.7"),
+    ("temperature", None),
+    ("top_p", 0.0), ("top_p", -0.1), ("top_p", 1.5), ("top_p", float("nan")), ("top_p", None),
+    ("top_k", -1), ("top_k", 2.5), ("top_k", "5"), ("top_k", None),
+    ("min_p", -0.1), ("min_p", 1.5), ("min_p", float("nan")),
+])
+def test_bad_sampling_parameters(llama, name, bad):
+    with pytest.raises(ValueError, match=rf"{name}.*{named(bad)}"):
+        jaxdec.generate(llama, OK, max_new_tokens=4, **{"temperature": 0.8, name: bad})
+
+
+@pytest.mark.parametrize("name, bad", [("temperature", -0.5), ("top_p", 0.0), ("top_k", -1), ("min_p", 1.5)])
+def test_bad_sampling_parameters_even_when_greedy(llama, name, bad):
+    """A bad filter is an error at temperature 0 too, not silently ignored."""
+    with pytest.raises(ValueError, match=rf"{name}.*{named(bad)}"):
+        jaxdec.generate(llama, OK, max_new_tokens=4, **{name: bad})
+
+
+@pytest.mark.parametrize("bad", [1.5, "0", None, 2**70, -2**70])
+def test_bad_seed(llama, bad):
+    with pytest.raises(ValueError, match=rf"seed.*{named(bad)}"):
+        jaxdec.generate(llama, OK, max_new_tokens=4, temperature=1.0, seed=bad)
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    ([-1], named(-1)), ([2, VOCAB_SIZE], named(VOCAB_SIZE)), ([1.5], named(1.5)), (["2"], named("2")),
+    (2, r"stop_token_ids.*\b2\b"), ("2", r"'2'"), (list(range(3, 20)), r"\b17\b"),
+])
+def test_bad_stop_token_ids(llama, bad, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        jaxdec.generate(llama, OK, max_new_tokens=4, stop_token_ids=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# logits
+
+
+@pytest.mark.parametrize("token_ids, pattern", [
+    ([], r"empty"),
+    ([1, -1], named(-1)),
+    ([1, VOCAB_SIZE], named(VOCAB_SIZE)),
+    ([1, 2.5], named(2.5)),
+    ([1] * (MAX_POSITIONS + 1), rf"{MAX_POSITIONS + 1} tokens.*{MAX_POSITIONS}"),
+    ("hello", r"text"),
+    (None, r"None"),
+])
+def test_bad_logits_input(llama, token_ids, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        jaxdec.logits(llama, token_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def test_load_missing_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        jaxdec.load(missing)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(dtype="float16"), r"float16"), (dict(dtype="int8"), r"int8"), (dict(dtype=np.float16), r"float16"),
+    (dict(attn_impl="bogus"), r"bogus"),
+])
+def test_load_bad_options(converted_dirs, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        jaxdec.load(converted_dirs["llama"], **kwargs)
+
+
+def test_load_a_folder_that_is_not_a_checkpoint(tmp_path, hf_dirs):
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path))):
+        jaxdec.load(tmp_path)  # empty
+    # A Hugging Face folder: the message points at the converter.
+    with pytest.raises(ValueError, match=rf"{re.escape(str(hf_dirs['llama']))}.*jaxdec\.convert"):
+        jaxdec.load(hf_dirs["llama"])
+    a_file = tmp_path / "weights.bin"
+    a_file.write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match=re.escape(str(a_file))):
+        jaxdec.load(a_file)
+
+
+@pytest.fixture
+def checkpoint(converted_dirs, tmp_path):
+    """A private copy of the converted llama checkpoint, free to damage."""
+    return shutil.copytree(converted_dirs["llama"], tmp_path / "ckpt")
+
+
+def _edit_meta(directory, **changes):
+    path = directory / "jaxdec_config.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+def _edit_config(directory, **changes):
+    meta = json.loads((directory / "jaxdec_config.json").read_text())
+    _edit_meta(directory, config={**meta["config"], **changes})
+
+
+def test_the_undamaged_copy_loads(checkpoint):
+    """The damage tests below start from a checkpoint that does load."""
+    model = jaxdec.load(checkpoint)
+    assert model.config.vocab_size == VOCAB_SIZE and model.tokenizer is not None
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    (lambda d: (d / "jaxdec_config.json").write_text("{not json"), r"jaxdec_config\.json"),
+    (lambda d: (d / "jaxdec_config.json").write_text(""), r"jaxdec_config\.json"),
+    (lambda d: (d / "jaxdec_config.json").write_text("[1, 2]"), r"jaxdec_config\.json"),
+    (lambda d: _edit_meta(d, format=99), r"format 99"),
+    (lambda d: _edit_meta(d, config=None), r"jaxdec_config\.json"),
+    (lambda d: _edit_config(d, model_type="gpt2"), r"gpt2"),
+    (lambda d: _edit_config(d, bogus_key=1), r"bogus_key"),
+])
+def test_load_corrupt_config(checkpoint, damage, pattern):
+    damage(checkpoint)
+    with pytest.raises(ValueError, match=pattern):
+        jaxdec.load(checkpoint)
+
+
+def _garble_params(directory):
+    for path in (directory / "params").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    (lambda d: shutil.rmtree(d / "params"), r"params"),
+    (lambda d: [shutil.rmtree(d / "params"), (d / "params").mkdir()], r"params"),
+    (_garble_params, r"params"),
+    # A config that does not describe the stored weights is as unusable as garbled weights.
+    (lambda d: _edit_config(d, vocab_size=64), r"embed_tokens.*\(128, 64\).*\(64, 64\)"),
+    (lambda d: _edit_config(d, hidden_size=32), r"\(128, 64\).*\(128, 32\)"),
+    (lambda d: _edit_config(d, num_hidden_layers=3), r"layers_2"),
+    (lambda d: _edit_config(d, num_hidden_layers=1), r"layers_1"),
+    (lambda d: _edit_config(d, tie_word_embeddings=True), r"lm_head"),
+    (lambda d: _edit_config(d, vocab_size="many"), r"many"),
+])
+def test_load_damaged_params(checkpoint, damage, pattern):
+    damage(checkpoint)
+    with pytest.raises(ValueError, match=pattern):
+        jaxdec.load(checkpoint)
+
+
+def test_load_unreadable_tokenizer(checkpoint):
+    (checkpoint / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match=r"tokenizer\.json"):
+        jaxdec.load(checkpoint)
