@@ -73,7 +73,8 @@ def _weight_files(src: Path, allow_pickle: bool) -> tuple[str, list[Path]]:
     files = sorted(src.glob("*.safetensors"))
     if files:
         return "safetensors", files
-    pickles = sorted(src.glob("*.bin"))
+    # Only the model's own pickles: folders often hold other *.bin files (training_args.bin).
+    pickles = sorted(src.glob("pytorch_model*.bin"))
     if pickles:
         if not allow_pickle:
             raise ConversionError(f"{src} has only pickle weights ({pickles[0].name}); pickle can run "
@@ -127,15 +128,18 @@ def convert(src, dst, *, dtype: str | None = None, overwrite: bool = False,
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src} has no config.json")
     hf = _read_json(src / "config.json")
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{src / 'config.json'} is not a JSON object")
     architectures = hf.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
-        raise ConversionError(f"unsupported architecture {architectures or hf.get('model_type')!r}; "
+        found = f"architectures={architectures}" if architectures else "no 'architectures' entry"
+        raise ConversionError(f"unsupported architecture ({found}, model_type={hf.get('model_type')!r}); "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     generation = _read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else None
     try:
         cfg = ModelConfig.from_hf(hf, generation)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConversionError(f"unsupported or incomplete config.json: {err}") from err
+    except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as err:
+        raise ConversionError(f"unsupported or incomplete config.json: {err!r}") from err
 
     kind, files = _weight_files(src, allow_pickle)
     table = expected_tensors(cfg)
@@ -187,13 +191,31 @@ def convert(src, dst, *, dtype: str | None = None, overwrite: bool = False,
         for name in storage.TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
+        _replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _replace(new: Path, dst: Path) -> None:
+    """Moves `new` to `dst`; an old `dst` is moved aside first and deleted only afterwards,
+    so a crash in between leaves the old checkpoint (as .NAME.old-*) rather than nothing."""
+    if not dst.exists():
+        new.rename(dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    old.rmdir()
+    dst.rename(old)
+    try:
+        new.rename(dst)
+    except BaseException:
+        old.rename(dst)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
 
 
 def main(argv=None) -> int:

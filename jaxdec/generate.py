@@ -29,7 +29,8 @@ MAX_STOP_TOKENS = 16  # stop ids are padded to this many, so their number compil
 class Stats:
     new_tokens: int            # all rows together
     target_steps: int          # target forwards after prefill
-    mean_accepted: float       # tokens per target step per active row (1.0 for plain decoding)
+    mean_accepted: float       # tokens per target step per active row (1.0 for plain decoding,
+                               # and when no target step ran)
     prefill_seconds: float
     decode_seconds: float
     tokens_per_second: float   # new_tokens / decode_seconds
@@ -112,7 +113,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
                          f"model's max_position_embeddings={cfg.max_position_embeddings}")
     if max_new_tokens == 0:
         return GenerateOutput([[] for _ in rows], [""] * len(rows) if model.tokenizer else None,
-                              Stats(0, 0, 0.0, 0.0, 0.0, 0.0))
+                              Stats(0, 0, 1.0, 0.0, 0.0, 0.0))
 
     batch = steps.bucket(len(rows))
     slots = steps.cache_bucket(cfg, longest + max_new_tokens)
@@ -147,7 +148,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         new_tokens=new_tokens,
         target_steps=int(state.target_steps),
         # The first token of each row comes from prefill; the others from target steps.
-        mean_accepted=(new_tokens - len(rows)) / active_row_steps if active_row_steps else 0.0,
+        mean_accepted=(new_tokens - len(rows)) / active_row_steps if active_row_steps else 1.0,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         tokens_per_second=new_tokens / decode_seconds if decode_seconds > 0 else 0.0,

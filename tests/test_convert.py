@@ -499,3 +499,25 @@ def test_progress_bar_on_a_terminal_is_erased_before_a_refusal(variant, tmp_path
     assert "\x1b" not in shown
     lines = _render(shown)
     assert len(lines) == 1 and lines[0].startswith("jaxdec.convert: error: unexpected tensor"), lines
+
+
+def test_overwrite_replaces_a_file_destination(single, tmp_path):
+    src, dst = single, tmp_path / "dst"
+    dst.write_text("not a checkpoint")
+    convert(src, dst, overwrite=True, progress=False)
+    assert jaxdec.load(dst).config.model_type == "llama"
+    assert not list(dst.parent.glob(f".{dst.name}.*"))
+
+
+def test_stray_bin_files_are_not_weights(hf_dirs, tmp_path):
+    """training_args.bin and friends sit beside real weights in fine-tuned folders."""
+    src = tmp_path / "src"
+    shutil.copytree(hf_dirs["llama"], src)
+    (src / "training_args.bin").write_bytes(b"\x80\x04not a state dict")
+    out = convert(src, tmp_path / "dst", progress=False)
+    assert jaxdec.load(out).config.num_hidden_layers == 2
+    for weights in src.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ConversionError, match="no weight files"):
+        convert(src, tmp_path / "dst2", progress=False)
+    assert not (tmp_path / "dst2").exists()
