@@ -134,6 +134,17 @@ def forward(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_
     return lm_head(cfg, params, hidden), hidden, cache
 
 
+def sequence_logits(cfg: ModelConfig, params, tokens, skip_layers=()):
+    """Next-token logits [B, T, V] (float32) of whole sequences from an empty cache: scoring
+    and training. Positions start at 0; T must not exceed max_position_embeddings."""
+    from jaxdec.cache import init_cache  # local: cache.py is independent of the model
+    B, T = tokens.shape
+    cache = init_cache(cfg, B, T, params["embed_tokens"]["embedding"].dtype)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, _, _ = forward(cfg, params, tokens, positions, cache, causal_mask(B, T), skip_layers)
+    return logits
+
+
 def causal_mask(batch_size: int, num_tokens: int):
     return jnp.broadcast_to(jnp.tril(jnp.ones((num_tokens, num_tokens), bool)),
                             (batch_size, num_tokens, num_tokens))

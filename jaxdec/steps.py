@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxdec.cache import KVCache, init_cache
+from jaxdec.cache import KVCache
 from jaxdec.config import ModelConfig
-from jaxdec.model import causal_mask, forward, forward_hidden, lm_head
+from jaxdec.model import causal_mask, forward, forward_hidden, lm_head, sequence_logits
 from jaxdec.sampling import SamplingParams, sample
 
 MIN_PROMPT_BUCKET = 16
@@ -119,8 +119,4 @@ def decode(cfg: ModelConfig, params, cache: KVCache, state: DecodeState, samplin
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def score(cfg: ModelConfig, params, tokens):
     """Next-token logits at every position of tokens [B, T], from an empty cache."""
-    B, T = tokens.shape
-    cache = init_cache(cfg, B, T, params["embed_tokens"]["embedding"].dtype)
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    logits, _, _ = forward(cfg, params, tokens, positions, cache, causal_mask(B, T))
-    return logits
+    return sequence_logits(cfg, params, tokens)
