@@ -6,10 +6,11 @@
     jaxdec.logits(model, [1, 2, 3])                   # [3, vocab] float32 numpy
 """
 
+from jaxdec import spec
 from jaxdec.config import ModelConfig
 from jaxdec.generate import GenerateOutput, Stats, generate, logits
 from jaxdec.loading import Model, load
 
 __version__ = "0.1.0"
 
-__all__ = ["GenerateOutput", "Model", "ModelConfig", "Stats", "generate", "load", "logits", "__version__"]
+__all__ = ["spec", "GenerateOutput", "Model", "ModelConfig", "Stats", "generate", "load", "logits", "__version__"]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec import steps
+from jaxdec import spec, speculative as speculative_decode, steps
 from jaxdec.cache import init_cache
 from jaxdec.loading import Model
 from jaxdec.sampling import SamplingParams, row_keys
@@ -96,8 +96,9 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     temperature, top-k, top-p and min-p. Each row ends after a stop token (included) or
     after max_new_tokens. `stop_token_ids=None` uses the checkpoint's EOS ids, [] never stops.
     """
-    if speculative is not None:
-        raise ValueError(f"unsupported speculative method {speculative!r}")
+    if speculative is not None and not isinstance(speculative, spec.METHODS):
+        raise ValueError(f"speculative must be None or one of jaxdec.spec."
+                         f"{{{', '.join(m.__name__ for m in spec.METHODS)}}}, got {speculative!r:.80}")
     rows = encode_prompts(model, prompts)
     if not _is_token_id(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -126,16 +127,26 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     row_valid = np.arange(batch) < len(rows)
     max_new = np.int32(max_new_tokens)
 
+    if speculative is not None:
+        drafter, dparams, dstate = speculative.build(model, batch, slots)
+
     start = time.perf_counter()
     cache = init_cache(cfg, batch, slots, model.dtype)
     state, cache = steps.prefill(cfg, model.params, cache, tokens, prompt_lengths, row_valid, sampling,
                                  row_keys(seed, batch), stop_ids, max_new, prompt_bucket=prompt_bucket)
+    if speculative is not None:
+        dstate = speculative_decode.drafter_prefill(cfg, drafter, model.params, dparams, dstate, tokens,
+                                                    prompt_lengths, prompt_bucket=prompt_bucket)
     done = np.asarray(state.done)  # waits for prefill
     prefill_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
     while not done.all():
-        state, cache = steps.decode(cfg, model.params, cache, state, sampling, stop_ids, max_new)
+        if speculative is None:
+            state, cache = steps.decode(cfg, model.params, cache, state, sampling, stop_ids, max_new)
+        else:
+            state, cache, dstate = speculative_decode.speculative_decode(
+                cfg, drafter, model.params, dparams, cache, dstate, state, sampling, stop_ids, max_new)
         done = np.asarray(state.done)  # one host sync per dispatch of many steps
     decode_seconds = time.perf_counter() - start
 

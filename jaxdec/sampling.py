@@ -78,8 +78,13 @@ def process_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 def probabilities(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """The sampling distribution [..., V]; a one-hot argmax when greedy."""
-    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-    return jnp.where(params.temperature > 0, jax.nn.softmax(process_logits(logits, params), axis=-1), greedy)
+    def sampled(logits):
+        return jax.nn.softmax(process_logits(logits, params), axis=-1)
+
+    def greedy(logits):
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+
+    return jax.lax.cond(params.temperature > 0, sampled, greedy, logits)
 
 
 def row_keys(seed: int, batch_size: int) -> jax.Array:

@@ -1,0 +1,90 @@
+"""Speculative methods: pass one of these as `jaxdec.generate(..., speculative=...)`.
+
+Each object names a way to draft tokens; the target model verifies them, so every method here
+is lossless: greedy output equals plain greedy decoding, sampled output follows the plain
+sampling distribution exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import jax.numpy as jnp
+
+from jaxdec.cache import init_cache
+from jaxdec.drafters.draft_model import DraftModelDrafter
+from jaxdec.drafters.layer_skip import LayerSkipDrafter
+from jaxdec.drafters.prompt_lookup import PromptLookupDrafter
+from jaxdec.loading import Model
+
+
+def _check_num_tokens(num_tokens):
+    if not isinstance(num_tokens, numbers.Integral) or isinstance(num_tokens, bool) or num_tokens < 1:
+        raise ValueError(f"num_tokens must be an integer >= 1 (draft tokens per step), got {num_tokens!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DraftModel:
+    """A smaller model with the same tokenizer drafts a chain of `num_tokens` tokens."""
+    model: Model
+    num_tokens: int = 4
+
+    def __post_init__(self):
+        _check_num_tokens(self.num_tokens)
+        if not isinstance(self.model, Model):
+            raise ValueError(f"DraftModel needs a jaxdec.Model (from jaxdec.load), got {self.model!r:.60}")
+
+    def build(self, target: Model, batch_size: int, num_slots: int):
+        """(static drafter, draft params, draft state) for `target`."""
+        draft_vocab, target_vocab = self.model.config.vocab_size, target.config.vocab_size
+        if draft_vocab != target_vocab:
+            raise ValueError(f"the draft model's vocabulary (vocab_size={draft_vocab}) differs from the "
+                             f"target's (vocab_size={target_vocab})")
+        if num_slots > self.model.config.max_position_embeddings:
+            raise ValueError(f"{num_slots} cache slots exceed the draft model's max_position_embeddings="
+                             f"{self.model.config.max_position_embeddings}")
+        drafter = DraftModelDrafter(self.model.config, int(self.num_tokens))
+        return drafter, self.model.params, init_cache(self.model.config, batch_size, num_slots, self.model.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSkip:
+    """The target itself drafts `num_tokens` tokens with the listed layers skipped."""
+    skip_layers: tuple[int, ...]
+    num_tokens: int = 4
+
+    def __post_init__(self):
+        _check_num_tokens(self.num_tokens)
+        layers = tuple(self.skip_layers) if not isinstance(self.skip_layers, numbers.Integral) else None
+        if layers is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"skip_layers must be a sequence of layer indices, got {self.skip_layers!r}")
+        object.__setattr__(self, "skip_layers", tuple(sorted(set(int(i) for i in layers))))
+
+    def build(self, target: Model, batch_size: int, num_slots: int):
+        layers = target.config.num_hidden_layers
+        bad = [i for i in self.skip_layers if not 0 <= i < layers]
+        if bad:
+            raise ValueError(f"skipped layer index {bad[0]} is out of range for a model with {layers} layers")
+        return LayerSkipDrafter(self.skip_layers, int(self.num_tokens)), None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLookup:
+    """Drafts up to `num_tokens` tokens that followed an earlier match of the last n-gram
+    (n = max_ngram down to 1) in the prompt and output so far. Needs no draft model."""
+    max_ngram: int = 3
+    num_tokens: int = 8
+
+    def __post_init__(self):
+        _check_num_tokens(self.num_tokens)
+        if not isinstance(self.max_ngram, numbers.Integral) or isinstance(self.max_ngram, bool) or self.max_ngram < 1:
+            raise ValueError(f"max_ngram must be an integer >= 1, got {self.max_ngram!r}")
+
+    def build(self, target: Model, batch_size: int, num_slots: int):
+        return PromptLookupDrafter(int(self.max_ngram), int(self.num_tokens), target.config.vocab_size), None, None
+
+
+METHODS = (DraftModel, LayerSkip, PromptLookup)
+
+__all__ = ["DraftModel", "LayerSkip", "PromptLookup"]

@@ -1,0 +1,82 @@
+"""The speculative decoding round: drafter.propose -> verify -> accept -> commit.
+
+Every method goes through `speculative_decode`; only the drafter differs. All shapes are fixed
+(K draft slots per row), rows accept different numbers of tokens, keep their own lengths and
+finish on their own stop tokens. Several rounds run per dispatch inside a lax.while_loop.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxdec.config import ModelConfig
+from jaxdec.steps import DecodeState
+from jaxdec.verify import accept, verify_forward
+
+ROUNDS_PER_DISPATCH = 16
+
+
+def commit(state: DecodeState, draft_tokens, num_accepted, next_token, stop_ids, max_new_tokens):
+    """Appends each active row's accepted draft tokens and its next token to state.tokens,
+    cut after the first stop token and at max_new_tokens. Returns (state, tokens emitted [B])."""
+    B, K = draft_tokens.shape
+    rows = jnp.arange(B)[:, None]
+    index = jnp.arange(K + 1)[None, :]
+    emitted = jnp.concatenate([draft_tokens, jnp.zeros((B, 1), jnp.int32)], axis=1)
+    emitted = emitted.at[jnp.arange(B), num_accepted].set(next_token)
+    valid = index <= num_accepted[:, None]
+    is_stop = jnp.any(emitted[..., None] == stop_ids, axis=-1) & valid
+    first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), K + 1)
+    remaining = max_new_tokens - (state.lengths - state.prompt_lengths)
+    active = ~state.done
+    count = jnp.minimum(jnp.minimum(num_accepted + 1, first_stop + 1), remaining)
+    count = jnp.where(active, count, 0).astype(jnp.int32)
+    slots = jnp.where(index < count[:, None], state.lengths[:, None] + index, state.tokens.shape[1])
+    finished = (first_stop < count) | (count == remaining)
+    state = state.replace(
+        tokens=state.tokens.at[rows, slots].set(emitted, mode="drop"),
+        lengths=state.lengths + count,
+        done=state.done | (active & finished),
+        target_steps=state.target_steps + 1,
+        active_row_steps=state.active_row_steps + jnp.sum(active, dtype=jnp.int32))
+    return state, count
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "drafter", "prompt_bucket"), donate_argnames=("dstate",))
+def drafter_prefill(cfg: ModelConfig, drafter, params, dparams, dstate, tokens, prompt_lengths, *, prompt_bucket):
+    return drafter.prefill(cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "drafter", "num_rounds"),
+                   donate_argnames=("cache", "dstate", "state"))
+def speculative_decode(cfg: ModelConfig, drafter, params, dparams, cache, dstate, state: DecodeState,
+                       sampling, stop_ids, max_new_tokens, *, num_rounds: int = ROUNDS_PER_DISPATCH):
+    """Up to `num_rounds` speculative rounds, stopping early once every row is done.
+
+    Invariant between rounds: cache.lengths == state.lengths - 1 (the pending token, last of
+    state.tokens, is not in the cache yet).
+    """
+    rows = jnp.arange(state.lengths.shape[0])
+
+    def one_round(carry):
+        i, cache, dstate, state = carry
+        # Fresh randomness per row and round: a row's length only grows between its rounds.
+        round_keys = jax.vmap(jax.random.fold_in)(state.keys, state.lengths)
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(round_keys)
+        draft, cache, dstate = drafter.propose(cfg, params, cache, dparams, dstate, state, sampling, keys[:, 0])
+        pending = state.tokens[rows, state.lengths - 1]
+        logits, cache = verify_forward(cfg, params, cache, pending, draft)
+        num_accepted, next_token = accept(logits, draft, sampling, keys[:, 1], keys[:, 2])
+        state, _ = commit(state, draft.tokens, num_accepted, next_token, stop_ids, max_new_tokens)
+        # Rejected drafts stay in the cache slots but fall out of view: commit is this line.
+        return i + 1, cache.replace(lengths=state.lengths - 1), dstate, state
+
+    def keep_going(carry):
+        i, _, _, state = carry
+        return (i < num_rounds) & ~jnp.all(state.done)
+
+    _, cache, dstate, state = jax.lax.while_loop(keep_going, one_round, (jnp.int32(0), cache, dstate, state))
+    return state, cache, dstate

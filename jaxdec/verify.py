@@ -1,0 +1,78 @@
+"""Verification: one target forward over the drafted tokens, and the acceptance rule.
+
+Every drafter returns a `Draft`; this module turns it into the tokens a row emits. Chains
+only for now (a chain is a tree whose parents are i - 1); token trees reuse the same forward
+with an ancestor mask.
+
+The acceptance rule is the lossless one of speculative sampling (Leviathan et al.; Chen et
+al.), written over distributions so that one function covers every case:
+  * draft token x ~ q is accepted with probability min(1, p(x) / q(x));
+  * at the first rejection the row emits a sample of normalise(max(0, p - q)) and stops;
+  * if all its draft tokens are accepted, it emits a bonus sample of p at the next position.
+p and q are the processed distributions of `jaxdec.sampling.probabilities`. Greedy decoding
+makes p a one-hot argmax, so the rule accepts exactly the tokens equal to the target's argmax
+and emits the argmax at the first mismatch. Deterministic drafts (prompt lookup) pass a
+one-hot q, which makes the residual "p with p(x) removed", the point-mass rule of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxdec.model import forward
+from jaxdec.sampling import SamplingParams, probabilities
+
+
+@struct.dataclass
+class Draft:
+    tokens: jax.Array   # int32 [B, K] drafted tokens, a chain after each row's pending token
+    probs: jax.Array    # float32 [B, K, V]: the distribution q each token was drawn from
+    lengths: jax.Array  # int32 [B]: how many of the K tokens are real (the rest is padding)
+
+
+def verify_forward(cfg, params, cache, pending, draft: Draft, skip_layers=()):
+    """Target logits [B, K+1, V] at the pending token and each draft token (one forward).
+
+    The K+1 tokens are written to the cache at slots cache.lengths .. + K; the caller commits
+    the accepted ones by setting cache.lengths.
+    """
+    B, K = draft.tokens.shape
+    tokens = jnp.concatenate([pending[:, None], draft.tokens], axis=1)
+    positions = cache.lengths[:, None] + jnp.arange(K + 1, dtype=jnp.int32)[None, :]
+    chain = jnp.broadcast_to(jnp.tril(jnp.ones((K + 1, K + 1), bool)), (B, K + 1, K + 1))
+    logits, _, cache = forward(cfg, params, tokens, positions, cache, chain, skip_layers)
+    return logits, cache
+
+
+def accept(target_logits, draft: Draft, sampling: SamplingParams, key_accept, key_next):
+    """The speculative-sampling rule for chains.
+
+    target_logits: [B, K+1, V] (position i predicts the token after draft token i, position 0
+    the first draft token); key_accept, key_next: PRNG keys [B].
+    Returns (num_accepted [B] in 0..draft.lengths, next_token [B]): the row emits its first
+    num_accepted draft tokens, then next_token (the correction, or the bonus token).
+    """
+    B, K = draft.tokens.shape
+    p = probabilities(target_logits, sampling)                                 # [B, K+1, V]
+    p_x = jnp.take_along_axis(p[:, :K], draft.tokens[..., None], axis=-1)[..., 0]
+    q_x = jnp.take_along_axis(draft.probs, draft.tokens[..., None], axis=-1)[..., 0]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (K,)))(key_accept)
+    # u < p/q, written without a division; q_x > 0 for every token actually drawn from q.
+    accepted = (u * q_x < p_x) & (jnp.arange(K)[None, :] < draft.lengths[:, None])
+    num_accepted = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1).astype(jnp.int32)
+
+    rows = jnp.arange(B)
+    p_next = p[rows, num_accepted]                                             # [B, V]
+    q_next = draft.probs[rows, jnp.minimum(num_accepted, K - 1)]
+    rejected = num_accepted < draft.lengths
+    residual = jnp.maximum(p_next - q_next, 0.0)
+    mass = jnp.sum(residual, axis=-1, keepdims=True)
+    # A rejection has residual mass > 0 in exact arithmetic; fall back to p if rounding ate it.
+    residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_next)
+    dist = jnp.where(rejected[:, None], residual, p_next)
+    next_token = jax.vmap(jax.random.categorical)(key_next, jnp.log(dist)).astype(jnp.int32)
+    # Greedy: the target's argmax, whatever the draw (dist is one-hot there anyway).
+    next_token = jnp.where(sampling.temperature > 0, next_token, jnp.argmax(dist, axis=-1).astype(jnp.int32))
+    return num_accepted, next_token
