@@ -23,6 +23,7 @@ from jaxdec.loading import Model
 from jaxdec.sampling import SamplingParams, row_keys
 
 MAX_STOP_TOKENS = 16  # stop ids are padded to this many, so their number compiles nothing new
+STREAM_STEPS = 4      # plain decoding steps per dispatch when streaming
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +90,15 @@ def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:
 
 def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
-             stop_token_ids=None, speculative=None) -> GenerateOutput:
+             stop_token_ids=None, speculative=None, on_progress=None) -> GenerateOutput:
     """Generates up to `max_new_tokens` new tokens for every prompt.
 
     temperature 0 is greedy; otherwise tokens are drawn from the distribution after
     temperature, top-k, top-p and min-p. Each row ends after a stop token (included) or
     after max_new_tokens. `stop_token_ids=None` uses the checkpoint's EOS ids, [] never stops.
+    `speculative`: None (plain decoding) or a `jaxdec.spec` method; the output is the same.
+    `on_progress(tokens)`, if given, is called with each row's new tokens so far after every
+    dispatch (dispatches are then kept short, for streaming).
     """
     if speculative is not None and not isinstance(speculative, spec.METHODS):
         raise ValueError(f"speculative must be None or one of jaxdec.spec."
@@ -140,19 +144,27 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     done = np.asarray(state.done)  # waits for prefill
     prefill_seconds = time.perf_counter() - start
 
+    def new_tokens_of(state):
+        out_tokens, lengths = np.asarray(state.tokens), np.asarray(state.lengths)
+        return [out_tokens[b, len(ids):lengths[b]].tolist() for b, ids in enumerate(rows)]
+
     start = time.perf_counter()
+    if on_progress is not None:
+        on_progress(new_tokens_of(state))
     while not done.all():
         if speculative is None:
-            state, cache = steps.decode(cfg, model.params, cache, state, sampling, stop_ids, max_new)
+            state, cache = steps.decode(cfg, model.params, cache, state, sampling, stop_ids, max_new,
+                                        num_steps=STREAM_STEPS if on_progress else steps.DECODE_STEPS_PER_DISPATCH)
         else:
             state, cache, dstate = speculative_decode.speculative_decode(
-                cfg, drafter, model.params, dparams, cache, dstate, state, sampling, stop_ids, max_new)
+                cfg, drafter, model.params, dparams, cache, dstate, state, sampling, stop_ids, max_new,
+                num_rounds=1 if on_progress else speculative_decode.ROUNDS_PER_DISPATCH)
         done = np.asarray(state.done)  # one host sync per dispatch of many steps
+        if on_progress is not None:
+            on_progress(new_tokens_of(state))
     decode_seconds = time.perf_counter() - start
 
-    out_tokens = np.asarray(state.tokens)
-    lengths = np.asarray(state.lengths)
-    new = [out_tokens[b, len(ids):lengths[b]].tolist() for b, ids in enumerate(rows)]
+    new = new_tokens_of(state)
     new_tokens = sum(len(t) for t in new)
     active_row_steps = int(state.active_row_steps)
     stats = Stats(

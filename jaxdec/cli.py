@@ -1,0 +1,103 @@
+"""The `jaxdec` command line.
+
+    jaxdec generate ["PROMPT"] [--model demo-target] [--draft demo-draft] [--method draft]
+                    [--num-tokens 4] [--max-new-tokens 128] [--temperature 0] [--top-p 1]
+                    [--top-k 0] [--seed 0]
+
+With no prompt argument the prompt is read from standard input when it is piped, else a demo
+prompt is used. The text is streamed as it is accepted; the stats follow on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+METHODS = ("ar", "draft", "layerskip", "lookup")
+DEMO_PROMPT = "def fibonacci(n):\n"
+
+
+def build_speculative(args, target):
+    import jaxdec
+    if args.method == "ar":
+        return None
+    if args.method == "draft":
+        return jaxdec.spec.DraftModel(jaxdec.load(args.draft), num_tokens=args.num_tokens)
+    if args.method == "layerskip":
+        layers = target.config.num_hidden_layers
+        skip = args.skip_layers if args.skip_layers is not None else list(range(1, layers - 1, 2))
+        return jaxdec.spec.LayerSkip(skip, num_tokens=args.num_tokens)
+    return jaxdec.spec.PromptLookup(max_ngram=args.max_ngram, num_tokens=args.num_tokens)
+
+
+def generate_command(args) -> int:
+    import jaxdec
+    prompt = args.prompt
+    if prompt is None:
+        prompt = DEMO_PROMPT if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    target = jaxdec.load(args.model)
+    if target.tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer; the command line needs text")
+    speculative = build_speculative(args, target)
+    shown = None
+
+    def stream(tokens):
+        nonlocal shown
+        if shown is None:  # first call: the input is valid and decoding has started
+            sys.stdout.write(prompt)
+            shown = ""
+        text = target.tokenizer.decode(tokens[0], skip_special_tokens=True)
+        # Hold back a trailing replacement char: the next tokens may complete a UTF-8 sequence.
+        text = text.rstrip("\ufffd")
+        if text.startswith(shown):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    out = jaxdec.generate(target, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, speculative=speculative,
+                          on_progress=stream)
+    final = out.texts[0]
+    sys.stdout.write(final[len(shown):] if final.startswith(shown) else "\n" + final)
+    sys.stdout.write("\n")
+    s = out.stats
+    print(f"[{args.method}] {s.new_tokens} new tokens in {s.target_steps} target steps, mean accepted "
+          f"{s.mean_accepted:.2f}, prefill {s.prefill_seconds:.2f} s, decode {s.decode_seconds:.2f} s, "
+          f"{s.tokens_per_second:.1f} tokens/s (first run of a shape includes compilation)", file=sys.stderr)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="jaxdec", description="Lossless speculative decoding in JAX.")
+    commands = top.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text from a prompt, streaming it")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt (default: stdin, or a demo prompt)")
+    gen.add_argument("--model", default="demo-target", help="target checkpoint: a converted folder or shipped name")
+    gen.add_argument("--draft", default="demo-draft", help="draft checkpoint for --method draft")
+    gen.add_argument("--method", choices=METHODS, default="draft",
+                     help="ar: plain decoding; draft: draft model; layerskip: the target with layers "
+                          "skipped; lookup: prompt lookup (default: draft)")
+    gen.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step")
+    gen.add_argument("--skip-layers", type=int, nargs="+", default=None,
+                     help="layers to skip for --method layerskip (default: every other inner layer)")
+    gen.add_argument("--max-ngram", type=int, default=3, help="longest n-gram for --method lookup")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run=generate_command)
+    return top
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"jaxdec: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
