@@ -13,7 +13,7 @@ import numbers
 import jax.numpy as jnp
 
 from jaxdec.cache import init_cache
-from jaxdec.drafters.draft_model import DraftModelDrafter
+from jaxdec.drafters.draft_model import DraftModelDrafter, DraftModelState
 from jaxdec.drafters.layer_skip import LayerSkipDrafter
 from jaxdec.drafters.prompt_lookup import PromptLookupDrafter
 from jaxdec.loading import Model
@@ -26,12 +26,23 @@ def _check_num_tokens(num_tokens):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DraftModel:
-    """A smaller model with the same tokenizer drafts a chain of `num_tokens` tokens."""
+    """A smaller model with the same tokenizer drafts a chain of `num_tokens` tokens.
+
+    Adaptive draft length (both keep the output lossless; `num_tokens` is then the maximum):
+    * confidence_threshold > 0: a row stops drafting after a token whose draft top
+      probability is below the threshold (a rejection is likely next);
+    * adaptive_schedule=True: each row's draft length grows by 2 after a fully accepted draft
+      and shrinks by 1 otherwise (Hugging Face's heuristic), between 1 and num_tokens.
+    """
     model: Model
     num_tokens: int = 4
+    confidence_threshold: float = 0.0
+    adaptive_schedule: bool = False
 
     def __post_init__(self):
         _check_num_tokens(self.num_tokens)
+        if not isinstance(self.confidence_threshold, numbers.Real) or not 0 <= self.confidence_threshold <= 1:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold!r}")
         if not isinstance(self.model, Model):
             raise ValueError(f"DraftModel needs a jaxdec.Model (from jaxdec.load), got {self.model!r:.60}")
 
@@ -44,8 +55,11 @@ class DraftModel:
         if num_slots > self.model.config.max_position_embeddings:
             raise ValueError(f"{num_slots} cache slots exceed the draft model's max_position_embeddings="
                              f"{self.model.config.max_position_embeddings}")
-        drafter = DraftModelDrafter(self.model.config, int(self.num_tokens))
-        return drafter, self.model.params, init_cache(self.model.config, batch_size, num_slots, self.model.dtype)
+        drafter = DraftModelDrafter(self.model.config, int(self.num_tokens), float(self.confidence_threshold),
+                                    bool(self.adaptive_schedule))
+        state = DraftModelState(cache=init_cache(self.model.config, batch_size, num_slots, self.model.dtype),
+                                num_tokens=jnp.full((batch_size,), self.num_tokens, jnp.int32))
+        return drafter, self.model.params, state
 
 
 @dataclasses.dataclass(frozen=True)

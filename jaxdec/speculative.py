@@ -70,6 +70,7 @@ def speculative_decode(cfg: ModelConfig, drafter, params, dparams, cache, dstate
         pending = state.tokens[rows, state.lengths - 1]
         logits, cache = verify_forward(cfg, params, cache, pending, draft)
         num_accepted, next_token = accept(logits, draft, sampling, keys[:, 1], keys[:, 2])
+        dstate = drafter.update(dstate, draft, num_accepted)
         state, _ = commit(state, draft.tokens, num_accepted, next_token, stop_ids, max_new_tokens)
         # Rejected drafts stay in the cache slots but fall out of view: commit is this line.
         return i + 1, cache.replace(lengths=state.lengths - 1), dstate, state

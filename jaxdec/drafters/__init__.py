@@ -1,9 +1,20 @@
 """Drafters: each proposes draft tokens (a `jaxdec.verify.Draft`) for the one verify path.
 
-A drafter is a small frozen (hashable) dataclass, a static argument of the jitted round, with
+A drafter is a small frozen (hashable) dataclass, a static argument of the jitted round:
     num_tokens: int                         K, the fixed number of draft slots
     prefill(cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket) -> dstate
     propose(cfg, params, cache, dparams, dstate, state, sampling, keys) -> (Draft, cache, dstate)
+    update(dstate, draft, num_accepted) -> dstate       after acceptance (adaptive drafters)
 `dparams` (e.g. a draft model's weights) and `dstate` (e.g. its KV cache) are pytrees that
 travel beside the target's; `propose` must leave `cache.lengths` as it found it.
 """
+
+
+class Drafter:
+    """Defaults for drafters that keep no state of their own."""
+
+    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
+        return dstate
+
+    def update(self, dstate, draft, num_accepted):
+        return dstate

@@ -12,32 +12,49 @@ from jaxdec.verify import Draft
 
 
 def draft_chain(cfg, params, cache, first_tokens, first_positions, num_tokens, sampling, keys,
-                skip_layers=()):
-    """Drafts `num_tokens` tokens per row.
+                skip_layers=(), max_lengths=None, confidence_threshold: float = 0.0):
+    """Drafts up to `num_tokens` tokens per row.
 
     first_tokens / first_positions [B, T0]: what the drafting model must read before the first
     draft (T0 = 1: the pending token; T0 = 2: a catch-up token and the pending token), written
     at slots cache.lengths... Each draft token is drawn from the processed draft distribution q
-    (argmax when greedy), and q is returned with it. The last draft token is not run through
-    the model: nothing would read its output. Returns (Draft, cache).
+    (argmax when greedy), and q is returned with it.
+
+    Adaptive length, within the fixed shapes: row b drafts at most max_lengths[b] tokens, and
+    stops after a token whose draft confidence (top probability of the raw draft distribution)
+    is below confidence_threshold (SpecDec++ / AdaEDL style: a rejection is likely next). The
+    loop ends as soon as no row drafts any more, and no token is run through the model unless
+    some row needs its output. Returns (Draft, cache).
     """
     B, T0 = first_tokens.shape
+    K = num_tokens
     logits, _, cache = forward(cfg, params, first_tokens, first_positions, cache, causal_mask(B, T0),
                                skip_layers)
     cache = cache.replace(lengths=cache.lengths + T0)
+    max_lengths = jnp.full((B,), K, jnp.int32) if max_lengths is None else jnp.minimum(max_lengths, K)
+    vocab = logits.shape[-1]
     single = jnp.ones((B, 1, 1), bool)
 
-    def draw(logits, i):
-        return sample(logits, sampling, keys, jnp.full((B,), i, jnp.int32)), probabilities(logits, sampling)
-
-    def step(carry, i):
-        cache, logits = carry
-        token, q = draw(logits, i)
+    def advance(cache, token):
         logits, _, cache = forward(cfg, params, token[:, None], cache.lengths[:, None], cache, single, skip_layers)
-        return (cache.replace(lengths=cache.lengths + 1), logits[:, 0]), (token, q)
+        return cache.replace(lengths=cache.lengths + 1), logits[:, 0]
 
-    (cache, logits), (tokens, probs) = jax.lax.scan(step, (cache, logits[:, -1]), jnp.arange(num_tokens - 1))
-    last_token, last_q = draw(logits, num_tokens - 1)
-    tokens = jnp.concatenate([tokens.T, last_token[:, None]], axis=1)               # [B, K]
-    probs = jnp.concatenate([jnp.moveaxis(probs, 0, 1), last_q[:, None]], axis=1)  # [B, K, V]
-    return Draft(tokens=tokens, probs=probs, lengths=jnp.full((B,), num_tokens, jnp.int32)), cache
+    def step(carry):
+        i, cache, logits, tokens, probs, lengths, live = carry
+        token = sample(logits, sampling, keys, jnp.full((B,), i, jnp.int32))
+        tokens = tokens.at[:, i].set(token)
+        probs = probs.at[:, i].set(probabilities(logits, sampling))
+        lengths = lengths + live
+        confident = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) >= confidence_threshold
+        live = live & confident & (i + 1 < max_lengths)
+        cache, logits = jax.lax.cond(jnp.any(live), advance, lambda c, t: (c, logits), cache, token)
+        return i + 1, cache, logits, tokens, probs, lengths, live
+
+    def keep_going(carry):
+        i, *_, live = carry
+        return (i < K) & jnp.any(live)
+
+    carry = (jnp.int32(0), cache, logits[:, -1], jnp.zeros((B, K), jnp.int32),
+             jnp.zeros((B, K, vocab), jnp.float32), jnp.zeros((B,), jnp.int32), max_lengths > 0)
+    _, cache, _, tokens, probs, lengths, _ = jax.lax.while_loop(keep_going, step, carry)
+    return Draft(tokens=tokens, probs=probs, lengths=lengths), cache

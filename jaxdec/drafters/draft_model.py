@@ -1,36 +1,57 @@
-"""A separate, smaller draft model with the target's tokenizer (Leviathan et al.; Chen et al.)."""
+"""A separate, smaller draft model with the target's tokenizer (Leviathan et al.; Chen et al.),
+with optional adaptive draft length."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+from flax import struct
 
+from jaxdec.cache import KVCache
 from jaxdec.config import ModelConfig
+from jaxdec.drafters import Drafter
 from jaxdec.drafters.autoregressive import draft_chain
 from jaxdec.model import causal_mask, forward_hidden
 
 
+@struct.dataclass
+class DraftModelState:
+    cache: KVCache          # the draft model's own KV cache
+    num_tokens: jax.Array   # int32 [B]: each row's current draft length (the adaptive schedule)
+
+
 @dataclasses.dataclass(frozen=True)
-class DraftModelDrafter:
+class DraftModelDrafter(Drafter):
     draft_cfg: ModelConfig
     num_tokens: int
+    confidence_threshold: float = 0.0
+    adaptive_schedule: bool = False
 
-    def prefill(self, cfg, params, dparams, dcache, tokens, prompt_lengths, prompt_bucket):
+    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
         B = tokens.shape[0]
         positions = jnp.broadcast_to(jnp.arange(prompt_bucket, dtype=jnp.int32), (B, prompt_bucket))
-        dcache = dcache.replace(lengths=jnp.zeros_like(dcache.lengths))
-        _, dcache = forward_hidden(self.draft_cfg, dparams, tokens[:, :prompt_bucket], positions, dcache,
-                                   causal_mask(B, prompt_bucket))
-        return dcache
+        cache = dstate.cache.replace(lengths=jnp.zeros_like(dstate.cache.lengths))
+        _, cache = forward_hidden(self.draft_cfg, dparams, tokens[:, :prompt_bucket], positions, cache,
+                                  causal_mask(B, prompt_bucket))
+        return dstate.replace(cache=cache)
 
-    def propose(self, cfg, params, cache, dparams, dcache, state, sampling, keys):
+    def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
         # The draft cache is trusted only below lengths - 2: each round re-reads the last two
         # tokens (the previous one may be a bonus token the draft never saw), so nothing needs
         # fixing up after acceptance.
         rows = jnp.arange(state.lengths.shape[0])
         last_two = jnp.stack([state.lengths - 2, state.lengths - 1], axis=1)
-        dcache = dcache.replace(lengths=state.lengths - 2)
+        dcache = dstate.cache.replace(lengths=state.lengths - 2)
         draft, dcache = draft_chain(self.draft_cfg, dparams, dcache, state.tokens[rows[:, None], last_two],
-                                    last_two, self.num_tokens, sampling, keys)
-        return draft, cache, dcache
+                                    last_two, self.num_tokens, sampling, keys, max_lengths=dstate.num_tokens,
+                                    confidence_threshold=self.confidence_threshold)
+        return draft, cache, dstate.replace(cache=dcache)
+
+    def update(self, dstate, draft, num_accepted):
+        if not self.adaptive_schedule:
+            return dstate
+        # Hugging Face's heuristic: two more tokens after a fully accepted draft, one fewer otherwise.
+        grown = jnp.where(num_accepted >= draft.lengths, dstate.num_tokens + 2, dstate.num_tokens - 1)
+        return dstate.replace(num_tokens=jnp.clip(grown, 1, self.num_tokens).astype(jnp.int32))

@@ -10,16 +10,14 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from jaxdec.drafters import Drafter
 from jaxdec.drafters.autoregressive import draft_chain
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerSkipDrafter:
+class LayerSkipDrafter(Drafter):
     skip_layers: tuple[int, ...]
     num_tokens: int
-
-    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
-        return dstate
 
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
         lengths = cache.lengths

@@ -14,17 +14,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxdec.drafters import Drafter
 from jaxdec.verify import Draft
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptLookupDrafter:
+class PromptLookupDrafter(Drafter):
     max_ngram: int
     num_tokens: int
     vocab_size: int
-
-    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
-        return dstate
 
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
         tokens, lengths = state.tokens, state.lengths

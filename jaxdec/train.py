@@ -1,0 +1,531 @@
+"""Trains the shipped demo checkpoints (`demo-target`, `demo-draft`) on CPU.
+
+    python -m jaxdec.train tokenizer --workdir W
+    python -m jaxdec.train target --workdir W --out checkpoints/demo-target
+    python -m jaxdec.train draft  --workdir W --teacher checkpoints/demo-target --out checkpoints/demo-draft
+
+Corpus: the Python source of this interpreter's standard library (`*.py` under
+`sysconfig.get_paths()["stdlib"]`, without `site-packages` and without the test suites, see
+`TEST_DIRS`), read as UTF-8 (undecodable files skipped), sorted by relative path. A fixed
+~4% of the files is held out, chosen by a stable hash of the relative path (`is_held_out`).
+Every file is one document followed by the EOS token; documents are concatenated and cut
+into packed windows.
+
+Tokenizer: byte-level BPE (`tokenizers`), specials `<unk>`=0, `<s>`=1, `</s>`=2 (EOS), a
+ByteLevel decoder, so decoding round-trips source code (indentation included) exactly.
+
+Target: next-token cross-entropy with AdamW and a warmup + cosine schedule. Draft: distilled
+from the frozen target, loss KL(target || draft) of the next-token distributions (teacher
+logits computed in the same jitted step), optionally plus `--ce-weight` x cross-entropy.
+Both use `jaxdec.model.sequence_logits`, the decoder every other path uses.
+
+Everything lives in the work folder: `tokenizer.json`, the tokenized corpus, and per run
+(`W/target`, `W/draft`) orbax checkpoints of (params, optimizer state, step) every
+`--save-every` steps. Rerunning the same command resumes from the latest one; a finished
+run only re-evaluates and re-exports. The export (`--out`) is a `jaxdec.load`-able folder:
+`jaxdec.storage.save` + `tokenizer.json` + `generation_config.json` + `training.json` (the
+configs, FLOPs per token, steps, wall time and held-out metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from jaxdec import storage
+from jaxdec.config import ModelConfig
+from jaxdec.model import init_params, sequence_logits
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+# Test suites are left out: they are ~60% of the stdlib's bytes, mostly assertion
+# boilerplate and large data literals, and a CPU budget of a few million tokens is better
+# spent on library code (what a demo prompt like "def fib(n):" continues).
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+HELD_OUT_PER_MILLE = 40  # ~4% of the files
+PROBE_WINDOWS, PROBE_LEN = 4, 256  # the small held-out sample recorded with each export
+
+TARGET_CONFIG = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+DRAFT_CONFIG = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+
+
+# --------------------------------------------------------------------------- corpus
+
+def is_held_out(relative_path: str) -> bool:
+    """The fixed split: sha256 of the '/'-separated relative path, first 8 bytes, mod 1000."""
+    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % 1000 < HELD_OUT_PER_MILLE
+
+
+def corpus_files(root=None, include_tests: bool = False):
+    """Sorted [(relative path, text)] of the *.py files under `root` (default: the stdlib),
+    and a dict of counts of what was skipped."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files, skipped = [], {"test_dirs": 0, "undecodable": 0}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "site-packages")
+        rel_dir = Path(dirpath).relative_to(root).parts
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            if not include_tests and TEST_DIRS.intersection(rel_dir):
+                skipped["test_dirs"] += 1
+                continue
+            try:
+                text = (Path(dirpath) / name).read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                skipped["undecodable"] += 1
+                continue
+            files.append(("/".join((*rel_dir, name)), text))
+    files.sort()
+    return files, skipped
+
+
+def train_tokenizer(texts, vocab_size: int = 4096):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  min_frequency=2, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    for token, want in zip(SPECIAL_TOKENS, (UNK_ID, BOS_ID, EOS_ID)):
+        if tokenizer.token_to_id(token) != want:
+            raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, want {want}")
+    return tokenizer
+
+
+def encode_documents(tokenizer, texts) -> np.ndarray:
+    """The documents' token ids, each followed by EOS, concatenated (uint16)."""
+    ids = [np.asarray(enc.ids + [EOS_ID], np.uint16) for enc in tokenizer.encode_batch(list(texts))]
+    return np.concatenate(ids) if ids else np.zeros((0,), np.uint16)
+
+
+def prepare(workdir: Path, vocab_size: int = 4096, corpus_root=None, include_tests: bool = False,
+            log=print) -> dict:
+    """Trains the tokenizer and tokenizes the corpus into `workdir` (once; then reused)."""
+    workdir = Path(workdir)
+    info_path = workdir / "corpus.json"
+    if info_path.is_file():
+        return json.loads(info_path.read_text())
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    files, skipped = corpus_files(corpus_root, include_tests)
+    train = [(p, t) for p, t in files if not is_held_out(p)]
+    held = [(p, t) for p, t in files if is_held_out(p)]
+    log(f"corpus: {len(files)} files ({len(train)} train, {len(held)} held out), skipped {skipped}")
+    tokenizer = train_tokenizer([t for _, t in train], vocab_size)
+    train_ids = encode_documents(tokenizer, [t for _, t in train])
+    held_ids = encode_documents(tokenizer, [t for _, t in held])
+    mismatches = sum(tokenizer.decode(enc.ids, skip_special_tokens=False) != text
+                     for enc, (_, text) in zip(tokenizer.encode_batch([t for _, t in files]), files))
+    info = {
+        "python": sys.version.split()[0],
+        "stdlib": str(corpus_root or sysconfig.get_paths()["stdlib"]),
+        "include_tests": include_tests,
+        "excluded_dirs": [] if include_tests else sorted(TEST_DIRS),
+        "split_rule": f"held out iff int.from_bytes(sha256(relative_path).digest()[:8], 'big') % 1000 "
+                      f"< {HELD_OUT_PER_MILLE}",
+        "files": len(files), "train_files": len(train), "held_out_files": len(held),
+        "skipped": skipped,
+        "bytes": sum(len(t.encode()) for _, t in files),
+        "train_tokens": int(train_ids.size), "held_out_tokens": int(held_ids.size),
+        "vocab_size": tokenizer.get_vocab_size(),
+        "round_trip_mismatches": int(mismatches),
+        "seconds": round(time.time() - t0, 1),
+    }
+    tokenizer.save(str(workdir / "tokenizer.json"))
+    np.save(workdir / "train_tokens.npy", train_ids)
+    np.save(workdir / "held_out_tokens.npy", held_ids)
+    info_path.write_text(json.dumps(info, indent=2))
+    log(json.dumps(info, indent=2))
+    return info
+
+
+# --------------------------------------------------------------------------- models
+
+def make_config(vocab_size: int, **sizes) -> ModelConfig:
+    return ModelConfig(model_type="llama", max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=BOS_ID,
+                       eos_token_id=(EOS_ID,), vocab_size=vocab_size, **sizes)
+
+
+def param_counts(cfg: ModelConfig) -> dict:
+    """Parameter counts and the FLOPs-per-token estimate 2 x (non-embedding + LM-head params)."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    total = int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+    embed = cfg.vocab_size * cfg.hidden_size
+    head = cfg.vocab_size * cfg.hidden_size  # the head matmul costs this even when tied
+    non_embedding = total - embed - (0 if cfg.tie_word_embeddings else head)
+    return {"total_params": total, "non_embedding_params": non_embedding, "lm_head_params": head,
+            "flops_per_token": 2 * (non_embedding + head)}
+
+
+def flops_per_token(cfg: ModelConfig) -> int:
+    return param_counts(cfg)["flops_per_token"]
+
+
+# --------------------------------------------------------------------------- data
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, num_tokens: int, seq_len: int):
+    rng = np.random.default_rng([seed, epoch, 7919])
+    offset = int(rng.integers(seq_len))
+    count = (num_tokens - 1 - offset) // seq_len
+    return offset, rng.permutation(count)
+
+
+def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
+    """int32 [batch_size, seq_len + 1]: step's windows, a pure function of the step.
+
+    Each epoch cuts the stream into non-overlapping windows at a random offset and visits
+    them in a random order; so a resumed run sees exactly the batches an unbroken one would.
+    """
+    rows = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch = 0
+        while True:  # epochs have (almost) the same length; find the one holding window i
+            offset, order = _epoch_order(seed, epoch, tokens.size, seq_len)
+            if i < order.size:
+                break
+            i -= order.size
+            epoch += 1
+        start = offset + int(order[i]) * seq_len
+        rows.append(tokens[start:start + seq_len + 1])
+    return np.stack(rows).astype(np.int32)
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> np.ndarray:
+    """Up to max_windows non-overlapping windows [n, seq_len + 1] spread evenly over tokens."""
+    total = (tokens.size - 1) // seq_len
+    index = np.unique(np.linspace(0, total - 1, min(total, max_windows)).astype(int))
+    return np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in index]).astype(np.int32)
+
+
+# --------------------------------------------------------------------------- losses and steps
+
+def _next_token_nll(logits, targets):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def loss_fn(cfg, params, batch, teacher_cfg=None, teacher_params=None, ce_weight: float = 0.0):
+    """(loss, metrics). Without a teacher: mean next-token cross-entropy. With one: mean
+    KL(teacher || model) of the next-token distributions (+ ce_weight x cross-entropy)."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = sequence_logits(cfg, params, inputs)
+    ce = _next_token_nll(logits, targets).mean()
+    if teacher_cfg is None:
+        return ce, {"ce": ce}
+    t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(sequence_logits(teacher_cfg, teacher_params, inputs)))
+    logp = jax.nn.log_softmax(logits)
+    kl = jnp.sum(jnp.exp(t_logp) * (t_logp - logp), axis=-1).mean()
+    return kl + ce_weight * ce, {"ce": ce, "kl": kl}
+
+
+def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float, min_lr_ratio: float = 0.1,
+                   clip: float = 1.0):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1),
+                                                  end_value=lr * min_lr_ratio)
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)  # no decay on norms
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask)), schedule
+
+
+def make_train_step(cfg, optimizer, teacher_cfg=None, ce_weight: float = 0.0):
+    def step(params, opt_state, batch, teacher_params):
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda p: loss_fn(cfg, p, batch, teacher_cfg, teacher_params, ce_weight), has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_step(cfg, teacher_cfg=None):
+    """Per-window sums over positions: nll, and with a teacher the argmax agreements, the
+    teacher's nll, KL(teacher || model) and sum_x min(p_teacher, p_model) (the expected
+    acceptance of one drafted token at temperature 1)."""
+    def step(params, batch, teacher_params):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = sequence_logits(cfg, params, inputs)
+        out = {"nll": _next_token_nll(logits, targets).sum(axis=1)}
+        if teacher_cfg is not None:
+            t_logits = sequence_logits(teacher_cfg, teacher_params, inputs)
+            t_logp, logp = jax.nn.log_softmax(t_logits), jax.nn.log_softmax(logits)
+            out["agree"] = (jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)).sum(axis=1)
+            out["teacher_nll"] = _next_token_nll(t_logits, targets).sum(axis=1)
+            out["kl"] = jnp.sum(jnp.exp(t_logp) * (t_logp - logp), axis=-1).sum(axis=1)
+            out["accept_t1"] = jnp.minimum(jnp.exp(t_logp), jnp.exp(logp)).sum(axis=-1).sum(axis=1)
+        return out
+    return jax.jit(step)
+
+
+def evaluate(eval_step, params, windows: np.ndarray, batch_size: int, teacher_params=None) -> dict:
+    """Means per token over `windows` [n, T+1] (last batch padded with repeats, weighted out)."""
+    n, T = windows.shape[0], windows.shape[1] - 1
+    sums: dict[str, float] = {}
+    for start in range(0, n, batch_size):
+        chunk = windows[start:start + batch_size]
+        real = chunk.shape[0]
+        if real < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - real, axis=0)])
+        out = jax.device_get(eval_step(params, jnp.asarray(chunk), teacher_params))
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + float(np.asarray(value, np.float64)[:real].sum())
+    count = n * T
+    result = {"tokens": count, "loss": sums["nll"] / count}
+    if "agree" in sums:
+        result.update(greedy_agreement=sums["agree"] / count, teacher_loss=sums["teacher_nll"] / count,
+                      kl=sums["kl"] / count, expected_acceptance_t1=sums["accept_t1"] / count)
+    return result
+
+
+# --------------------------------------------------------------------------- runs
+
+@dataclasses.dataclass
+class RunOptions:
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    warmup: int
+    weight_decay: float = 0.1
+    save_every: int = 100
+    log_every: int = 25
+    seed: int = 0
+    eval_windows: int = 128     # held-out windows for the final evaluation
+    eval_batch_size: int = 8
+    ce_weight: float = 0.0      # draft only
+
+
+def _state_meta(cfg: ModelConfig, opts: RunOptions, teacher: str | None) -> dict:
+    keep = {k: v for k, v in dataclasses.asdict(opts).items()
+            if k not in ("save_every", "log_every", "eval_windows", "eval_batch_size")}
+    return {"config": cfg.to_dict(), "options": keep, "teacher": teacher}
+
+
+def train_run(run_dir: Path, cfg: ModelConfig, train_tokens: np.ndarray, opts: RunOptions, *,
+              teacher=None, progress: bool = True, log=print, stop_after: int | None = None):
+    """Trains (or resumes) the run in `run_dir`; returns (params, info).
+
+    `teacher`: a `jaxdec.Model` to distill from (frozen), or None for plain cross-entropy.
+    `stop_after`: stop (with a checkpoint) after this many steps of this call; for tests.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = _state_meta(cfg, opts, None if teacher is None else
+                       hashlib.sha256(json.dumps(teacher.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16])
+    meta_path = run_dir / "run.json"
+    if meta_path.is_file():
+        if json.loads(meta_path.read_text()) != json.loads(json.dumps(meta)):
+            raise ValueError(f"{run_dir} holds a run with different settings ({meta_path}); "
+                             f"use another --workdir or pass --fresh")
+    else:
+        meta_path.write_text(json.dumps(meta, indent=2))
+
+    optimizer, schedule = make_optimizer(opts.lr, opts.steps, opts.warmup, opts.weight_decay)
+    params = init_params(cfg, jax.random.key(opts.seed))
+    state = {"params": params, "opt_state": optimizer.init(params)}
+    manager = ocp.CheckpointManager(
+        (run_dir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
+    step, wall = 0, 0.0
+    latest = manager.latest_step()
+    if latest is not None:
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+        restored = manager.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        state, step, wall = restored["state"], int(restored["meta"]["step"]), float(restored["meta"]["wall_seconds"])
+        log(f"resumed {run_dir} at step {step} ({wall:.0f} s of training so far)")
+
+    def save(step, wall):
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({"step": step, "wall_seconds": wall})), force=True)
+
+    teacher_cfg = None if teacher is None else teacher.config
+    teacher_params = None if teacher is None else teacher.params
+    train_step = make_train_step(cfg, optimizer, teacher_cfg, opts.ce_weight)
+    params, opt_state = state["params"], state["opt_state"]
+    end = opts.steps if stop_after is None else min(opts.steps, step + stop_after)
+    bar = tqdm(total=opts.steps, initial=step, disable=not progress, desc=run_dir.name,
+               mininterval=5.0, dynamic_ncols=True)
+    t_last, history = time.time(), []
+    while step < end:
+        batch = jnp.asarray(batch_at(train_tokens, step, opts.batch_size, opts.seq_len, opts.seed))
+        params, opt_state, metrics = train_step(params, opt_state, batch, teacher_params)
+        step += 1
+        if step % opts.log_every == 0 or step == end:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.time()
+            history.append({"step": step, **metrics})
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{float(schedule(step)):.2e}")
+            bar.update(step - bar.n)
+            wall += now - t_last
+            t_last = now
+            if not progress:
+                log(f"step {step} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if step % opts.save_every == 0 or step == end:
+            jax.block_until_ready(params)
+            now = time.time()
+            wall += now - t_last
+            t_last = now
+            state = {"params": params, "opt_state": opt_state}
+            save(step, wall)
+            t_last = time.time()  # checkpoint writing is not training time
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    return params, {"step": step, "steps": opts.steps, "wall_seconds": round(wall, 1), "history": history}
+
+
+def export(out: Path, cfg: ModelConfig, params, tokenizer_path: Path, training: dict) -> Path:
+    """Writes a `jaxdec.load`-able folder (atomically replaced)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    storage.save(tmp, cfg, jax.device_get(params), "float32")
+    shutil.copy(tokenizer_path, tmp / "tokenizer.json")
+    (tmp / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID}, indent=2))
+    (tmp / "training.json").write_text(json.dumps(training, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _load_data(workdir: Path):
+    return (np.load(workdir / "train_tokens.npy"), np.load(workdir / "held_out_tokens.npy"),
+            json.loads((workdir / "corpus.json").read_text()))
+
+
+def run_stage(kind: str, args) -> dict:
+    import jaxdec
+    workdir = Path(args.workdir)
+    corpus = prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
+    train_tokens, held_tokens, corpus = _load_data(workdir)
+    sizes = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                 num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim)
+    cfg = make_config(corpus["vocab_size"], **sizes)
+    teacher = jaxdec.load(args.teacher, dtype="float32") if kind == "draft" else None
+    if teacher is not None and teacher.config.vocab_size != cfg.vocab_size:
+        raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != {cfg.vocab_size}")
+    opts = RunOptions(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      warmup=args.warmup, weight_decay=args.weight_decay, save_every=args.save_every,
+                      log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows,
+                      ce_weight=getattr(args, "ce_weight", 0.0))
+    run_dir = workdir / kind
+    if args.fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    counts = param_counts(cfg)
+    print(f"{kind}: {json.dumps(counts)}", flush=True)
+    if teacher is not None:
+        t_counts = param_counts(teacher.config)
+        print(f"FLOPs/token: draft {counts['flops_per_token']:,} / target {t_counts['flops_per_token']:,} "
+              f"= {counts['flops_per_token'] / t_counts['flops_per_token']:.4f}", flush=True)
+    params, info = train_run(run_dir, cfg, train_tokens, opts, teacher=teacher, progress=not args.no_progress)
+
+    t0 = time.time()
+    eval_step = make_eval_step(cfg, None if teacher is None else teacher.config)
+    t_params = None if teacher is None else teacher.params
+    held = evaluate(eval_step, params, eval_windows(held_tokens, opts.seq_len, opts.eval_windows),
+                    opts.eval_batch_size, t_params)
+    probe_windows = eval_windows(held_tokens, PROBE_LEN, PROBE_WINDOWS)
+    probe = evaluate(eval_step, params, probe_windows, PROBE_WINDOWS, t_params)
+    eval_seconds = round(time.time() - t0, 1)
+    print(f"held-out: {json.dumps(held)}\nprobe: {json.dumps(probe)}", flush=True)
+    training = {
+        "command": "python -m jaxdec.train " + " ".join(sys.argv[1:]),
+        "kind": kind, "corpus": corpus, "config": cfg.to_dict(), **counts,
+        "options": dataclasses.asdict(opts), "teacher": args.teacher if teacher is not None else None,
+        "steps": info["step"], "tokens_seen": info["step"] * opts.batch_size * opts.seq_len,
+        "train_wall_seconds": info["wall_seconds"], "eval_seconds": eval_seconds,
+        "final_train_metrics": info["history"][-1] if info["history"] else None,
+        "held_out": held, "uniform_loss": math.log(cfg.vocab_size),
+        "probe": {**probe, "seq_len": PROBE_LEN, "token_ids": probe_windows.tolist()},
+        "versions": {"jax": jax.__version__, "python": sys.version.split()[0]},
+        "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
+    }
+    if teacher is not None:
+        t_counts = param_counts(teacher.config)
+        training["teacher_flops_per_token"] = t_counts["flops_per_token"]
+        training["flops_ratio"] = counts["flops_per_token"] / t_counts["flops_per_token"]
+    if info["step"] < opts.steps:
+        print(f"stopped at step {info['step']} of {opts.steps}: not exported", flush=True)
+        return training
+    if args.out:
+        export(Path(args.out), cfg, params, workdir / "tokenizer.json", training)
+        print(f"exported {args.out}", flush=True)
+    return training
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxdec.train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--workdir", required=True, help="work folder: tokenized corpus and resumable runs")
+        p.add_argument("--vocab-size", type=int, default=4096)
+        p.add_argument("--corpus-root", default=None, help="default: sysconfig.get_paths()['stdlib']")
+        p.add_argument("--include-tests", action="store_true", help="keep test/, tests/, idle_test/")
+
+    common(sub.add_parser("tokenizer", help="train the tokenizer and tokenize the corpus"))
+    for kind, model, defaults in (("target", TARGET_CONFIG, dict(steps=1300, batch_size=8, seq_len=512, lr=2e-3, warmup=100)),
+                                  ("draft", DRAFT_CONFIG, dict(steps=600, batch_size=8, seq_len=512, lr=3e-3, warmup=50))):
+        p = sub.add_parser(kind, help=f"train the {kind} model")
+        common(p)
+        p.add_argument("--out", default=None, help="export folder (jaxdec.load-able)")
+        if kind == "draft":
+            p.add_argument("--teacher", required=True, help="the target: anything jaxdec.load takes")
+            p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy added to the KL")
+        p.add_argument("--hidden", type=int, default=model["hidden_size"])
+        p.add_argument("--intermediate", type=int, default=model["intermediate_size"])
+        p.add_argument("--layers", type=int, default=model["num_hidden_layers"])
+        p.add_argument("--heads", type=int, default=model["num_attention_heads"])
+        p.add_argument("--kv-heads", type=int, default=model["num_key_value_heads"])
+        p.add_argument("--head-dim", type=int, default=model["head_dim"])
+        p.add_argument("--steps", type=int, default=defaults["steps"])
+        p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+        p.add_argument("--seq-len", type=int, default=defaults["seq_len"])
+        p.add_argument("--lr", type=float, default=defaults["lr"])
+        p.add_argument("--warmup", type=int, default=defaults["warmup"])
+        p.add_argument("--weight-decay", type=float, default=0.1)
+        p.add_argument("--save-every", type=int, default=50)
+        p.add_argument("--log-every", type=int, default=25)
+        p.add_argument("--eval-windows", type=int, default=1024,
+                       help="held-out windows of --seq-len tokens to evaluate (at most all of them)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--fresh", action="store_true", help="discard this run's checkpoints first")
+        p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if args.command == "tokenizer":
+        prepare(Path(args.workdir), args.vocab_size, args.corpus_root, args.include_tests)
+    else:
+        run_stage(args.command, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
