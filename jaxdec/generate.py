@@ -141,7 +141,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     if speculative is not None:
         dstate = speculative_decode.drafter_prefill(cfg, drafter, model.params, dparams, dstate, tokens,
                                                     prompt_lengths, prompt_bucket=prompt_bucket)
-    done = np.asarray(state.done)  # waits for prefill
+    jax.block_until_ready((state, dstate) if speculative is not None else state)  # prefill ends here
+    done = np.asarray(state.done)
     prefill_seconds = time.perf_counter() - start
 
     def new_tokens_of(state):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Iterable
 
 import jax.numpy as jnp
 
@@ -55,11 +56,12 @@ class DraftModel:
         if num_slots > self.model.config.max_position_embeddings:
             raise ValueError(f"{num_slots} cache slots exceed the draft model's max_position_embeddings="
                              f"{self.model.config.max_position_embeddings}")
+        same = self.model.params is target.params
         drafter = DraftModelDrafter(self.model.config, int(self.num_tokens), float(self.confidence_threshold),
-                                    bool(self.adaptive_schedule))
+                                    bool(self.adaptive_schedule), drafts_with_target=same)
         state = DraftModelState(cache=init_cache(self.model.config, batch_size, num_slots, self.model.dtype),
                                 num_tokens=jnp.full((batch_size,), self.num_tokens, jnp.int32))
-        return drafter, self.model.params, state
+        return drafter, None if same else self.model.params, state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,9 @@ class LayerSkip:
 
     def __post_init__(self):
         _check_num_tokens(self.num_tokens)
-        layers = tuple(self.skip_layers) if not isinstance(self.skip_layers, numbers.Integral) else None
+        # Only iterables go through tuple(): None or a float would fail there with a TypeError
+        # that names nothing.
+        layers = tuple(self.skip_layers) if isinstance(self.skip_layers, Iterable) else None
         if layers is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers):
             raise ValueError(f"skip_layers must be a sequence of layer indices, got {self.skip_layers!r}")
         object.__setattr__(self, "skip_layers", tuple(sorted(set(int(i) for i in layers))))

@@ -28,12 +28,18 @@ class DraftModelDrafter(Drafter):
     num_tokens: int
     confidence_threshold: float = 0.0
     adaptive_schedule: bool = False
+    # The draft is the target itself (a perfect draft, for tests): its weights are not passed
+    # a second time, since the same buffers as two jit arguments make XLA copy them each round.
+    drafts_with_target: bool = False
+
+    def _weights(self, params, dparams):
+        return params if self.drafts_with_target else dparams
 
     def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
         B = tokens.shape[0]
         positions = jnp.broadcast_to(jnp.arange(prompt_bucket, dtype=jnp.int32), (B, prompt_bucket))
         cache = dstate.cache.replace(lengths=jnp.zeros_like(dstate.cache.lengths))
-        _, cache = forward_hidden(self.draft_cfg, dparams, tokens[:, :prompt_bucket], positions, cache,
+        _, cache = forward_hidden(self.draft_cfg, self._weights(params, dparams), tokens[:, :prompt_bucket], positions, cache,
                                   causal_mask(B, prompt_bucket))
         return dstate.replace(cache=cache)
 
@@ -44,7 +50,7 @@ class DraftModelDrafter(Drafter):
         rows = jnp.arange(state.lengths.shape[0])
         last_two = jnp.stack([state.lengths - 2, state.lengths - 1], axis=1)
         dcache = dstate.cache.replace(lengths=state.lengths - 2)
-        draft, dcache = draft_chain(self.draft_cfg, dparams, dcache, state.tokens[rows[:, None], last_two],
+        draft, dcache = draft_chain(self.draft_cfg, self._weights(params, dparams), dcache, state.tokens[rows[:, None], last_two],
                                     last_two, self.num_tokens, sampling, keys, max_lengths=dstate.num_tokens,
                                     confidence_threshold=self.confidence_threshold)
         return draft, cache, dstate.replace(cache=dcache)
