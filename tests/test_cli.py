@@ -1,0 +1,53 @@
+"""The `jaxdec generate` command line, run in-process on the tiny converted Llama."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+import jaxdec
+from jaxdec import cli
+
+
+@pytest.fixture(scope="module")
+def llama_dir(converted_dirs):
+    return str(converted_dirs["llama"])
+
+
+def run(capsys, monkeypatch, argv, stdin=None):
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("method", ["ar", "draft", "layerskip", "lookup"])
+def test_streams_the_same_text_as_generate(capsys, monkeypatch, llama_dir, method):
+    prompt = "def add(a, b):"
+    code, out, err = run(capsys, monkeypatch, ["generate", prompt, "--model", llama_dir, "--draft", llama_dir,
+                                               "--method", method, "--max-new-tokens", "12", "--num-tokens", "3"])
+    assert code == 0
+    expected = jaxdec.generate(jaxdec.load(llama_dir), [prompt], max_new_tokens=12).texts[0]
+    assert out == prompt + expected + "\n"
+    stats = re.search(r"\[(\w+)\] (\d+) new tokens in (\d+) target steps, mean accepted ([\d.]+)", err)
+    assert stats and stats.group(1) == method and 1 <= int(stats.group(2)) <= 12
+    if method == "draft":  # the model drafts for itself: every draft is accepted
+        assert float(stats.group(4)) > 2
+
+
+def test_reads_the_prompt_from_stdin(capsys, monkeypatch, llama_dir):
+    code, out, _ = run(capsys, monkeypatch, ["generate", "--model", llama_dir, "--method", "ar",
+                                             "--max-new-tokens", "5"], stdin="x = 1\n")
+    assert code == 0 and out.startswith("x = 1\n")
+
+
+def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
+    code, out, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "layerskip",
+                                               "--skip-layers", "7"])
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == ["jaxdec: error: skipped layer index 7 is out of range for a model with 2 layers"]
+    code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", "/no/such/checkpoint"])
+    assert code == 2 and "no checkpoint at '/no/such/checkpoint'" in err
