@@ -1,0 +1,453 @@
+"""Speculative decoding, greedy side: every method returns exactly the tokens of plain
+decoding, and the machinery around it (rounds, stats, prompt lookup, compilation, bad input)
+is right. The sampling side (the acceptance rule and exact output distributions) is in
+test_speculative_sampling.py.
+
+Compilation dominates the cost here: each (batch bucket, cache bucket, drafter, num_tokens)
+compiles its own program, so the hypothesis tests draw their shapes from a few fixed combos
+(prompts <= 16 tokens and max_new_tokens <= 40 keep every cache at 64 slots) and only the
+contents vary freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import jaxdec
+from jaxdec import spec
+from jaxdec.convert import convert
+from jaxdec.loading import model_from_params
+from jaxdec.steps import DecodeState
+from tests.hf_models import VOCAB_SIZE, build_hf_model
+from tests.test_steps import compilations
+
+# A donation XLA cannot use is a bug (DESIGN.md): whichever test compiles a program fails on it.
+pytestmark = pytest.mark.filterwarnings("error:Some donated buffers were not usable")
+
+MAX_PROMPT = 16   # prompt bucket 16
+MAX_NEW = 40      # 16 + 40 <= 64 cache slots
+BATCHES = {1: (1, 1), 4: (3, 4), 8: (5, 8)}  # batch bucket -> batch sizes drawn in it
+HYPOTHESIS = settings(max_examples=12, deadline=None, database=None,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# ---------------------------------------------------------------------------------------------
+# Drafts
+
+
+@pytest.fixture(scope="module")
+def small_draft(tmp_path_factory):
+    """A different, smaller random Llama (1 layer) with the target's vocabulary: it rarely
+    agrees with the target, so nearly every round goes through a rejection."""
+    root = tmp_path_factory.mktemp("spec_draft")
+    hf = build_hf_model(root / "hf", "llama", seed=1, num_hidden_layers=1)
+    return jaxdec.load(convert(hf, root / "converted", progress=False))
+
+
+@pytest.fixture(scope="module")
+def noisy_draft(llama):
+    """The target's weights plus noise: agrees with the target often but not always (mean
+    acceptance around 1.6 at num_tokens 3), so rows accept ragged numbers of tokens."""
+    rng = np.random.default_rng(0)
+    noisy = jax.tree_util.tree_map(
+        lambda x: np.asarray(x) + 0.1 * np.std(np.asarray(x)) * rng.standard_normal(x.shape).astype(np.float32),
+        llama.params)
+    return model_from_params(llama.config, noisy)
+
+
+def _drafts(llama, small_draft, noisy_draft):
+    return {"small": small_draft, "noisy": noisy_draft, "self": llama}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _truncate_at_stop(tokens, stop_ids):
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i + 1]
+    return tokens
+
+
+def _check_stats(out, num_rows, num_tokens):
+    """Stats that hold for every speculative run: tokens add up, each active row-round emits
+    1 to num_tokens + 1 tokens, and mean_accepted is emitted tokens per active row-round."""
+    lengths = [len(t) for t in out.tokens]
+    stats = out.stats
+    assert stats.new_tokens == sum(lengths)
+    longest = max(lengths)
+    if longest <= 1:  # everything came from prefill
+        assert stats.target_steps == 0 and stats.mean_accepted == 1.0
+        return
+    assert math.ceil((longest - 1) / (num_tokens + 1)) <= stats.target_steps <= longest - 1
+    assert 1.0 <= stats.mean_accepted <= num_tokens + 1
+    active_row_rounds = (stats.new_tokens - num_rows) / stats.mean_accepted
+    assert active_row_rounds == pytest.approx(round(active_row_rounds), abs=1e-6)
+    assert stats.target_steps <= round(active_row_rounds) <= num_rows * stats.target_steps
+
+
+@st.composite
+def prompt_rows(draw, batch):
+    """Ragged prompts of 1..16 ids; about half repeat a short motif (so prompt lookup fires)."""
+    rows = []
+    for _ in range(batch):
+        n = draw(st.integers(1, MAX_PROMPT))
+        if draw(st.booleans()):
+            motif = draw(st.lists(st.integers(0, VOCAB_SIZE - 1), min_size=1, max_size=4))
+            rows.append((motif * MAX_PROMPT)[:n])
+        else:
+            rows.append(draw(st.lists(st.integers(0, VOCAB_SIZE - 1), min_size=n, max_size=n)))
+    return rows
+
+
+@st.composite
+def greedy_cases(draw, combos):
+    """(combo, prompts, max_new_tokens); combo[0] is the batch bucket, combo[1] num_tokens."""
+    combo = draw(st.sampled_from(combos))
+    low, high = BATCHES[combo[0]]
+    prompts = draw(prompt_rows(draw(st.integers(low, high))))
+    return combo, prompts, draw(st.integers(1, MAX_NEW))
+
+
+def _diverges_at_near_tie(target, prompts, expected, got) -> bool:
+    """Whether every row that differs splits where the target's top two logits are within
+    float32 noise: the verifier's (k+1)-token step and plain decoding's 1-token step may round
+    such a tie differently, which is no evidence of a bug (like test_sampling's MARGIN)."""
+    differing = [(p, w, h) for p, w, h in zip(prompts, expected, got) if w != h]
+    for prompt, want, have in differing:
+        split = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), None)
+        if split is None:  # one is a prefix of the other: a stopping bug, not a tie
+            return False
+        top2 = np.sort(jaxdec.logits(target, prompt + want[:split])[-1])[-2:]
+        if top2[1] - top2[0] >= 1e-4:
+            return False
+    return bool(differing)
+
+
+def _check_greedy_equal(target, prompts, max_new_tokens, method, data):
+    """Plain decoding without stops, then stop ids picked from its output (so rows really stop
+    mid-sequence), then the speculative run against plain decoding with those stops."""
+    unstopped = jaxdec.generate(target, prompts, max_new_tokens=max_new_tokens, stop_token_ids=[]).tokens
+    emitted = sorted({t for row in unstopped for t in row})
+    stop_ids = data.draw(st.lists(st.sampled_from(emitted), max_size=3, unique=True), label="stop_ids")
+    expected = [_truncate_at_stop(row, stop_ids) for row in unstopped]
+    plain = jaxdec.generate(target, prompts, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids)
+    assert plain.tokens == expected
+    out = jaxdec.generate(target, prompts, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
+                          speculative=method)
+    if out.tokens != expected:
+        assume(not _diverges_at_near_tie(target, prompts, expected, out.tokens))
+    assert out.tokens == expected, (method, stop_ids)
+    _check_stats(out, len(prompts), method.num_tokens)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy: exactly the tokens of plain decoding
+
+# (batch bucket, num_tokens, draft, extra DraftModel options).
+DRAFT_MODEL_COMBOS = [(8, 4, "small", {}), (1, 1, "small", {}), (4, 3, "noisy", {}), (4, 3, "self", {}),
+                      (4, 4, "noisy", dict(confidence_threshold=0.5, adaptive_schedule=True))]
+LAYER_SKIP_COMBOS = [(4, 2, (0,)), (8, 5, (1,))]
+PROMPT_LOOKUP_COMBOS = [(4, 8, 3), (8, 1, 2), (1, 3, 1)]  # (bucket, num_tokens, max_ngram)
+
+
+@HYPOTHESIS
+@given(case=greedy_cases(DRAFT_MODEL_COMBOS), data=st.data())
+def test_greedy_draft_model_equals_plain(llama, small_draft, noisy_draft, case, data):
+    (_, num_tokens, draft, options), prompts, max_new_tokens = case
+    method = spec.DraftModel(_drafts(llama, small_draft, noisy_draft)[draft], num_tokens=num_tokens, **options)
+    _check_greedy_equal(llama, prompts, max_new_tokens, method, data)
+
+
+@HYPOTHESIS
+@given(case=greedy_cases(LAYER_SKIP_COMBOS), data=st.data())
+def test_greedy_layer_skip_equals_plain(llama, case, data):
+    (_, num_tokens, skip), prompts, max_new_tokens = case
+    _check_greedy_equal(llama, prompts, max_new_tokens, spec.LayerSkip(skip, num_tokens=num_tokens), data)
+
+
+@HYPOTHESIS
+@given(case=greedy_cases(PROMPT_LOOKUP_COMBOS), data=st.data())
+def test_greedy_prompt_lookup_equals_plain(llama, case, data):
+    (_, num_tokens, max_ngram), prompts, max_new_tokens = case
+    method = spec.PromptLookup(max_ngram=max_ngram, num_tokens=num_tokens)
+    _check_greedy_equal(llama, prompts, max_new_tokens, method, data)
+
+
+# Fixed prompts for the other families: longer than mistral's sliding window (16) in total.
+FAMILY_PROMPTS = [[5, 17, 33, 2, 90, 41, 7], list(range(40, 56)), [9, 9, 9, 12], [100] * 3]
+
+
+@pytest.mark.parametrize("family, method", [
+    ("mistral", "layer_skip"),   # the draft reads the target's own sliding-window cache
+    ("qwen2", "draft_model"),    # tied embeddings and qkv bias; a draft of another family
+])
+def test_greedy_other_families_equal_plain(models, small_draft, family, method):
+    target = models[family]
+    method = {"layer_skip": spec.LayerSkip([0], num_tokens=3),
+              "draft_model": spec.DraftModel(small_draft, num_tokens=3)}[method]
+    plain = jaxdec.generate(target, FAMILY_PROMPTS, max_new_tokens=MAX_NEW, stop_token_ids=[])
+    out = jaxdec.generate(target, FAMILY_PROMPTS, max_new_tokens=MAX_NEW, stop_token_ids=[], speculative=method)
+    assert out.tokens == plain.tokens
+    _check_stats(out, len(FAMILY_PROMPTS), 3)
+    # And with each row stopped on a token from the middle of its own output.
+    stops = [row[len(row) // 2] for row in plain.tokens]
+    expected = [_truncate_at_stop(row, stops) for row in plain.tokens]
+    assert any(len(row) < MAX_NEW for row in expected)
+    out = jaxdec.generate(target, FAMILY_PROMPTS, max_new_tokens=MAX_NEW, stop_token_ids=stops, speculative=method)
+    assert out.tokens == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Perfect drafts: the target itself (as a draft model, or with no layer skipped) drafts exactly
+# what the target decodes, so every round emits num_tokens + 1 tokens until the row ends.
+
+PERFECT_PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [9, 9, 9, 12], list(range(60, 76))]
+
+
+@pytest.fixture(scope="module")
+def perfect_reference(llama):
+    return jaxdec.generate(llama, PERFECT_PROMPTS, max_new_tokens=33, stop_token_ids=[]).tokens
+
+
+@pytest.mark.parametrize("method", ["draft_model", "layer_skip"])
+def test_perfect_draft_accepts_everything(llama, perfect_reference, method):
+    K = 3
+    make = {"draft_model": lambda: spec.DraftModel(llama, num_tokens=K),
+            "layer_skip": lambda: spec.LayerSkip([], num_tokens=K)}[method]
+    out = jaxdec.generate(llama, PERFECT_PROMPTS, max_new_tokens=33, stop_token_ids=[], speculative=make())
+    assert out.tokens == perfect_reference
+    # 32 tokens after prefill, K + 1 = 4 per round: 8 rounds for every row.
+    assert out.stats.target_steps == 8
+    assert out.stats.mean_accepted == K + 1
+
+    # Stops cut rows short: row r then takes ceil((len_r - 1) / (K + 1)) rounds.
+    stops = [perfect_reference[0][10], perfect_reference[1][3]]
+    expected = [_truncate_at_stop(row, stops) for row in perfect_reference]
+    out = jaxdec.generate(llama, PERFECT_PROMPTS, max_new_tokens=33, stop_token_ids=stops, speculative=make())
+    assert out.tokens == expected
+    rounds = [math.ceil((len(row) - 1) / (K + 1)) for row in expected]
+    assert out.stats.target_steps == max(rounds)
+    assert out.stats.mean_accepted == pytest.approx(sum(len(row) - 1 for row in expected) / sum(rounds), rel=1e-12)
+
+    # Sampling: p and q are the same distribution (up to float32 rounding between the draft's
+    # and the verifier's forward shapes), so a rejection is a rare rounding event.
+    out = jaxdec.generate(llama, PERFECT_PROMPTS, max_new_tokens=33, temperature=1.0, top_k=20, seed=5,
+                          stop_token_ids=[], speculative=make())
+    assert [len(t) for t in out.tokens] == [33] * 3
+    assert out.stats.mean_accepted >= 0.97 * (K + 1), out.stats
+
+
+def test_rounds_and_stats_counted_by_streaming(llama, noisy_draft):
+    """With on_progress every dispatch is one round, so the snapshots count the rounds and
+    each row's active rounds; target_steps and mean_accepted must agree with them."""
+    K = 3
+    prompts = [[5, 17, 33, 2, 90, 41, 7], [9, 9, 9, 12], list(range(60, 76))]
+    plain = jaxdec.generate(llama, prompts, max_new_tokens=30, stop_token_ids=[]).tokens
+    stops = [plain[1][12]]
+    for kwargs in (dict(), dict(temperature=0.8, seed=4)):
+        snapshots = []
+        out = jaxdec.generate(llama, prompts, max_new_tokens=30, stop_token_ids=stops,
+                              speculative=spec.DraftModel(noisy_draft, num_tokens=K),
+                              on_progress=lambda tokens: snapshots.append([len(t) for t in tokens]), **kwargs)
+        final = [len(t) for t in out.tokens]
+        assert snapshots[0] == [1, 1, 1] and snapshots[-1] == final
+        rounds = len(snapshots) - 1
+        assert out.stats.target_steps == rounds
+        active = 0
+        for before, after in zip(snapshots, snapshots[1:]):
+            for r in range(len(prompts)):
+                if before[r] < final[r]:  # still active: it emits 1..K+1 tokens this round
+                    active += 1
+                    assert 1 <= after[r] - before[r] <= K + 1
+                else:
+                    assert after[r] == before[r]
+        assert out.stats.mean_accepted == pytest.approx((sum(final) - len(prompts)) / active, rel=1e-12)
+        assert 1 < out.stats.mean_accepted < K + 1, "the noisy draft accepts some tokens, not all"
+        if not kwargs:
+            assert out.tokens == [_truncate_at_stop(row, stops) for row in plain]
+        # The non-streaming call draws the same random numbers: row keys follow the row's length.
+        whole = jaxdec.generate(llama, prompts, max_new_tokens=30, stop_token_ids=stops,
+                                speculative=spec.DraftModel(noisy_draft, num_tokens=K), **kwargs)
+        assert whole.tokens == out.tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt lookup
+
+
+def lookup_reference(row, max_ngram, num_tokens):
+    """The draft of Hugging Face's prompt lookup for a row ending with its pending token: for
+    n = max_ngram down to 1, the earliest earlier occurrence of the last n tokens that has a
+    continuation wins; up to num_tokens known tokens follow it."""
+    L = len(row)
+    for n in range(max_ngram, 0, -1):
+        if L < n:
+            continue
+        for j in range(L - n):
+            if row[j:j + n] == row[L - n:]:
+                return row[j + n:j + n + num_tokens]
+    return []
+
+
+@pytest.mark.parametrize("max_ngram, num_tokens", [(3, 4), (1, 2), (2, 8)])
+def test_prompt_lookup_drafts_match_reference(llama, max_ngram, num_tokens):
+    B, S = 64, 32
+    rng = np.random.default_rng(max_ngram)
+    rows = []
+    for b in range(B):
+        alphabet = [2, 4, 12, VOCAB_SIZE][b % 4]  # small alphabets repeat; the full one rarely does
+        rows.append(rng.integers(0, alphabet, size=rng.integers(1, S + 1)).tolist())
+    rows[0], rows[1], rows[2] = [7], [7, 7], list(range(S))  # too short to match; no repeat at all
+    tokens = np.full((B, S), 5, np.int32)  # stale ids past each row's length must be ignored
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)] = row
+    lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
+    state = DecodeState(tokens=jnp.asarray(tokens), lengths=lengths, prompt_lengths=jnp.minimum(lengths, 3),
+                        done=jnp.zeros(B, bool), keys=jax.random.split(jax.random.key(0), B),
+                        target_steps=jnp.int32(0), active_row_steps=jnp.int32(0))
+    drafter, _, _ = spec.PromptLookup(max_ngram=max_ngram, num_tokens=num_tokens).build(llama, B, S)
+    draft, _, _ = drafter.propose(llama.config, None, None, None, None, state, None, None)
+    draft_tokens, draft_lengths = np.asarray(draft.tokens), np.asarray(draft.lengths)
+    probs = np.asarray(draft.probs)
+    fired = 0
+    for b, row in enumerate(rows):
+        want = lookup_reference(row, max_ngram, num_tokens)
+        assert draft_lengths[b] == len(want), (b, row)
+        assert draft_tokens[b, :len(want)].tolist() == want, (b, row)
+        # A point mass on each drafted token.
+        np.testing.assert_array_equal(probs[b, :len(want)], np.eye(VOCAB_SIZE)[want].reshape(-1, VOCAB_SIZE))
+        fired += bool(want)
+    assert 0 < fired < B
+
+
+def test_prompt_lookup_fires_on_repetitive_prompts(llama):
+    prompts = [[10, 20, 30, 40] * 4, [7, 8, 9] * 5, [50, 51] * 8]
+    plain = jaxdec.generate(llama, prompts, max_new_tokens=24, stop_token_ids=[])
+    out = jaxdec.generate(llama, prompts, max_new_tokens=24, stop_token_ids=[],
+                          speculative=spec.PromptLookup(max_ngram=3, num_tokens=8))
+    assert out.tokens == plain.tokens
+    # A random model seldom continues the pattern, but some drafts are accepted.
+    assert out.stats.mean_accepted > 1.0, out.stats
+
+
+def test_prompt_lookup_without_matches_is_plain_decoding(llama):
+    """Rows whose prompt and output never repeat an id: no draft, one token per round."""
+    rng = np.random.default_rng(7)
+    candidates = [rng.choice(VOCAB_SIZE, size=12, replace=False).tolist() for _ in range(8)]
+    plain = jaxdec.generate(llama, candidates, max_new_tokens=4, stop_token_ids=[]).tokens
+    # Pending states are prompt + the first m output tokens, m = 1..3.
+    quiet = [(p, t) for p, t in zip(candidates, plain)
+             if not any(lookup_reference(p + t[:m], 3, 8) for m in range(1, 4))]
+    assert len(quiet) >= 3, "test setup: too few candidate prompts without matches"
+    prompts, expected = [p for p, _ in quiet[:4]], [t for _, t in quiet[:4]]
+    out = jaxdec.generate(llama, prompts, max_new_tokens=4, stop_token_ids=[],
+                          speculative=spec.PromptLookup(max_ngram=3, num_tokens=8))
+    assert out.tokens == expected
+    assert out.stats.mean_accepted == 1.0 and out.stats.target_steps == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# No recompilation in steady state
+
+
+def test_steady_state_speculative_compiles_nothing(llama, noisy_draft):
+    methods = [spec.DraftModel(noisy_draft, num_tokens=3), spec.LayerSkip([0], num_tokens=2),
+               spec.PromptLookup(max_ngram=3, num_tokens=8)]
+    for method in methods:  # warm-up: compiles, unless an earlier test already did
+        jaxdec.generate(llama, [[5, 6, 7], [8] * 9, [1, 2]], max_new_tokens=20, stop_token_ids=[],
+                        speculative=method)
+
+    # Same buckets (batch 4, prompt 16, cache 64); contents, seed, sampling, stops and even
+    # the draft's weights differ.
+    other_weights = model_from_params(noisy_draft.config, jax.tree_util.tree_map(lambda x: 0.9 * x, noisy_draft.params))
+    methods[0] = spec.DraftModel(other_weights, num_tokens=3)
+    with compilations() as steady:
+        for i, method in enumerate(methods):
+            out = jaxdec.generate(llama, [[9] * 16, [3, 99], [40, 41, 40, 41], [7]], max_new_tokens=40,
+                                  temperature=0.9, top_k=10, top_p=0.8, seed=11 + i, stop_token_ids=[5, 9, 77],
+                                  speculative=method)
+            assert all(1 <= len(t) <= 40 for t in out.tokens)
+            out = jaxdec.generate(llama, [[12, 13], [14] * 5, [15]], max_new_tokens=17, stop_token_ids=None,
+                                  speculative=method)
+            assert all(1 <= len(t) <= 17 for t in out.tokens)
+    assert steady == [], steady
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: ValueError naming the offending value
+
+
+def _named(value) -> str:
+    """A `match` pattern for the value as the message spells it (repr or str)."""
+    return f"({re.escape(repr(value))}|{re.escape(str(value))})"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4", None])
+@pytest.mark.parametrize("make", [
+    lambda n, draft: spec.DraftModel(draft, num_tokens=n),
+    lambda n, draft: spec.LayerSkip([0], num_tokens=n),
+    lambda n, draft: spec.PromptLookup(num_tokens=n),
+], ids=["DraftModel", "LayerSkip", "PromptLookup"])
+def test_num_tokens_must_be_a_positive_integer(llama, make, bad):
+    with pytest.raises(ValueError, match=rf"num_tokens.*{_named(bad)}"):
+        make(bad, llama)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, True, "3"])
+def test_max_ngram_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match=rf"max_ngram.*{_named(bad)}"):
+        spec.PromptLookup(max_ngram=bad)
+
+
+@pytest.mark.parametrize("vocab", [8, VOCAB_SIZE + 1])
+def test_draft_vocabulary_must_match_target(llama, vocab):
+    cfg = dataclasses.replace(llama.config, vocab_size=vocab)
+    D = cfg.hidden_size
+    params = {**llama.params, "embed_tokens": {"embedding": np.zeros((vocab, D), np.float32)},
+              "lm_head": {"kernel": np.zeros((D, vocab), np.float32)}}
+    draft = model_from_params(cfg, params)
+    with pytest.raises(ValueError, match=rf"vocab.*\b{vocab}\b.*\b{VOCAB_SIZE}\b"):
+        jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=4, speculative=spec.DraftModel(draft))
+
+
+@pytest.mark.parametrize("layers, bad", [([2], 2), ([0, 7], 7), ([-1], -1), ([1, -3], -3)])
+def test_skipped_layer_out_of_range(llama, layers, bad):
+    assert llama.config.num_hidden_layers == 2
+    with pytest.raises(ValueError, match=rf"(?<![\d-]){re.escape(str(bad))}\b.*range"):
+        jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=4, speculative=spec.LayerSkip(layers))
+
+
+@pytest.mark.parametrize("bad", [3, 1.5, None, "0,1", [0.5], [True]])
+def test_skip_layers_must_be_indices(bad):
+    with pytest.raises(ValueError, match=rf"skip_layers.*{_named(bad)}"):
+        spec.LayerSkip(bad)
+
+
+@pytest.mark.parametrize("bad", ["draft", object(), spec.PromptLookup, 4, {"num_tokens": 4}])
+def test_unknown_speculative_object(llama, bad):
+    with pytest.raises(ValueError, match=rf"speculative.*{re.escape(repr(bad)[:40])}"):
+        jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=4, speculative=bad)
+
+
+@pytest.mark.parametrize("bad", ["demo-draft", None, 3])
+def test_draft_model_needs_a_model(bad):
+    with pytest.raises(ValueError, match=_named(bad)):
+        spec.DraftModel(bad)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.5"])
+def test_confidence_threshold_range(llama, bad):
+    with pytest.raises(ValueError, match=rf"confidence_threshold.*{_named(bad)}"):
+        spec.DraftModel(llama, confidence_threshold=bad)
