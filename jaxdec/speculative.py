@@ -68,7 +68,7 @@ def speculative_decode(cfg: ModelConfig, drafter, params, dparams, cache, dstate
         keys = jax.vmap(lambda k: jax.random.split(k, 3))(round_keys)
         draft, cache, dstate = drafter.propose(cfg, params, cache, dparams, dstate, state, sampling, keys[:, 0])
         pending = state.tokens[rows, state.lengths - 1]
-        logits, cache = verify_forward(cfg, params, cache, pending, draft)
+        logits, cache = verify_forward(cfg, params, cache, pending, draft, ~state.done)
         num_accepted, next_token = accept(logits, draft, sampling, keys[:, 1], keys[:, 2])
         dstate = drafter.update(dstate, draft, num_accepted)
         state, _ = commit(state, draft.tokens, num_accepted, next_token, stop_ids, max_new_tokens)

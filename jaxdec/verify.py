@@ -32,18 +32,39 @@ class Draft:
     lengths: jax.Array  # int32 [B]: how many of the K tokens are real (the rest is padding)
 
 
-def verify_forward(cfg, params, cache, pending, draft: Draft, skip_layers=()):
-    """Target logits [B, K+1, V] at the pending token and each draft token (one forward).
+def verify_forward(cfg, params, cache, pending, draft: Draft, active, skip_layers=()):
+    """Target logits [B, K+1, V] at the pending token and each draft token, in one forward.
 
-    The K+1 tokens are written to the cache at slots cache.lengths .. + K; the caller commits
-    the accepted ones by setting cache.lengths.
+    The tokens are written to the cache at slots cache.lengths ..; the caller commits the
+    accepted ones by setting cache.lengths. The forward is only as wide as the longest draft
+    of an active row needs, rounded up to a bucket (0, 1, 3, 7, ... draft tokens, and K): a
+    round where no row drafted anything (a prompt-lookup miss, a short adaptive draft) costs
+    about one plain decoding step, not K + 1. Logits past the forward's width are zeros; no
+    row's acceptance reads them, since each row's draft fits inside it.
     """
     B, K = draft.tokens.shape
+    sizes = verify_widths(K)
+    needed = jnp.max(jnp.where(active, draft.lengths, 0))
     tokens = jnp.concatenate([pending[:, None], draft.tokens], axis=1)
-    positions = cache.lengths[:, None] + jnp.arange(K + 1, dtype=jnp.int32)[None, :]
-    chain = jnp.broadcast_to(jnp.tril(jnp.ones((K + 1, K + 1), bool)), (B, K + 1, K + 1))
-    logits, _, cache = forward(cfg, params, tokens, positions, cache, chain, skip_layers)
-    return logits, cache
+
+    def verify(width):
+        def run(cache):
+            T = width + 1
+            positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+            chain = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+            logits, _, cache = forward(cfg, params, tokens[:, :T], positions, cache, chain, skip_layers)
+            return jnp.pad(logits, ((0, 0), (0, K - width), (0, 0))), cache
+        return run
+
+    if len(sizes) == 1:
+        return verify(K)(cache)
+    branch = jnp.searchsorted(jnp.asarray(sizes), needed)
+    return jax.lax.switch(branch, [verify(w) for w in sizes], cache)
+
+
+def verify_widths(num_tokens: int) -> tuple[int, ...]:
+    """The draft lengths verify compiles for: 0, 1, 3, 7, ... below num_tokens, and num_tokens."""
+    return tuple(sorted({2 ** i - 1 for i in range(num_tokens.bit_length()) if 2 ** i - 1 < num_tokens} | {num_tokens}))
 
 
 def accept(target_logits, draft: Draft, sampling: SamplingParams, key_accept, key_next):
