@@ -33,15 +33,32 @@ class Model:
         return self.config.eos_token_id
 
 
+def _shipped_roots() -> list[Path]:
+    """Where the shipped checkpoints may live: the package `jaxdec.checkpoints` (the top-level
+    `checkpoints/` folder, installed under that name by pyproject.toml in both editable and
+    regular installs), then the `checkpoints/` folder of a source checkout (no install)."""
+    roots = []
+    try:
+        from importlib.resources import files
+        roots.append(Path(str(files("jaxdec.checkpoints"))))
+    except (ImportError, TypeError, ValueError):  # not installed (e.g. an uninstalled checkout)
+        pass
+    roots.append(Path(__file__).resolve().parent.parent / "checkpoints")
+    return roots
+
+
 def _resolve(path_or_name) -> Path:
     path = Path(path_or_name).expanduser()
     if path.exists():
         return path
     if str(path_or_name) in SHIPPED_CHECKPOINTS:
-        shipped = Path(__file__).resolve().parent / "checkpoints" / str(path_or_name)
-        if shipped.exists():
-            return shipped
-        raise FileNotFoundError(f"shipped checkpoint {path_or_name!r} is not installed at {shipped}")
+        roots = _shipped_roots()
+        for root in roots:
+            shipped = root / str(path_or_name)
+            if shipped.is_dir():  # a damaged one then fails in read_config with ValueError
+                return shipped
+        raise FileNotFoundError(f"shipped checkpoint {path_or_name!r} is not installed "
+                                f"(looked in {', '.join(map(str, roots))})")
     raise FileNotFoundError(f"no checkpoint at {path_or_name!r} (a converted directory, "
                             f"or one of the shipped names {SHIPPED_CHECKPOINTS})")
 

@@ -70,6 +70,10 @@ DRAFT_CONFIG = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
 
 # --------------------------------------------------------------------------- corpus
 
+def _log(message: str) -> None:
+    print(message, flush=True)  # flushed: runs are usually followed through a log file
+
+
 def is_held_out(relative_path: str) -> bool:
     """The fixed split: sha256 of the '/'-separated relative path, first 8 bytes, mod 1000."""
     digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
@@ -122,7 +126,7 @@ def encode_documents(tokenizer, texts) -> np.ndarray:
 
 
 def prepare(workdir: Path, vocab_size: int = 4096, corpus_root=None, include_tests: bool = False,
-            log=print) -> dict:
+            log=_log) -> dict:
     """Trains the tokenizer and tokenizes the corpus into `workdir` (once; then reused)."""
     workdir = Path(workdir)
     info_path = workdir / "corpus.json"
@@ -252,13 +256,21 @@ def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float, min_
                        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask)), schedule
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_step(cfg, teacher_cfg, ce_weight: float, lr: float, steps: int, warmup: int, weight_decay: float):
+    """(optimizer, schedule, jitted step), shared by runs with the same settings (resuming in
+    one process compiles nothing new)."""
+    optimizer, schedule = make_optimizer(lr, steps, warmup, weight_decay)
+    return optimizer, schedule, make_train_step(cfg, optimizer, teacher_cfg, ce_weight)
+
+
 def make_train_step(cfg, optimizer, teacher_cfg=None, ce_weight: float = 0.0):
     def step(params, opt_state, batch, teacher_params):
         (loss, metrics), grads = jax.value_and_grad(
             lambda p: loss_fn(cfg, p, batch, teacher_cfg, teacher_params, ce_weight), has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
     return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -281,9 +293,16 @@ def make_eval_step(cfg, teacher_cfg=None):
     return jax.jit(step)
 
 
+def _uncommitted(tree):
+    """The arrays as uncommitted device arrays, like a jitted step's outputs: restored or loaded
+    ones are committed, and jit compiles separately for committed and uncommitted inputs."""
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), tree)
+
+
 def evaluate(eval_step, params, windows: np.ndarray, batch_size: int, teacher_params=None) -> dict:
     """Means per token over `windows` [n, T+1] (last batch padded with repeats, weighted out)."""
     n, T = windows.shape[0], windows.shape[1] - 1
+    params, teacher_params = _uncommitted(params), _uncommitted(teacher_params)
     sums: dict[str, float] = {}
     for start in range(0, n, batch_size):
         chunk = windows[start:start + batch_size]
@@ -326,7 +345,7 @@ def _state_meta(cfg: ModelConfig, opts: RunOptions, teacher: str | None) -> dict
 
 
 def train_run(run_dir: Path, cfg: ModelConfig, train_tokens: np.ndarray, opts: RunOptions, *,
-              teacher=None, progress: bool = True, log=print, stop_after: int | None = None):
+              teacher=None, progress: bool = True, log=_log, stop_after: int | None = None):
     """Trains (or resumes) the run in `run_dir`; returns (params, info).
 
     `teacher`: a `jaxdec.Model` to distill from (frozen), or None for plain cross-entropy.
@@ -336,15 +355,23 @@ def train_run(run_dir: Path, cfg: ModelConfig, train_tokens: np.ndarray, opts: R
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = _state_meta(cfg, opts, None if teacher is None else
                        hashlib.sha256(json.dumps(teacher.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16])
+    meta = {**json.loads(json.dumps(meta)), "schedule_changes": []}
     meta_path = run_dir / "run.json"
-    if meta_path.is_file():
-        if json.loads(meta_path.read_text()) != json.loads(json.dumps(meta)):
+    old = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if old is not None:
+        meta["schedule_changes"] = old.get("schedule_changes", [])
+        same = lambda m: {**m, "options": {k: v for k, v in m["options"].items() if k != "steps"},
+                          "schedule_changes": None}
+        if same(old) != same(meta):
             raise ValueError(f"{run_dir} holds a run with different settings ({meta_path}); "
                              f"use another --workdir or pass --fresh")
-    else:
+    if old != meta:
         meta_path.write_text(json.dumps(meta, indent=2))
 
-    optimizer, schedule = make_optimizer(opts.lr, opts.steps, opts.warmup, opts.weight_decay)
+    teacher_cfg = None if teacher is None else teacher.config
+    teacher_params = None if teacher is None else _uncommitted(teacher.params)
+    optimizer, schedule, train_step = _compiled_step(cfg, teacher_cfg, opts.ce_weight, opts.lr, opts.steps,
+                                                     opts.warmup, opts.weight_decay)
     params = init_params(cfg, jax.random.key(opts.seed))
     state = {"params": params, "opt_state": optimizer.init(params)}
     manager = ocp.CheckpointManager(
@@ -356,17 +383,20 @@ def train_run(run_dir: Path, cfg: ModelConfig, train_tokens: np.ndarray, opts: R
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
         restored = manager.restore(latest, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        state, step, wall = restored["state"], int(restored["meta"]["step"]), float(restored["meta"]["wall_seconds"])
+        state, step, wall = _uncommitted(restored["state"]), int(restored["meta"]["step"]), float(restored["meta"]["wall_seconds"])
         log(f"resumed {run_dir} at step {step} ({wall:.0f} s of training so far)")
+    if old is not None and old["options"]["steps"] != opts.steps and step < opts.steps:
+        # a new total length: the cosine schedule is re-stretched from here on (recorded)
+        log(f"total steps changed from {old['options']['steps']} to {opts.steps} at step {step}")
+        meta["schedule_changes"].append({"at_step": step, "from_steps": old["options"]["steps"],
+                                         "to_steps": opts.steps})
+        meta_path.write_text(json.dumps(meta, indent=2))
 
     def save(step, wall):
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave({"step": step, "wall_seconds": wall})), force=True)
 
-    teacher_cfg = None if teacher is None else teacher.config
-    teacher_params = None if teacher is None else teacher.params
-    train_step = make_train_step(cfg, optimizer, teacher_cfg, opts.ce_weight)
     params, opt_state = state["params"], state["opt_state"]
     end = opts.steps if stop_after is None else min(opts.steps, step + stop_after)
     bar = tqdm(total=opts.steps, initial=step, disable=not progress, desc=run_dir.name,
@@ -397,7 +427,8 @@ def train_run(run_dir: Path, cfg: ModelConfig, train_tokens: np.ndarray, opts: R
     bar.close()
     manager.wait_until_finished()
     manager.close()
-    return params, {"step": step, "steps": opts.steps, "wall_seconds": round(wall, 1), "history": history}
+    return params, {"step": step, "steps": opts.steps, "wall_seconds": round(wall, 1), "history": history,
+                    "schedule_changes": meta["schedule_changes"]}
 
 
 def export(out: Path, cfg: ModelConfig, params, tokenizer_path: Path, training: dict) -> Path:
@@ -459,7 +490,7 @@ def run_stage(kind: str, args) -> dict:
         "command": "python -m jaxdec.train " + " ".join(sys.argv[1:]),
         "kind": kind, "corpus": corpus, "config": cfg.to_dict(), **counts,
         "options": dataclasses.asdict(opts), "teacher": args.teacher if teacher is not None else None,
-        "steps": info["step"], "tokens_seen": info["step"] * opts.batch_size * opts.seq_len,
+        "steps": info["step"], "schedule_changes": info["schedule_changes"], "tokens_seen": info["step"] * opts.batch_size * opts.seq_len,
         "train_wall_seconds": info["wall_seconds"], "eval_seconds": eval_seconds,
         "final_train_metrics": info["history"][-1] if info["history"] else None,
         "held_out": held, "uniform_loss": math.log(cfg.vocab_size),
@@ -491,8 +522,8 @@ def main(argv=None) -> int:
         p.add_argument("--include-tests", action="store_true", help="keep test/, tests/, idle_test/")
 
     common(sub.add_parser("tokenizer", help="train the tokenizer and tokenize the corpus"))
-    for kind, model, defaults in (("target", TARGET_CONFIG, dict(steps=1300, batch_size=8, seq_len=512, lr=2e-3, warmup=100)),
-                                  ("draft", DRAFT_CONFIG, dict(steps=600, batch_size=8, seq_len=512, lr=3e-3, warmup=50))):
+    for kind, model, defaults in (("target", TARGET_CONFIG, dict(steps=800, batch_size=8, seq_len=512, lr=2e-3, warmup=100)),
+                                  ("draft", DRAFT_CONFIG, dict(steps=1200, batch_size=8, seq_len=512, lr=3e-3, warmup=50))):
         p = sub.add_parser(kind, help=f"train the {kind} model")
         common(p)
         p.add_argument("--out", default=None, help="export folder (jaxdec.load-able)")

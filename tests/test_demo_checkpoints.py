@@ -1,0 +1,191 @@
+"""The shipped demo checkpoints (`demo-target`, `demo-draft`) and the code that trains them."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec import train
+from jaxdec.loading import _resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE = ('class Stack:\n    """A LIFO stack."""\n\n    def __init__(self):\n        self._items = []\n\n'
+        '    def push(self, item):\n\tif item is None:\n\t\traise ValueError("no None, s\'il vous plaît")\n'
+        '        self._items.append(item)  # O(1)\n\n\n\nprint(f"{len([1, 2]):>4}") \n')
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(target, draft), loaded by name from a directory that is not the repository."""
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp_path_factory.mktemp("elsewhere"))
+    try:
+        yield jaxdec.load("demo-target"), jaxdec.load("demo-draft")
+    finally:
+        mp.undo()
+
+
+def _record(name: str) -> dict:
+    return json.loads((_resolve(name) / "training.json").read_text())
+
+
+def test_names_resolve_from_another_directory(demo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo-target", "demo-draft"):
+        path = _resolve(name)
+        assert path.is_absolute() and (path / "jaxdec_config.json").is_file(), path
+    target, draft = demo
+    for model in demo:
+        cfg = model.config
+        assert cfg.model_type == "llama"
+        assert cfg.max_position_embeddings >= 4096
+        assert model.tokenizer is not None
+        assert cfg.eos_token_id == (train.EOS_ID,) and cfg.bos_token_id == train.BOS_ID
+        assert model.tokenizer.token_to_id("</s>") == train.EOS_ID
+        assert model.tokenizer.token_to_id("<s>") == train.BOS_ID
+        assert model.dtype == np.float32
+    assert target.config.vocab_size == draft.config.vocab_size == target.tokenizer.get_vocab_size()
+    assert target.tokenizer.get_vocab() == draft.tokenizer.get_vocab()
+    assert draft.config.num_hidden_layers < target.config.num_hidden_layers
+
+
+def test_draft_costs_at_most_an_eighth_of_the_target(demo):
+    target, draft = demo
+    t_flops, d_flops = train.flops_per_token(target.config), train.flops_per_token(draft.config)
+    assert 8 * d_flops <= t_flops, (d_flops, t_flops)
+    recorded = _record("demo-draft")
+    assert recorded["flops_per_token"] == d_flops and recorded["teacher_flops_per_token"] == t_flops
+    assert _record("demo-target")["flops_per_token"] == t_flops
+
+
+def test_tokenizer_round_trips_code(demo):
+    for model in demo:
+        ids = model.tokenizer.encode(CODE).ids
+        assert train.UNK_ID not in ids
+        assert len(ids) < len(CODE.encode()) / 2  # BPE merges, not bytes
+        assert model.tokenizer.decode(ids) == CODE
+
+
+def test_shipped_weights_are_trained(demo):
+    """On the held-out sample recorded at export: the target's loss is far below a uniform
+    model's and equals the recorded value; the draft agrees with it as recorded."""
+    target, draft = demo
+    t_rec, d_rec = _record("demo-target"), _record("demo-draft")
+    windows = np.asarray(t_rec["probe"]["token_ids"], np.int32)
+    assert windows.shape == (train.PROBE_WINDOWS, train.PROBE_LEN + 1)
+    assert d_rec["probe"]["token_ids"] == t_rec["probe"]["token_ids"]
+    step = train.make_eval_step(draft.config, target.config)
+    got = train.evaluate(step, draft.params, windows, windows.shape[0], target.params)
+    uniform = math.log(target.config.vocab_size)
+    assert got["teacher_loss"] < 0.5 * uniform
+    assert got["teacher_loss"] == pytest.approx(t_rec["probe"]["loss"], abs=0.01)
+    assert abs(t_rec["held_out"]["loss"] - got["teacher_loss"]) < 0.75  # the sample is typical
+    assert got["loss"] == pytest.approx(d_rec["probe"]["loss"], abs=0.01)
+    assert got["teacher_loss"] < got["loss"] < 0.6 * uniform
+    assert got["greedy_agreement"] == pytest.approx(d_rec["probe"]["greedy_agreement"], abs=0.01)
+    assert got["greedy_agreement"] > 0.4
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject lists packages explicitly (for `jaxdec.checkpoints`): none may be missing."""
+    pyproject = ROOT / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("not a source checkout")
+    setup = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for top in ("jaxdec", "pallas_kernels")
+               for p in (ROOT / top).rglob("__init__.py")}
+    assert on_disk <= listed, f"add {sorted(on_disk - listed)} to [tool.setuptools] packages"
+    assert setup["package-dir"]["jaxdec.checkpoints"] == "checkpoints"
+    assert (ROOT / "checkpoints" / "__init__.py").is_file()
+
+
+# --------------------------------------------------------------------------- training code
+
+def test_corpus_split_and_filters(tmp_path):
+    for rel, text in {"a.py": "x = 1\n", "pkg/b.py": "y = 2\n", "test/t.py": "t\n", "pkg/tests/u.py": "u\n",
+                      "site-packages/s.py": "s\n", "notes.txt": "n\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "bad.py").write_bytes(b"\xff\xfe\x00bad")
+    files, skipped = train.corpus_files(tmp_path)
+    assert [p for p, _ in files] == ["a.py", "pkg/b.py"]
+    assert skipped == {"test_dirs": 2, "undecodable": 1}
+    assert [p for p, _ in train.corpus_files(tmp_path, include_tests=True)[0]] == [
+        "a.py", "pkg/b.py", "pkg/tests/u.py", "test/t.py"]
+    # the split is a fixed function of the path (not of the machine, the order or a seed)
+    names = [f"pkg/m{i}.py" for i in range(2000)]
+    held = [n for n in names if train.is_held_out(n)]
+    assert 0.02 < len(held) / len(names) < 0.06
+    assert held == [n for n in names if train.is_held_out(n)]
+    assert train.is_held_out("json/decoder.py") is (
+        int.from_bytes(__import__("hashlib").sha256(b"json/decoder.py").digest()[:8], "big") % 1000 < 40)
+
+
+def _tiny_data():
+    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n\nclass C{i}:\n    pass\n" for i in range(300)]
+    tokenizer = train.train_tokenizer(texts, vocab_size=320)
+    assert [tokenizer.token_to_id(t) for t in train.SPECIAL_TOKENS] == [0, 1, 2]
+    tokens = train.encode_documents(tokenizer, texts)
+    assert tokens[-1] == train.EOS_ID and tokenizer.decode(tokenizer.encode(texts[5]).ids) == texts[5]
+    return tokenizer, tokens
+
+
+def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
+    tokenizer, tokens = _tiny_data()
+    cfg = train.make_config(tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    draft_cfg = train.make_config(cfg.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    opts = train.RunOptions(steps=24, batch_size=4, seq_len=32, lr=1e-2, warmup=2, save_every=6, log_every=6)
+    held = train.eval_windows(tokens, opts.seq_len, 8)
+    # one evaluation program for everything: the draft's metrics against the target ("teacher")
+    step = train.make_eval_step(draft_cfg, cfg)
+    draft_init = train.init_params(draft_cfg, jax.random.key(0))
+    target_loss = lambda params: train.evaluate(step, draft_init, held, 8, params)["teacher_loss"]
+    before = target_loss(train.init_params(cfg, jax.random.key(opts.seed)))
+
+    # interrupted after 12 steps (checkpoints at 6 and 12), then rerun: continues at 12
+    params, info = train.train_run(tmp_path / "run", cfg, tokens, opts, progress=False, stop_after=12)
+    assert info["step"] == 12 and sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["12", "6"]
+    logs = []
+    params, info = train.train_run(tmp_path / "run", cfg, tokens, opts, progress=False, log=logs.append)
+    assert info["step"] == 24 and [h["step"] for h in info["history"]] == [18, 24]
+    assert any("resumed" in line and "at step 12" in line for line in logs)
+    after = target_loss(params)
+    assert after < before - 1.0, (before, after)
+
+    unbroken, _ = train.train_run(tmp_path / "unbroken", cfg, tokens, opts, progress=False)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(unbroken)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    with pytest.raises(ValueError, match="different settings"):
+        train.train_run(tmp_path / "run", cfg, tokens, train.RunOptions(**{**opts.__dict__, "lr": 1e-3}),
+                        progress=False)
+
+    out = train.export(tmp_path / "export", cfg, params, _save_tokenizer(tokenizer, tmp_path), {"steps": 24})
+    model = jaxdec.load(out)
+    assert model.config == cfg and model.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == train.EOS_ID
+    d_before = train.evaluate(step, draft_init, held, 8, model.params)
+    assert d_before["teacher_loss"] == pytest.approx(after, rel=1e-6)
+
+    # distillation from the exported target: KL(target || draft) falls, greedy agreement rises
+    d_opts = train.RunOptions(steps=16, batch_size=4, seq_len=32, lr=1e-2, warmup=2, save_every=16)
+    d_params, _ = train.train_run(tmp_path / "draft", draft_cfg, tokens, d_opts, teacher=model, progress=False)
+    d_after = train.evaluate(step, d_params, held, 8, model.params)
+    assert d_after["kl"] < 0.5 * d_before["kl"], (d_before, d_after)
+    assert d_after["greedy_agreement"] > d_before["greedy_agreement"]
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> Path:
+    path = directory / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
