@@ -14,7 +14,7 @@ import argparse
 import sys
 
 METHODS = ("ar", "draft", "layerskip", "lookup")
-DEMO_PROMPT = "def fibonacci(n):\n"
+DEMO_PROMPT = "def fibonacci(n):"
 
 
 def build_speculative(args, target):
@@ -34,7 +34,8 @@ def generate_command(args) -> int:
     import jaxdec
     prompt = args.prompt
     if prompt is None:
-        prompt = DEMO_PROMPT if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+        piped = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+        prompt = piped if piped.strip() else DEMO_PROMPT  # nothing piped in: the demo prompt
     target = jaxdec.load(args.model)
     if target.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; the command line needs text")

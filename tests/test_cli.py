@@ -51,3 +51,13 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
     assert err.strip().splitlines() == ["jaxdec: error: skipped layer index 7 is out of range for a model with 2 layers"]
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", "/no/such/checkpoint"])
     assert code == 2 and "no checkpoint at '/no/such/checkpoint'" in err
+
+
+def test_no_options_runs_the_demo_pair_speculatively(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", None)  # no piped prompt: the demo prompt is used
+    code, out, err = run(capsys, monkeypatch, ["generate", "--max-new-tokens", "24"])
+    assert code == 0 and out.startswith(cli.DEMO_PROMPT)
+    expected = jaxdec.generate(jaxdec.load("demo-target"), [cli.DEMO_PROMPT], max_new_tokens=24).texts[0]
+    assert out == cli.DEMO_PROMPT + expected + "\n"
+    stats = re.search(r"\[draft\] \d+ new tokens in (\d+) target steps, mean accepted ([\d.]+)", err)
+    assert stats and float(stats.group(2)) > 1.5  # the trained draft really gets accepted
