@@ -37,16 +37,15 @@ def attention_mask(lengths, positions, step_mask, num_slots: int, window: int | 
 def reference_attention(q, k, v, mask):
     """Grouped-query attention in plain jax.numpy.
 
-    q: [B, T, H, D]; k, v: [B, Hkv, S, D] (the cache layout); mask: bool [B, T, S].
-    Returns [B, T, H, D].
+    q: [B, T, H, D]; k, v: [B, S, Hkv, D]; mask: bool [B, T, S]. Returns [B, T, H, D].
     Scores and softmax in float32; the output has q's dtype.
     """
     B, T, H, D = q.shape
-    kv_heads = k.shape[1]
+    kv_heads = k.shape[2]
     q = q.reshape(B, T, kv_heads, H // kv_heads, D)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (D ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", weights, v)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
     return out.reshape(B, T, H, D)
