@@ -112,7 +112,6 @@ def main(argv=None):
     if args.mesh is not None:
         parser.error("--mesh: sharding is not implemented yet")
 
-    import numpy as np
     from tqdm import tqdm
     import jaxdec
     from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results

@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdec import spec, speculative as speculative_decode, steps

@@ -343,7 +343,6 @@ def test_stats_with_sampling_and_ragged_stops(llama, greedy_prompts):
     """Sampled rows end at different steps; the stats still add up."""
     out = jaxdec.generate(llama, greedy_prompts + [[3, 4, 5]], max_new_tokens=30, temperature=1.0,
                           seed=3, stop_token_ids=list(range(3, 19)))
-    lengths = [len(t) for t in out.tokens]
     stop_ids = set(range(3, 19))
     for row in out.tokens:
         assert all(t not in stop_ids for t in row[:-1])
