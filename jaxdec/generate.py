@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from jaxdec import spec, speculative as speculative_decode, steps
+from jaxdec import spec, speculative as spec_steps, steps
 from jaxdec.cache import init_cache
 from jaxdec.loading import Model
 from jaxdec.sampling import SamplingParams, row_keys
@@ -138,7 +138,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     state, cache = steps.prefill(cfg, model.params, cache, tokens, prompt_lengths, row_valid, sampling,
                                  row_keys(seed, batch), stop_ids, max_new, prompt_bucket=prompt_bucket)
     if speculative is not None:
-        dstate = speculative_decode.drafter_prefill(cfg, drafter, model.params, dparams, dstate, tokens,
+        dstate = spec_steps.drafter_prefill(cfg, drafter, model.params, dparams, dstate, tokens,
                                                     prompt_lengths, prompt_bucket=prompt_bucket)
     jax.block_until_ready((state, dstate) if speculative is not None else state)  # prefill ends here
     done = np.asarray(state.done)
@@ -156,9 +156,9 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
             state, cache = steps.decode(cfg, model.params, cache, state, sampling, stop_ids, max_new,
                                         num_steps=STREAM_STEPS if on_progress else steps.DECODE_STEPS_PER_DISPATCH)
         else:
-            state, cache, dstate = speculative_decode.speculative_decode(
+            state, cache, dstate = spec_steps.speculative_decode(
                 cfg, drafter, model.params, dparams, cache, dstate, state, sampling, stop_ids, max_new,
-                num_rounds=1 if on_progress else speculative_decode.ROUNDS_PER_DISPATCH)
+                num_rounds=1 if on_progress else spec_steps.ROUNDS_PER_DISPATCH)
         done = np.asarray(state.done)  # one host sync per dispatch of many steps
         if on_progress is not None:
             on_progress(new_tokens_of(state))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdec.attention import attention_mask, reference_attention
-from jaxdec.cache import KVCache, write_slots
+from jaxdec.cache import KVCache, init_cache, write_slots
 from jaxdec.config import ModelConfig
 from jaxdec.rope import apply_rope, rope_tables
 
@@ -137,7 +137,6 @@ def forward(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_
 def sequence_logits(cfg: ModelConfig, params, tokens, skip_layers=()):
     """Next-token logits [B, T, V] (float32) of whole sequences from an empty cache: scoring
     and training. Positions start at 0; T must not exceed max_position_embeddings."""
-    from jaxdec.cache import init_cache  # local: cache.py is independent of the model
     B, T = tokens.shape
     cache = init_cache(cfg, B, T, params["embed_tokens"]["embedding"].dtype)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -152,8 +151,6 @@ def causal_mask(batch_size: int, num_tokens: int):
 
 def init_params(cfg: ModelConfig, rng, dtype=jnp.float32, init_std: float = 0.02):
     """Random parameters (normal(init_std) weights, unit norms), e.g. for benchmarks."""
-    from jaxdec.cache import init_cache  # local: only needed to trace the shapes
-
     def init():
         return Decoder(cfg).init(rng, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
                                  init_cache(cfg, 1, 1, dtype), jnp.ones((1, 1, 1), bool))["params"]

@@ -44,6 +44,8 @@ class DraftModel:
         _check_num_tokens(self.num_tokens)
         if not isinstance(self.confidence_threshold, numbers.Real) or not 0 <= self.confidence_threshold <= 1:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold!r}")
+        if not isinstance(self.adaptive_schedule, bool):
+            raise ValueError(f"adaptive_schedule must be True or False, got {self.adaptive_schedule!r}")
         if not isinstance(self.model, Model):
             raise ValueError(f"DraftModel needs a jaxdec.Model (from jaxdec.load), got {self.model!r:.60}")
 

@@ -451,3 +451,9 @@ def test_draft_model_needs_a_model(bad):
 def test_confidence_threshold_range(llama, bad):
     with pytest.raises(ValueError, match=rf"confidence_threshold.*{_named(bad)}"):
         spec.DraftModel(llama, confidence_threshold=bad)
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_adaptive_schedule_must_be_a_bool(llama, bad):
+    with pytest.raises(ValueError, match=rf"adaptive_schedule.*{_named(bad)}"):
+        spec.DraftModel(llama, adaptive_schedule=bad)
