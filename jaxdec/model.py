@@ -7,6 +7,8 @@ q/k/v bias (attention_bias, Qwen2), tied embeddings (tie_word_embeddings), RoPE 
 At the jit boundary everything is a pure function of pytrees:
     forward(cfg, params, tokens[B,T], positions[B,T], cache, step_mask[B,T,T])
         -> (logits[B,T,V], hidden[B,T,D], cache)
+is `step_hidden` (the decoder: reads the cache, returns the step's new keys and values), the
+LM head, and `jaxdec.cache.write` (the new entries into the cache).
 Prefill, decode (T = 1) and verification (T = k + 1 or tree size) differ only in T and the mask.
 
 Parameter tree (what the converter writes; `kernel`s are [in, out]):
@@ -24,8 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdec.attention import attention_mask, reference_attention
-from jaxdec.cache import KVCache, init_cache, write_slots
+from jaxdec.attention import prefix_mask, reference_attention, step_visibility
+from jaxdec.cache import KVCache, init_cache, write
 from jaxdec.config import ModelConfig
 from jaxdec.rope import apply_rope, rope_tables
 
@@ -45,7 +47,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, slots, mask):
+    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask):
+        """Returns (output, the step's keys, values [B, T, Hkv, D]); the cache is only read."""
         cfg = self.cfg
         B, T, _ = x.shape
         dense = lambda n, name, bias: nn.Dense(n * cfg.head_dim, use_bias=bias, name=name)
@@ -55,11 +58,9 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
         v = v.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
-        k_cache = write_slots(k_cache, k, slots)
-        v_cache = write_slots(v_cache, v, slots)
-        out = reference_attention(q, k_cache, v_cache, mask)
+        out = reference_attention(q, k_cache, v_cache, cache_mask, k, v, step_mask)
         out = nn.Dense(cfg.hidden_size, use_bias=False, name="o_proj")(out.reshape(B, T, -1))
-        return out, k_cache, v_cache
+        return out, k, v
 
 
 class MLP(nn.Module):
@@ -76,42 +77,47 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, slots, mask):
-        h, k_cache, v_cache = Attention(self.cfg, name="self_attn")(
+    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask):
+        h, k, v = Attention(self.cfg, name="self_attn")(
             RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x),
-            cos, sin, k_cache, v_cache, slots, mask)
+            cos, sin, k_cache, v_cache, cache_mask, step_mask)
         x = x + h
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x))
-        return x, k_cache, v_cache
+        return x, k, v
 
 
 class Decoder(nn.Module):
-    """Embeddings, the decoder layers and the final norm; returns hidden states and the cache.
+    """Embeddings, the decoder layers and the final norm.
 
-    The layers are a Python loop (not a scan) so each layer's cache is its own buffer, updated
-    in place under donation, and so a drafter can skip a static set of layers.
+    Returns the hidden states and each layer's new keys and values (None for a skipped
+    layer); the cache is only read, and only when `read_cache` (a prefill from an empty
+    cache reads nothing). The layers are a Python loop (not a scan) so each layer's cache is
+    its own buffer, updated in place under donation, and so a drafter can skip a static set
+    of layers.
     """
     cfg: ModelConfig
     skip_layers: tuple[int, ...] = ()
+    read_cache: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions, cache: KVCache, step_mask):
         cfg = self.cfg
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(tokens)
         cos, sin = rope_tables(cfg, positions)
-        slots = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]
-        masks = {}  # one mask per distinct window
-        new_k, new_v = list(cache.k), list(cache.v)
+        masks = {}  # (cache mask, step mask) per distinct window
+        new_k, new_v = [None] * cfg.num_hidden_layers, [None] * cfg.num_hidden_layers
         for i in range(cfg.num_hidden_layers):
             window = cfg.window(i)
             if window not in masks:
-                masks[window] = attention_mask(cache.lengths, positions, step_mask, cache.num_slots, window)
+                masks[window] = (prefix_mask(cache.lengths, positions, cache.num_slots, window) if self.read_cache else None,
+                                 step_visibility(positions, step_mask, window))
             layer = DecoderLayer(cfg, name=f"layers_{i}")
             if i in self.skip_layers:
                 continue
-            x, new_k[i], new_v[i] = layer(x, cos, sin, cache.k[i], cache.v[i], slots, masks[window])
+            k_cache, v_cache = (cache.k[i], cache.v[i]) if self.read_cache else (None, None)
+            x, new_k[i], new_v[i] = layer(x, cos, sin, k_cache, v_cache, *masks[window])
         x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
-        return x, cache.replace(k=tuple(new_k), v=tuple(new_v))
+        return x, (tuple(new_k), tuple(new_v))
 
 
 def lm_head(cfg: ModelConfig, params, hidden):
@@ -123,9 +129,16 @@ def lm_head(cfg: ModelConfig, params, hidden):
     return jnp.dot(hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
-def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=()):
+def step_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True):
+    """The decoder without the LM head, reading the cache but not writing it:
+    (hidden [B,T,D], (new keys, new values) per layer, for `jaxdec.cache.write`)."""
+    return Decoder(cfg, tuple(skip_layers), read_cache).apply({"params": params}, tokens, positions, cache, step_mask)
+
+
+def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True):
     """The decoder without the LM head: (hidden [B,T,D], cache with the new entries written)."""
-    return Decoder(cfg, tuple(skip_layers)).apply({"params": params}, tokens, positions, cache, step_mask)
+    hidden, new_kv = step_hidden(cfg, params, tokens, positions, cache, step_mask, skip_layers, read_cache)
+    return hidden, write(cache, *new_kv)
 
 
 def forward(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=()):
@@ -135,13 +148,12 @@ def forward(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_
 
 
 def sequence_logits(cfg: ModelConfig, params, tokens, skip_layers=()):
-    """Next-token logits [B, T, V] (float32) of whole sequences from an empty cache: scoring
-    and training. Positions start at 0; T must not exceed max_position_embeddings."""
+    """Next-token logits [B, T, V] (float32) of whole sequences, with no cache: scoring and
+    training. Positions start at 0; T must not exceed max_position_embeddings."""
     B, T = tokens.shape
-    cache = init_cache(cfg, B, T, params["embed_tokens"]["embedding"].dtype)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    logits, _, _ = forward(cfg, params, tokens, positions, cache, causal_mask(B, T), skip_layers)
-    return logits
+    hidden, _ = step_hidden(cfg, params, tokens, positions, None, causal_mask(B, T), skip_layers, read_cache=False)
+    return lm_head(cfg, params, hidden)
 
 
 def causal_mask(batch_size: int, num_tokens: int):

@@ -70,7 +70,8 @@ def prefill(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_lengths, ro
     chunk = tokens[:, :prompt_bucket]
     positions = jnp.broadcast_to(jnp.arange(prompt_bucket, dtype=jnp.int32), (B, prompt_bucket))
     cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
-    hidden, cache = forward_hidden(cfg, params, chunk, positions, cache, causal_mask(B, prompt_bucket))
+    hidden, cache = forward_hidden(cfg, params, chunk, positions, cache, causal_mask(B, prompt_bucket),
+                                   read_cache=False)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     first = sample(lm_head(cfg, params, last), sampling, keys, jnp.zeros((B,), jnp.int32))
     rows = jnp.arange(B)

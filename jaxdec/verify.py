@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxdec.model import forward
-from jaxdec.sampling import SamplingParams, probabilities
+from jaxdec.cache import write
+from jaxdec.model import lm_head, step_hidden
+from jaxdec.sampling import SamplingParams, argmax, probabilities
 
 
 @struct.dataclass
@@ -46,20 +47,27 @@ def verify_forward(cfg, params, cache, pending, draft: Draft, active, skip_layer
     sizes = verify_widths(K)
     needed = jnp.max(jnp.where(active, draft.lengths, 0))
     tokens = jnp.concatenate([pending[:, None], draft.tokens], axis=1)
+    positions = cache.lengths[:, None] + jnp.arange(K + 1, dtype=jnp.int32)[None, :]
 
     def verify(width):
+        # Reads the cache only: the branches of the switch below must not write it, or XLA
+        # copies the whole cache into each branch on every round.
         def run(cache):
             T = width + 1
-            positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
             chain = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-            logits, _, cache = forward(cfg, params, tokens[:, :T], positions, cache, chain, skip_layers)
-            return jnp.pad(logits, ((0, 0), (0, K - width), (0, 0))), cache
+            hidden, new_kv = step_hidden(cfg, params, tokens[:, :T], positions[:, :T], cache, chain, skip_layers)
+            pad = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, K - width), (0, 0), (0, 0)))
+            logits = jnp.pad(lm_head(cfg, params, hidden), ((0, 0), (0, K - width), (0, 0)))
+            return logits, jax.tree.map(pad, new_kv, is_leaf=lambda x: x is None)
         return run
 
     if len(sizes) == 1:
-        return verify(K)(cache)
-    branch = jnp.searchsorted(jnp.asarray(sizes), needed)
-    return jax.lax.switch(branch, [verify(w) for w in sizes], cache)
+        logits, new_kv = verify(K)(cache)
+    else:
+        branch = jnp.searchsorted(jnp.asarray(sizes), needed)
+        logits, new_kv = jax.lax.switch(branch, [verify(w) for w in sizes], cache)
+    # The padded entries (past a narrow forward's width) land in slots past every row's draft.
+    return logits, write(cache, *new_kv)
 
 
 def verify_widths(num_tokens: int) -> tuple[int, ...]:
@@ -74,7 +82,26 @@ def accept(target_logits, draft: Draft, sampling: SamplingParams, key_accept, ke
     the first draft token); key_accept, key_next: PRNG keys [B].
     Returns (num_accepted [B] in 0..draft.lengths, next_token [B]): the row emits its first
     num_accepted draft tokens, then next_token (the correction, or the bonus token).
+
+    Greedy decoding takes a shortcut through the same rule: with p one-hot at the argmax, a
+    token is accepted iff it is the argmax, and the residual max(0, p - q) after a rejection
+    is p itself, so the next token is the argmax either way. That skips the [B, K+1, V]
+    distributions and the random draws, which cost more than the rest of a small round.
     """
+    def greedy(target_logits, draft, key_accept, key_next):
+        B, K = draft.tokens.shape
+        best = argmax(target_logits)                                               # [B, K+1]
+        accepted = (draft.tokens == best[:, :K]) & (jnp.arange(K)[None, :] < draft.lengths[:, None])
+        num_accepted = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1).astype(jnp.int32)
+        return num_accepted, best[jnp.arange(B), num_accepted]
+
+    def sampled(target_logits, draft, key_accept, key_next):
+        return _accept_sampled(target_logits, draft, sampling, key_accept, key_next)
+
+    return jax.lax.cond(sampling.temperature > 0, sampled, greedy, target_logits, draft, key_accept, key_next)
+
+
+def _accept_sampled(target_logits, draft: Draft, sampling: SamplingParams, key_accept, key_next):
     B, K = draft.tokens.shape
     p = probabilities(target_logits, sampling)                                 # [B, K+1, V]
     p_x = jnp.take_along_axis(p[:, :K], draft.tokens[..., None], axis=-1)[..., 0]
@@ -93,7 +120,4 @@ def accept(target_logits, draft: Draft, sampling: SamplingParams, key_accept, ke
     # A rejection has residual mass > 0 in exact arithmetic; fall back to p if rounding ate it.
     residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_next)
     dist = jnp.where(rejected[:, None], residual, p_next)
-    next_token = jax.vmap(jax.random.categorical)(key_next, jnp.log(dist)).astype(jnp.int32)
-    # Greedy: the target's argmax, whatever the draw (dist is one-hot there anyway).
-    next_token = jnp.where(sampling.temperature > 0, next_token, jnp.argmax(dist, axis=-1).astype(jnp.int32))
-    return num_accepted, next_token
+    return num_accepted, jax.vmap(jax.random.categorical)(key_next, jnp.log(dist)).astype(jnp.int32)

@@ -24,7 +24,7 @@ from jaxdec import spec
 from jaxdec.convert import convert
 from jaxdec.model import sequence_logits
 from jaxdec.sampling import SamplingParams, probabilities
-from jaxdec.verify import Draft, accept
+from jaxdec.verify import Draft, _accept_sampled, accept
 from tests.hf_models import build_hf_model
 from tests.test_sampling import reference
 
@@ -215,6 +215,15 @@ def test_greedy_accepts_the_longest_prefix_of_argmaxes():
         assert num_accepted[b] == want
         assert next_token[b] == argmax[b, want]
     assert len(set(num_accepted)) == K + 1
+    # The greedy shortcut in accept() is the general rule with p one-hot: the general rule,
+    # run on the same inputs, gives the same tokens.
+    draft = Draft(tokens=jnp.asarray(tokens, jnp.int32), probs=jnp.asarray(q, jnp.float32),
+                  lengths=jnp.asarray(lengths, jnp.int32))
+    keys = jax.random.split(jax.random.key(3), 2 * n)
+    general = jax.jit(_accept_sampled)(jnp.asarray(logits, jnp.float32), draft, SamplingParams.create(0.0),
+                                       keys[:n], keys[n:])
+    np.testing.assert_array_equal(np.asarray(general[0]), num_accepted)
+    np.testing.assert_array_equal(np.asarray(general[1]), next_token)
 
 
 def test_draft_equal_to_target_is_always_accepted():

@@ -114,8 +114,8 @@ def test_chain_in_one_causal_step_equals_single_steps(model):
     # Both wrote the same entries at slots prefix .. prefix + K - 1.
     for layer in range(model.config.num_hidden_layers):
         for b, p in enumerate(PREFIX):
-            np.testing.assert_allclose(np.asarray(after_chain.k[layer][b, p:p + K]),
-                                       np.asarray(single.k[layer][b, p:p + K]), atol=TOL, rtol=0)
+            np.testing.assert_allclose(np.asarray(after_chain.k[layer][b, :, p:p + K]),
+                                       np.asarray(single.k[layer][b, :, p:p + K]), atol=TOL, rtol=0)
 
 
 def _ancestor_mask(parents):
@@ -188,8 +188,8 @@ def test_rollback_is_only_a_change_of_lengths(model):
     # The rejected entries are still there (and differ from the clean cache's slots), so only
     # the lengths kept them out of the step above.
     for b, (p, a) in enumerate(zip(PREFIX, accepted)):
-        stale = np.asarray(rolled_back.k[0][b, p + a:p + K])
-        assert np.abs(stale - np.asarray(clean.k[0][b, p + a:p + K])).max() > 1e-3
+        stale = np.asarray(rolled_back.k[0][b, :, p + a:p + K])
+        assert np.abs(stale - np.asarray(clean.k[0][b, :, p + a:p + K])).max() > 1e-3
 
 
 # --- donation ---------------------------------------------------------------------------

@@ -32,29 +32,32 @@ def draft_chain(cfg, params, cache, first_tokens, first_positions, num_tokens, s
                                skip_layers)
     cache = cache.replace(lengths=cache.lengths + T0)
     max_lengths = jnp.full((B,), K, jnp.int32) if max_lengths is None else jnp.minimum(max_lengths, K)
-    vocab = logits.shape[-1]
     single = jnp.ones((B, 1, 1), bool)
 
-    def advance(cache, token):
-        logits, _, cache = forward(cfg, params, token[:, None], cache.lengths[:, None], cache, single, skip_layers)
-        return cache.replace(lengths=cache.lengths + 1), logits[:, 0]
-
-    def step(carry):
-        i, cache, logits, tokens, probs, lengths, live = carry
+    def draw(i, logits, tokens, probs, lengths, live):
+        """Token i of every row from its draft logits; rows that stop drafting turn not live."""
         token = sample(logits, sampling, keys, jnp.full((B,), i, jnp.int32))
         tokens = tokens.at[:, i].set(token)
         probs = probs.at[:, i].set(probabilities(logits, sampling))
         lengths = lengths + live
-        confident = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) >= confidence_threshold
-        live = live & confident & (i + 1 < max_lengths)
-        cache, logits = jax.lax.cond(jnp.any(live), advance, lambda c, t: (c, logits), cache, token)
-        return i + 1, cache, logits, tokens, probs, lengths, live
+        live = live & (i + 1 < max_lengths)
+        if confidence_threshold > 0:
+            live &= jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) >= confidence_threshold
+        return tokens, probs, lengths, live
+
+    def step(carry):
+        # Runs the previous token through the model only when some row drafts another one
+        # (the loop condition), so no forward is wasted and no lax.cond holds the cache.
+        i, cache, tokens, probs, lengths, live = carry
+        logits, _, cache = forward(cfg, params, jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1), cache.lengths[:, None], cache, single, skip_layers)
+        cache = cache.replace(lengths=cache.lengths + 1)
+        return (i + 1, cache, *draw(i, logits[:, 0], tokens, probs, lengths, live))
 
     def keep_going(carry):
         i, *_, live = carry
         return (i < K) & jnp.any(live)
 
-    carry = (jnp.int32(0), cache, logits[:, -1], jnp.zeros((B, K), jnp.int32),
-             jnp.zeros((B, K, vocab), jnp.float32), jnp.zeros((B,), jnp.int32), max_lengths > 0)
-    _, cache, _, tokens, probs, lengths, _ = jax.lax.while_loop(keep_going, step, carry)
+    first = draw(0, logits[:, -1], jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K, logits.shape[-1]), jnp.float32),
+                 jnp.zeros((B,), jnp.int32), max_lengths > 0)
+    _, cache, tokens, probs, lengths, _ = jax.lax.while_loop(keep_going, step, (jnp.int32(1), cache, *first))
     return Draft(tokens=tokens, probs=probs, lengths=lengths), cache

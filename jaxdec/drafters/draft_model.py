@@ -40,7 +40,7 @@ class DraftModelDrafter(Drafter):
         positions = jnp.broadcast_to(jnp.arange(prompt_bucket, dtype=jnp.int32), (B, prompt_bucket))
         cache = dstate.cache.replace(lengths=jnp.zeros_like(dstate.cache.lengths))
         _, cache = forward_hidden(self.draft_cfg, self._weights(params, dparams), tokens[:, :prompt_bucket], positions, cache,
-                                  causal_mask(B, prompt_bucket))
+                                  causal_mask(B, prompt_bucket), read_cache=False)
         return dstate.replace(cache=cache)
 
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
