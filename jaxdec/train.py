@@ -62,10 +62,10 @@ TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 HELD_OUT_PER_MILLE = 40  # ~4% of the files
 PROBE_WINDOWS, PROBE_LEN = 4, 256  # the small held-out sample recorded with each export
 
-TARGET_CONFIG = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6,
-                     num_attention_heads=8, num_key_value_heads=4, head_dim=32)
-DRAFT_CONFIG = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+TARGET_CONFIG = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                     num_attention_heads=6, num_key_value_heads=2, head_dim=64)
+DRAFT_CONFIG = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
 # --------------------------------------------------------------------------- corpus
@@ -522,8 +522,8 @@ def main(argv=None) -> int:
         p.add_argument("--include-tests", action="store_true", help="keep test/, tests/, idle_test/")
 
     common(sub.add_parser("tokenizer", help="train the tokenizer and tokenize the corpus"))
-    for kind, model, defaults in (("target", TARGET_CONFIG, dict(steps=800, batch_size=8, seq_len=512, lr=2e-3, warmup=100)),
-                                  ("draft", DRAFT_CONFIG, dict(steps=1200, batch_size=8, seq_len=512, lr=3e-3, warmup=50))):
+    for kind, model, defaults in (("target", TARGET_CONFIG, dict(steps=800, batch_size=8, seq_len=512, lr=2e-3, warmup=60)),
+                                  ("draft", DRAFT_CONFIG, dict(steps=800, batch_size=8, seq_len=512, lr=3e-3, warmup=50))):
         p = sub.add_parser(kind, help=f"train the {kind} model")
         common(p)
         p.add_argument("--out", default=None, help="export folder (jaxdec.load-able)")

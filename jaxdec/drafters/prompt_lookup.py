@@ -38,8 +38,8 @@ class PromptLookupDrafter(Drafter):
                 match &= shifted == pattern[:, o:o + 1]
             # The continuation j + n must be a known token other than the pattern's own end.
             match &= (starts + n < lengths[:, None]) & (lengths[:, None] >= n)
-            found = jnp.any(match, axis=1)
-            best_start = jnp.where(found, jnp.argmax(match, axis=1).astype(jnp.int32) + n, best_start)
+            earliest = jnp.min(jnp.where(match, starts, S), axis=1).astype(jnp.int32)
+            best_start = jnp.where(earliest < S, earliest + n, best_start)
         found = best_start >= 0
         index = jnp.clip(best_start[:, None] + jnp.arange(K)[None, :], 0, S - 1)
         draft_tokens = jnp.where(found[:, None], jnp.take_along_axis(tokens, index, axis=1), 0)
