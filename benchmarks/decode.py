@@ -8,8 +8,8 @@ Prompts come from the held-out files of the demo corpus (the standard library's 
 source, split as in `jaxdec.train`): `code` continues a file after a `def` line; `rewrite`
 shows a function and asks for it again with one change, so the output repeats its context.
 Each prompt batch runs every method in turn (the machine is shared and noisy, so methods are
-interleaved rather than timed one after another), `--repeats` times in a row, keeping the
-fastest run; compilation is excluded from the timings by an untimed warm-up pass over all
+interleaved rather than timed one after another), `--repeats` rounds of turns, each method
+keeping its fastest run; compilation is excluded from the timings by an untimed warm-up pass over all
 prompt batches, and reported separately. Greedy runs also record whether every
 method gave exactly the plain-decoding tokens.
 """
@@ -144,14 +144,18 @@ def main(argv=None):
     totals = {m: {"new_tokens": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0, "target_steps": 0,
                   "accepted_weighted": 0.0, "rows": 0, "identical": 0, "wall_seconds": 0.0} for m in methods}
     for batch in tqdm(batches, desc="prompt batches"):
-        reference = None
-        for m in methods:
-            outs = []
-            for _ in range(args.repeats):
+        # Methods take turns, repeat after repeat, so a slow spell of the machine falls on all
+        # of them alike; each keeps its fastest run.
+        outs = {m: [] for m in methods}
+        for _ in range(args.repeats):
+            for m in methods:
                 start = time.perf_counter()
-                outs.append(run(m, batch))
+                outs[m].append(run(m, batch))
                 totals[m]["wall_seconds"] += (time.perf_counter() - start) / args.repeats
-            out = min(outs, key=lambda o: o.stats.decode_seconds)
+        reference = outs[methods[0]][0].tokens
+        for m in methods:
+            out = min(outs[m], key=lambda o: o.stats.decode_seconds)
+            assert all(o.tokens == out.tokens for o in outs[m]), f"{m}: the same seed gave different tokens"
             t = totals[m]
             t["new_tokens"] += out.stats.new_tokens
             t["decode_seconds"] += out.stats.decode_seconds
@@ -159,10 +163,7 @@ def main(argv=None):
             t["target_steps"] += out.stats.target_steps
             t["accepted_weighted"] += out.stats.mean_accepted * (out.stats.new_tokens - len(batch))
             t["rows"] += len(batch)
-            if reference is None:
-                reference = out.tokens
             t["identical"] += sum(a == b for a, b in zip(out.tokens, reference))
-            assert all(o.tokens == out.tokens for o in outs), f"{m}: the same seed gave different tokens"
 
     results = []
     base = totals[methods[0]]["new_tokens"] / totals[methods[0]]["decode_seconds"]

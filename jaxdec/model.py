@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdec.attention import prefix_mask, reference_attention, step_visibility
-from jaxdec.cache import KVCache, init_cache, write
+from jaxdec.cache import KVCache, init_cache, write, write_slots
 from jaxdec.config import ModelConfig
 from jaxdec.rope import apply_rope, rope_tables
 
@@ -47,8 +47,12 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask):
-        """Returns (output, the step's keys, values [B, T, Hkv, D]); the cache is only read."""
+    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask, slots=None):
+        """Returns (output, the step's keys, values [B, T, Hkv, D]) and leaves the cache alone;
+        with `slots`, writes the step's keys and values there first and returns the updated
+        cache instead. Writing first lets XLA update the cache in place: a step that reads the
+        old buffer and writes it afterwards makes XLA copy the whole cache. The cache mask hides
+        the written slots (>= lengths), so the result is the same."""
         cfg = self.cfg
         B, T, _ = x.shape
         dense = lambda n, name, bias: nn.Dense(n * cfg.head_dim, use_bias=bias, name=name)
@@ -58,9 +62,11 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
         v = v.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        if slots is not None:
+            k_cache, v_cache = write_slots(k_cache, k, slots), write_slots(v_cache, v, slots)
         out = reference_attention(q, k_cache, v_cache, cache_mask, k, v, step_mask)
         out = nn.Dense(cfg.hidden_size, use_bias=False, name="o_proj")(out.reshape(B, T, -1))
-        return out, k, v
+        return (out, k_cache, v_cache) if slots is not None else (out, k, v)
 
 
 class MLP(nn.Module):
@@ -77,10 +83,10 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask):
+    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask, slots=None):
         h, k, v = Attention(self.cfg, name="self_attn")(
             RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x),
-            cos, sin, k_cache, v_cache, cache_mask, step_mask)
+            cos, sin, k_cache, v_cache, cache_mask, step_mask, slots)
         x = x + h
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x))
         return x, k, v
@@ -91,13 +97,16 @@ class Decoder(nn.Module):
 
     Returns the hidden states and each layer's new keys and values (None for a skipped
     layer); the cache is only read, and only when `read_cache` (a prefill from an empty
-    cache reads nothing). The layers are a Python loop (not a scan) so each layer's cache is
+    cache reads nothing). With `write_cache` (and `read_cache`) each layer writes its new
+    entries into its cache first and the per-layer caches are returned instead (skipped
+    layers' unchanged). The layers are a Python loop (not a scan) so each layer's cache is
     its own buffer, updated in place under donation, and so a drafter can skip a static set
     of layers.
     """
     cfg: ModelConfig
     skip_layers: tuple[int, ...] = ()
     read_cache: bool = True
+    write_cache: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions, cache: KVCache, step_mask):
@@ -105,7 +114,9 @@ class Decoder(nn.Module):
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(tokens)
         cos, sin = rope_tables(cfg, positions)
         masks = {}  # (cache mask, step mask) per distinct window
-        new_k, new_v = [None] * cfg.num_hidden_layers, [None] * cfg.num_hidden_layers
+        writes = self.write_cache and self.read_cache
+        slots = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :] if writes else None
+        new_k, new_v = (list(cache.k), list(cache.v)) if writes else ([None] * cfg.num_hidden_layers, [None] * cfg.num_hidden_layers)
         for i in range(cfg.num_hidden_layers):
             window = cfg.window(i)
             if window not in masks:
@@ -115,7 +126,7 @@ class Decoder(nn.Module):
             if i in self.skip_layers:
                 continue
             k_cache, v_cache = (cache.k[i], cache.v[i]) if self.read_cache else (None, None)
-            x, new_k[i], new_v[i] = layer(x, cos, sin, k_cache, v_cache, *masks[window])
+            x, new_k[i], new_v[i] = layer(x, cos, sin, k_cache, v_cache, *masks[window], slots)
         x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
         return x, (tuple(new_k), tuple(new_v))
 
@@ -137,8 +148,12 @@ def step_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, s
 
 def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True):
     """The decoder without the LM head: (hidden [B,T,D], cache with the new entries written)."""
-    hidden, new_kv = step_hidden(cfg, params, tokens, positions, cache, step_mask, skip_layers, read_cache)
-    return hidden, write(cache, *new_kv)
+    if not read_cache:
+        hidden, new_kv = step_hidden(cfg, params, tokens, positions, cache, step_mask, skip_layers, read_cache=False)
+        return hidden, write(cache, *new_kv)
+    hidden, (k, v) = Decoder(cfg, tuple(skip_layers), write_cache=True).apply(
+        {"params": params}, tokens, positions, cache, step_mask)
+    return hidden, cache.replace(k=k, v=v)
 
 
 def forward(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=()):
