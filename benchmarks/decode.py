@@ -114,6 +114,8 @@ def main(argv=None):
             parser.error(f"method {m!r} ({NOT_YET[m]}) is not implemented yet")
         if m not in METHODS:
             parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.mesh is not None:
         parser.error("--mesh: sharding is not implemented yet")
 

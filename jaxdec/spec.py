@@ -86,6 +86,8 @@ class LayerSkip:
         bad = [i for i in self.skip_layers if not 0 <= i < layers]
         if bad:
             raise ValueError(f"skipped layer index {bad[0]} is out of range for a model with {layers} layers")
+        if len(self.skip_layers) == layers:
+            raise ValueError(f"skip_layers={list(self.skip_layers)} skips all {layers} layers: keep at least one to draft with")
         return LayerSkipDrafter(self.skip_layers, int(self.num_tokens)), None, None
 
 

@@ -28,7 +28,7 @@ from jaxdec.convert import convert
 from jaxdec.loading import model_from_params
 from jaxdec.steps import DecodeState
 from tests.hf_models import VOCAB_SIZE, build_hf_model
-from tests.test_steps import compilations
+from tests.test_steps import _truncate_at_stop, compilations
 
 # A donation XLA cannot use is a bug (DESIGN.md): whichever test compiles a program fails on it.
 pytestmark = pytest.mark.filterwarnings("error:Some donated buffers were not usable")
@@ -70,13 +70,6 @@ def _drafts(llama, small_draft, noisy_draft):
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _truncate_at_stop(tokens, stop_ids):
-    for i, t in enumerate(tokens):
-        if t in stop_ids:
-            return tokens[:i + 1]
-    return tokens
 
 
 def _check_stats(out, num_rows, num_tokens):
@@ -427,6 +420,11 @@ def test_skipped_layer_out_of_range(llama, layers, bad):
     assert llama.config.num_hidden_layers == 2
     with pytest.raises(ValueError, match=rf"(?<![\d-]){re.escape(str(bad))}\b.*range"):
         jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=4, speculative=spec.LayerSkip(layers))
+
+
+def test_skipping_every_layer_is_refused(llama):
+    with pytest.raises(ValueError, match=r"skip_layers=\[0, 1\].*all 2 layers"):
+        jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=4, speculative=spec.LayerSkip([1, 0]))
 
 
 @pytest.mark.parametrize("bad", [3, 1.5, None, "0,1", [0.5], [True]])
