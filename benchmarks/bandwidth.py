@@ -27,6 +27,8 @@ SHAPES = {
                         rope_theta=500000.0, tie_word_embeddings=True),
     "llama-50m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048),
+    "llama-10m": dict(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048),
 }
 
 
