@@ -42,13 +42,15 @@ def init_cache(cfg: ModelConfig, batch_size: int, num_slots: int, dtype) -> KVCa
     return KVCache(k=zeros(), v=zeros(), lengths=jnp.zeros((batch_size,), jnp.int32))
 
 
-def write(cache: KVCache, new_k, new_v) -> KVCache:
-    """The cache with a step's keys and values written at slots lengths .. lengths + T - 1.
+def write(cache: KVCache, new_k, new_v, slots=None) -> KVCache:
+    """The cache with a step's keys and values written at slots lengths .. lengths + T - 1
+    (or at `slots` [B, T]).
 
     new_k, new_v: per layer [B, T, kv_heads, D], or None for a layer the step skipped (left
     as it is). `lengths` is not changed: the caller commits.
     """
-    slots = cache.lengths[:, None] + jnp.arange(next(k for k in new_k if k is not None).shape[1])[None, :]
+    if slots is None:
+        slots = cache.lengths[:, None] + jnp.arange(next(k for k in new_k if k is not None).shape[1])[None, :]
     keep = lambda old, new: old if new is None else write_slots(old, new, slots)
     return cache.replace(k=tuple(map(keep, cache.k, new_k)), v=tuple(map(keep, cache.v, new_v)))
 
@@ -65,3 +67,12 @@ def write_slots(layer_cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax
     heads = jnp.arange(H)[None, :, None]
     return layer_cache.at[rows, heads, slots[:, None, :]].set(
         jnp.swapaxes(new, 1, 2).astype(layer_cache.dtype), mode="drop")
+
+
+def copy_slots(cache: KVCache, source, dest) -> KVCache:
+    """The cache with the entries at slots source [B, N] copied to slots dest [B, N] (all
+    read before any is written; destinations past the end are dropped)."""
+    rows = jnp.arange(cache.batch_size)[:, None]
+    # Advanced indices around a slice put their axes first: [B, N, kv_heads, D], as written.
+    move = lambda layer: write_slots(layer, layer[rows, :, jnp.clip(source, 0, cache.num_slots - 1)], dest)
+    return cache.replace(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)))

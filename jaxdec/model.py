@@ -109,7 +109,9 @@ class Decoder(nn.Module):
     write_cache: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: KVCache, step_mask):
+    def __call__(self, tokens, positions, cache: KVCache, step_mask, extra_visible=None):
+        """extra_visible: optional bool [B, T, S], cache slots each token sees besides the
+        prefix below `lengths` (a draft tree's ancestors, kept in slots past it)."""
         cfg = self.cfg
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(tokens)
         cos, sin = rope_tables(cfg, positions)
@@ -120,8 +122,10 @@ class Decoder(nn.Module):
         for i in range(cfg.num_hidden_layers):
             window = cfg.window(i)
             if window not in masks:
-                masks[window] = (prefix_mask(cache.lengths, positions, cache.num_slots, window) if self.read_cache else None,
-                                 step_visibility(positions, step_mask, window))
+                cache_mask = prefix_mask(cache.lengths, positions, cache.num_slots, window) if self.read_cache else None
+                if extra_visible is not None:
+                    cache_mask = cache_mask | extra_visible
+                masks[window] = (cache_mask, step_visibility(positions, step_mask, window))
             layer = DecoderLayer(cfg, name=f"layers_{i}")
             if i in self.skip_layers:
                 continue
@@ -140,10 +144,12 @@ def lm_head(cfg: ModelConfig, params, hidden):
     return jnp.dot(hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
-def step_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True):
+def step_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True,
+                extra_visible=None):
     """The decoder without the LM head, reading the cache but not writing it:
     (hidden [B,T,D], (new keys, new values) per layer, for `jaxdec.cache.write`)."""
-    return Decoder(cfg, tuple(skip_layers), read_cache).apply({"params": params}, tokens, positions, cache, step_mask)
+    return Decoder(cfg, tuple(skip_layers), read_cache).apply({"params": params}, tokens, positions, cache, step_mask,
+                                                              extra_visible)
 
 
 def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True):

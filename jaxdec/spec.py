@@ -15,14 +15,35 @@ import jax.numpy as jnp
 
 from jaxdec.cache import init_cache
 from jaxdec.drafters.draft_model import DraftModelDrafter, DraftModelState
+from jaxdec.drafters.draft_tree import DraftTreeDrafter, DraftTreeState, num_candidates
 from jaxdec.drafters.layer_skip import LayerSkipDrafter
 from jaxdec.drafters.prompt_lookup import PromptLookupDrafter
 from jaxdec.loading import Model
 
 
+def _check_positive(name, value, meaning):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 ({meaning}), got {value!r}")
+
+
 def _check_num_tokens(num_tokens):
-    if not isinstance(num_tokens, numbers.Integral) or isinstance(num_tokens, bool) or num_tokens < 1:
-        raise ValueError(f"num_tokens must be an integer >= 1 (draft tokens per step), got {num_tokens!r}")
+    _check_positive("num_tokens", num_tokens, "draft tokens per step")
+
+
+def _check_draft_model(method, model, target, num_slots):
+    """The checks every separate draft model needs: a jaxdec.Model, the target's vocabulary,
+    and room for the cache."""
+    if not isinstance(model, Model):
+        raise ValueError(f"{method} needs a jaxdec.Model (from jaxdec.load), got {model!r:.60}")
+    if target is None:
+        return
+    draft_vocab, target_vocab = model.config.vocab_size, target.config.vocab_size
+    if draft_vocab != target_vocab:
+        raise ValueError(f"the draft model's vocabulary (vocab_size={draft_vocab}) differs from the "
+                         f"target's (vocab_size={target_vocab})")
+    if num_slots > model.config.max_position_embeddings:
+        raise ValueError(f"{num_slots} cache slots exceed the draft model's max_position_embeddings="
+                         f"{model.config.max_position_embeddings}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -46,23 +67,50 @@ class DraftModel:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold!r}")
         if not isinstance(self.adaptive_schedule, bool):
             raise ValueError(f"adaptive_schedule must be True or False, got {self.adaptive_schedule!r}")
-        if not isinstance(self.model, Model):
-            raise ValueError(f"DraftModel needs a jaxdec.Model (from jaxdec.load), got {self.model!r:.60}")
+        _check_draft_model("DraftModel", self.model, None, 0)
 
     def build(self, target: Model, batch_size: int, num_slots: int):
         """(static drafter, draft params, draft state) for `target`."""
-        draft_vocab, target_vocab = self.model.config.vocab_size, target.config.vocab_size
-        if draft_vocab != target_vocab:
-            raise ValueError(f"the draft model's vocabulary (vocab_size={draft_vocab}) differs from the "
-                             f"target's (vocab_size={target_vocab})")
-        if num_slots > self.model.config.max_position_embeddings:
-            raise ValueError(f"{num_slots} cache slots exceed the draft model's max_position_embeddings="
-                             f"{self.model.config.max_position_embeddings}")
+        _check_draft_model("DraftModel", self.model, target, num_slots)
         same = self.model.params is target.params
         drafter = DraftModelDrafter(self.model.config, int(self.num_tokens), float(self.confidence_threshold),
                                     bool(self.adaptive_schedule), drafts_with_target=same)
         state = DraftModelState(cache=init_cache(self.model.config, batch_size, num_slots, self.model.dtype),
                                 num_tokens=jnp.full((batch_size,), self.num_tokens, jnp.int32))
+        return drafter, None if same else self.model.params, state
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DraftTree:
+    """A token tree grown from a draft model each round (EAGLE-2 / DySpec style): `depth`
+    levels, expanding the `top_k` likeliest frontier nodes by their `top_k` likeliest
+    children, scored by cumulative draft log-probability; the best `max_nodes` nodes are
+    verified in one target step, and each row keeps the deepest path the target accepts."""
+    model: Model
+    depth: int = 5
+    top_k: int = 4
+    max_nodes: int = 32
+
+    def __post_init__(self):
+        _check_positive("depth", self.depth, "levels of the tree")
+        _check_positive("top_k", self.top_k, "children per expanded node")
+        _check_positive("max_nodes", self.max_nodes, "tree nodes verified per step")
+        _check_draft_model("DraftTree", self.model, None, 0)
+        if self.top_k > self.model.config.vocab_size:
+            raise ValueError(f"top_k={self.top_k} exceeds the draft's vocabulary ({self.model.config.vocab_size})")
+        available = num_candidates(self.depth, self.top_k)
+        if self.max_nodes > available:
+            raise ValueError(f"max_nodes={self.max_nodes} exceeds the {available} nodes a tree of depth={self.depth} "
+                             f"and top_k={self.top_k} scores")
+
+    def build(self, target: Model, batch_size: int, num_slots: int):
+        _check_draft_model("DraftTree", self.model, target, num_slots)
+        same = self.model.params is target.params
+        drafter = DraftTreeDrafter(self.model.config, int(self.depth), int(self.top_k), int(self.max_nodes),
+                                   drafts_with_target=same)
+        state = DraftTreeState(cache=init_cache(self.model.config, batch_size, num_slots, self.model.dtype),
+                               node_slots=jnp.full((batch_size, self.max_nodes), -1, jnp.int32),
+                               tree_start=jnp.zeros((batch_size,), jnp.int32))
         return drafter, None if same else self.model.params, state
 
 
@@ -107,6 +155,6 @@ class PromptLookup:
         return PromptLookupDrafter(int(self.max_ngram), int(self.num_tokens), target.config.vocab_size), None, None
 
 
-METHODS = (DraftModel, LayerSkip, PromptLookup)
+METHODS = (DraftModel, DraftTree, LayerSkip, PromptLookup)
 
-__all__ = ["DraftModel", "LayerSkip", "PromptLookup"]
+__all__ = ["DraftModel", "DraftTree", "LayerSkip", "PromptLookup"]

@@ -1,5 +1,9 @@
 """The speculative decoding round: drafter.propose -> verify -> accept -> commit.
 
+A round in one place: the drafter proposes a `Draft` (a chain or a token tree), the target
+scores it in one forward (`jaxdec.verify`), the acceptance rule picks each row's path, and
+commit appends its tokens and writes its keys and values to the cache.
+
 Every method goes through `speculative_decode`; only the drafter differs. All shapes are fixed
 (K draft slots per row), rows accept different numbers of tokens, keep their own lengths and
 finish on their own stop tokens. Several rounds run per dispatch inside a lax.while_loop.
@@ -14,13 +18,15 @@ import jax.numpy as jnp
 
 from jaxdec.config import ModelConfig
 from jaxdec.steps import DecodeState
-from jaxdec.verify import accept, verify_forward
+from jaxdec.cache import write
+from jaxdec.verify import accept, commit_entries, path_tokens, verify_forward
 
 ROUNDS_PER_DISPATCH = 16
 
 
 def commit(state: DecodeState, draft_tokens, num_accepted, next_token, stop_ids, max_new_tokens):
-    """Appends each active row's accepted draft tokens and its next token to state.tokens,
+    """Appends each active row's accepted draft tokens (draft_tokens [B, K], the accepted
+    path first) and its next token to state.tokens,
     cut after the first stop token and at max_new_tokens. Returns (state, tokens emitted [B])."""
     B, K = draft_tokens.shape
     rows = jnp.arange(B)[:, None]
@@ -68,11 +74,13 @@ def speculative_decode(cfg: ModelConfig, drafter, params, dparams, cache, dstate
         keys = jax.vmap(lambda k: jax.random.split(k, 3))(round_keys)
         draft, cache, dstate = drafter.propose(cfg, params, cache, dparams, dstate, state, sampling, keys[:, 0])
         pending = state.tokens[rows, state.lengths - 1]
-        logits, cache = verify_forward(cfg, params, cache, pending, draft, ~state.done)
-        num_accepted, next_token = accept(logits, draft, sampling, keys[:, 1], keys[:, 2])
-        dstate = drafter.update(dstate, draft, num_accepted)
-        state, _ = commit(state, draft.tokens, num_accepted, next_token, stop_ids, max_new_tokens)
-        # Rejected drafts stay in the cache slots but fall out of view: commit is this line.
+        logits, new_kv = verify_forward(cfg, params, cache, pending, draft, ~state.done)
+        num_accepted, next_token, path = accept(logits, draft, sampling, keys[:, 1], keys[:, 2])
+        dstate = drafter.update(dstate, draft, num_accepted, path)
+        state, _ = commit(state, path_tokens(draft, path), num_accepted, next_token, stop_ids, max_new_tokens)
+        # The pending token's entries and the accepted path's land in contiguous slots; the
+        # rest (rejected drafts) lie past the new length, out of view.
+        cache = write(cache, *commit_entries(draft, new_kv, path))
         return i + 1, cache.replace(lengths=state.lengths - 1), dstate, state
 
     def keep_going(carry):

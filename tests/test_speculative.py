@@ -72,6 +72,11 @@ def _drafts(llama, small_draft, noisy_draft):
 # Helpers
 
 
+def _longest_draft(method) -> int:
+    """The most draft tokens one round can accept: a tree's depth, a chain's length."""
+    return method.depth if isinstance(method, spec.DraftTree) else method.num_tokens
+
+
 def _check_stats(out, num_rows, num_tokens):
     """Stats that hold for every speculative run: tokens add up, each active row-round emits
     1 to num_tokens + 1 tokens, and mean_accepted is emitted tokens per active row-round."""
@@ -141,7 +146,7 @@ def _check_greedy_equal(target, prompts, max_new_tokens, method, data):
     if out.tokens != expected:
         assume(not _diverges_at_near_tie(target, prompts, expected, out.tokens))
     assert out.tokens == expected, (method, stop_ids)
-    _check_stats(out, len(prompts), method.num_tokens)
+    _check_stats(out, len(prompts), _longest_draft(method))
     return out
 
 
@@ -160,6 +165,21 @@ PROMPT_LOOKUP_COMBOS = [(4, 8, 3), (8, 1, 2), (1, 3, 1)]  # (bucket, num_tokens,
 def test_greedy_draft_model_equals_plain(llama, small_draft, noisy_draft, case, data):
     (_, num_tokens, draft, options), prompts, max_new_tokens = case
     method = spec.DraftModel(_drafts(llama, small_draft, noisy_draft)[draft], num_tokens=num_tokens, **options)
+    _check_greedy_equal(llama, prompts, max_new_tokens, method, data)
+
+
+# (batch bucket, max_nodes, draft, depth, top_k): chains of single children (top_k 1), wide
+# and deep trees, ragged acceptance (noisy) and full acceptance (self).
+DRAFT_TREE_COMBOS = [(8, 6, "small", 3, 2), (1, 3, "noisy", 1, 3), (4, 12, "noisy", 4, 3), (4, 4, "self", 2, 2),
+                     (1, 4, "noisy", 4, 1)]
+
+
+@HYPOTHESIS
+@given(case=greedy_cases(DRAFT_TREE_COMBOS), data=st.data())
+def test_greedy_draft_tree_equals_plain(llama, small_draft, noisy_draft, case, data):
+    (_, max_nodes, draft, depth, top_k), prompts, max_new_tokens = case
+    method = spec.DraftTree(_drafts(llama, small_draft, noisy_draft)[draft], depth=depth, top_k=top_k,
+                            max_nodes=max_nodes)
     _check_greedy_equal(llama, prompts, max_new_tokens, method, data)
 
 
@@ -352,12 +372,69 @@ def test_prompt_lookup_without_matches_is_plain_decoding(llama):
 
 
 # ---------------------------------------------------------------------------------------------
+# Commit: the cache after speculative rounds is the cache plain decoding leaves
+
+
+@pytest.mark.parametrize("make", [
+    lambda draft: spec.DraftTree(draft, depth=3, top_k=2, max_nodes=6),
+    lambda draft: spec.DraftTree(draft, depth=4, top_k=3, max_nodes=12),
+    lambda draft: spec.DraftModel(draft, num_tokens=3),
+], ids=["tree-3x2", "tree-4x3", "chain"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_commit_leaves_the_cache_of_plain_decoding(llama, noisy_draft, make, temperature):
+    """After a few rounds every valid slot of the target's cache holds what a plain forward
+    over the emitted tokens computes there (a tree's accepted path was gathered into place),
+    and the draft's cache does too below the two tokens it re-reads each round (a tree
+    drafter moves the accepted path's entries to their positions after each round)."""
+    from jaxdec import speculative as spec_steps, steps
+    from jaxdec.cache import init_cache
+    from jaxdec.model import causal_mask, forward_hidden
+    from jaxdec.sampling import SamplingParams, row_keys
+
+    cfg, method = llama.config, make(noisy_draft)
+    prompts = [[5, 17, 33, 2, 90, 41, 7], [9, 9, 9, 12], list(range(60, 76)), [3]]
+    B, S = 4, 64
+    tokens = np.zeros((B, S), np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = p
+    prompt_lengths = np.array([len(p) for p in prompts], np.int32)
+    sampling = SamplingParams.create(temperature)
+    stop_ids, max_new = np.full((16,), -1, np.int32), np.int32(40)
+    drafter, dparams, dstate = method.build(llama, B, S)
+    cache = init_cache(cfg, B, S, jnp.float32)
+    state, cache = steps.prefill(cfg, llama.params, cache, tokens, prompt_lengths, np.ones(B, bool), sampling,
+                                 row_keys(0, B), stop_ids, max_new, prompt_bucket=16)
+    dstate = spec_steps.drafter_prefill(cfg, drafter, llama.params, dparams, dstate, tokens, prompt_lengths,
+                                        prompt_bucket=16)
+    state, cache, dstate = spec_steps.speculative_decode(cfg, drafter, llama.params, dparams, cache, dstate, state,
+                                                         sampling, stop_ids, max_new, num_rounds=4)
+    lengths = np.asarray(cache.lengths)
+    assert (lengths > prompt_lengths + 4).any(), "some row accepted drafts"
+
+    def plain_cache(model_cfg, params):
+        positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        _, ref = forward_hidden(model_cfg, params, state.tokens, positions, init_cache(model_cfg, B, S, jnp.float32),
+                                causal_mask(B, S), read_cache=False)
+        return ref
+
+    def check(got, want, valid):
+        for layer in range(len(got.k)):
+            for b in range(B):
+                for name, g, w in (("k", got.k[layer], want.k[layer]), ("v", got.v[layer], want.v[layer])):
+                    np.testing.assert_allclose(np.asarray(g[b, :, :valid[b]]), np.asarray(w[b, :, :valid[b]]),
+                                               atol=2e-5, err_msg=f"{name} layer {layer} row {b}")
+
+    check(cache, plain_cache(cfg, llama.params), lengths)
+    check(dstate.cache, plain_cache(noisy_draft.config, noisy_draft.params), np.asarray(state.lengths) - 2)
+
+
+# ---------------------------------------------------------------------------------------------
 # No recompilation in steady state
 
 
 def test_steady_state_speculative_compiles_nothing(llama, noisy_draft):
     methods = [spec.DraftModel(noisy_draft, num_tokens=3), spec.LayerSkip([0], num_tokens=2),
-               spec.PromptLookup(max_ngram=3, num_tokens=8)]
+               spec.PromptLookup(max_ngram=3, num_tokens=8), spec.DraftTree(noisy_draft, depth=3, top_k=2, max_nodes=6)]
     for method in methods:  # warm-up: compiles, unless an earlier test already did
         jaxdec.generate(llama, [[5, 6, 7], [8] * 9, [1, 2]], max_new_tokens=20, stop_token_ids=[],
                         speculative=method)
@@ -366,6 +443,7 @@ def test_steady_state_speculative_compiles_nothing(llama, noisy_draft):
     # the draft's weights differ.
     other_weights = model_from_params(noisy_draft.config, jax.tree_util.tree_map(lambda x: 0.9 * x, noisy_draft.params))
     methods[0] = spec.DraftModel(other_weights, num_tokens=3)
+    methods[3] = spec.DraftTree(other_weights, depth=3, top_k=2, max_nodes=6)
     with compilations() as steady:
         for i, method in enumerate(methods):
             out = jaxdec.generate(llama, [[9] * 16, [3, 99], [40, 41, 40, 41], [7]], max_new_tokens=40,
@@ -404,15 +482,27 @@ def test_max_ngram_must_be_a_positive_integer(bad):
         spec.PromptLookup(max_ngram=bad)
 
 
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(depth=0), r"depth.*\b0\b"), (dict(top_k=-1), r"top_k.*-1"), (dict(max_nodes=2.5), r"max_nodes.*2\.5"),
+    (dict(depth=True), r"depth.*True"),
+    (dict(top_k=VOCAB_SIZE + 1, max_nodes=4), rf"top_k={VOCAB_SIZE + 1}.*vocabulary"),
+    (dict(depth=2, top_k=2, max_nodes=7), r"max_nodes=7.*6 nodes"),
+])
+def test_bad_draft_tree_options(llama, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        spec.DraftTree(llama, **kwargs)
+
+
+@pytest.mark.parametrize("method", [spec.DraftModel, spec.DraftTree])
 @pytest.mark.parametrize("vocab", [8, VOCAB_SIZE + 1])
-def test_draft_vocabulary_must_match_target(llama, vocab):
+def test_draft_vocabulary_must_match_target(llama, vocab, method):
     cfg = dataclasses.replace(llama.config, vocab_size=vocab)
     D = cfg.hidden_size
     params = {**llama.params, "embed_tokens": {"embedding": np.zeros((vocab, D), np.float32)},
               "lm_head": {"kernel": np.zeros((D, vocab), np.float32)}}
     draft = model_from_params(cfg, params)
     with pytest.raises(ValueError, match=rf"vocab.*\b{vocab}\b.*\b{VOCAB_SIZE}\b"):
-        jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=4, speculative=spec.DraftModel(draft))
+        jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=4, speculative=method(draft))
 
 
 @pytest.mark.parametrize("layers, bad", [([2], 2), ([0, 7], 7), ([-1], -1), ([1, -3], -3)])
@@ -439,10 +529,11 @@ def test_unknown_speculative_object(llama, bad):
         jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=4, speculative=bad)
 
 
+@pytest.mark.parametrize("method", [spec.DraftModel, spec.DraftTree])
 @pytest.mark.parametrize("bad", ["demo-draft", None, 3])
-def test_draft_model_needs_a_model(bad):
+def test_draft_model_needs_a_model(bad, method):
     with pytest.raises(ValueError, match=_named(bad)):
-        spec.DraftModel(bad)
+        method(bad)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.5"])

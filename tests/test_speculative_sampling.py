@@ -24,7 +24,7 @@ from jaxdec import spec
 from jaxdec.convert import convert
 from jaxdec.model import sequence_logits
 from jaxdec.sampling import SamplingParams, probabilities
-from jaxdec.verify import Draft, _accept_sampled, accept
+from jaxdec.verify import Draft, _accept_sampled_chain, accept
 from tests.hf_models import build_hf_model
 from tests.test_sampling import reference
 
@@ -38,6 +38,7 @@ def check_fit(counts, probs, label):
     """Nothing drawn outside the support, and a chi-square fit on it (cells expecting fewer
     than 5 draws are pooled into one)."""
     counts, probs = np.ravel(counts).astype(np.float64), np.ravel(probs).astype(np.float64)
+    probs = probs / probs.sum()  # float32 distributions sum to 1 only within rounding
     support = probs > 0
     assert counts[~support].sum() == 0, f"{label}: drew impossible outcomes {np.flatnonzero(counts * ~support)}"
     expected = counts.sum() * probs
@@ -83,7 +84,8 @@ def run_accept(logits, tokens, probs, lengths, sampling, seed):
     draft = Draft(tokens=jnp.asarray(tokens, jnp.int32), probs=probs,
                   lengths=jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (n,)))
     keys = jax.random.split(jax.random.key(seed), 2 * n)
-    num_accepted, next_token = _accept(logits, draft, sampling, keys[:n], keys[n:])
+    num_accepted, next_token, path = _accept(logits, draft, sampling, keys[:n], keys[n:])
+    np.testing.assert_array_equal(np.asarray(path), np.broadcast_to(np.arange(K), (n, K)))  # a chain's path
     return np.asarray(num_accepted), np.asarray(next_token)
 
 
@@ -220,8 +222,8 @@ def test_greedy_accepts_the_longest_prefix_of_argmaxes():
     draft = Draft(tokens=jnp.asarray(tokens, jnp.int32), probs=jnp.asarray(q, jnp.float32),
                   lengths=jnp.asarray(lengths, jnp.int32))
     keys = jax.random.split(jax.random.key(3), 2 * n)
-    general = jax.jit(_accept_sampled)(jnp.asarray(logits, jnp.float32), draft, SamplingParams.create(0.0),
-                                       keys[:n], keys[n:])
+    general = jax.jit(_accept_sampled_chain)(jnp.asarray(logits, jnp.float32), draft, keys[:n], keys[n:],
+                                             SamplingParams.create(0.0))
     np.testing.assert_array_equal(np.asarray(general[0]), num_accepted)
     np.testing.assert_array_equal(np.asarray(general[1]), next_token)
 
@@ -339,6 +341,10 @@ SAMPLED = {
     # Point-mass drafts and top-k: drafted tokens outside the kept set are always rejected.
     "prompt_lookup_filtered": (lambda m: spec.PromptLookup(max_ngram=2, num_tokens=3),
                                dict(temperature=1.0, top_k=3)),
+    # Trees of deterministic (top-k) children: the multi-draft rule tries siblings in turn.
+    "draft_tree": (lambda m: spec.DraftTree(m["draft"], depth=2, top_k=2, max_nodes=5), dict(temperature=1.0)),
+    "draft_tree_filtered": (lambda m: spec.DraftTree(m["draft"], depth=3, top_k=3, max_nodes=8),
+                            dict(temperature=1.0, top_k=4, top_p=0.95)),
 }
 
 
@@ -353,10 +359,11 @@ def test_sampled_tokens_follow_the_target_distribution(tiny, name):
 
     # Drafts were proposed and both outcomes happened: some accepted (more than one token per
     # round), some rejected (fewer than num_tokens + 1).
-    assert 1.0 < mean_accepted < method.num_tokens + 1, mean_accepted
+    longest = method.depth if isinstance(method, spec.DraftTree) else method.num_tokens
+    assert 1.0 < mean_accepted < longest + 1, mean_accepted
 
     # Power: the same draws refute what always accepting the draft would give.
-    if isinstance(method, spec.PromptLookup):
+    if isinstance(method, (spec.PromptLookup, spec.DraftTree)):
         # Deterministic drafts have no distribution of their own; the target at another
         # temperature stands in as the clearly wrong answer.
         wrong = joint3([target_logits] * 3, {**sampling, "temperature": 1.6}, exact=False)

@@ -4,7 +4,8 @@ A drafter is a small frozen (hashable) dataclass, a static argument of the jitte
     num_tokens: int                         K, the fixed number of draft slots
     prefill(cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket) -> dstate
     propose(cfg, params, cache, dparams, dstate, state, sampling, keys) -> (Draft, cache, dstate)
-    update(dstate, draft, num_accepted) -> dstate       after acceptance (adaptive drafters)
+    update(dstate, draft, num_accepted, path) -> dstate  after acceptance (adaptive drafters,
+                                                         trees that keep their draft's cache)
 `dparams` (e.g. a draft model's weights) and `dstate` (e.g. its KV cache) are pytrees that
 travel beside the target's; `propose` must leave `cache.lengths` as it found it.
 """
@@ -16,5 +17,5 @@ class Drafter:
     def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
         return dstate
 
-    def update(self, dstate, draft, num_accepted):
+    def update(self, dstate, draft, num_accepted, path):
         return dstate

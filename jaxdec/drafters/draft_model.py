@@ -16,6 +16,16 @@ from jaxdec.drafters.autoregressive import draft_chain
 from jaxdec.model import causal_mask, forward_hidden
 
 
+def prefill_draft_cache(draft_cfg: ModelConfig, weights, cache: KVCache, tokens, prompt_bucket: int) -> KVCache:
+    """The draft model's cache after reading the prompts (tokens [B, S], left-aligned)."""
+    B = tokens.shape[0]
+    positions = jnp.broadcast_to(jnp.arange(prompt_bucket, dtype=jnp.int32), (B, prompt_bucket))
+    cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
+    _, cache = forward_hidden(draft_cfg, weights, tokens[:, :prompt_bucket], positions, cache,
+                              causal_mask(B, prompt_bucket), read_cache=False)
+    return cache
+
+
 @struct.dataclass
 class DraftModelState:
     cache: KVCache          # the draft model's own KV cache
@@ -36,12 +46,8 @@ class DraftModelDrafter(Drafter):
         return params if self.drafts_with_target else dparams
 
     def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
-        B = tokens.shape[0]
-        positions = jnp.broadcast_to(jnp.arange(prompt_bucket, dtype=jnp.int32), (B, prompt_bucket))
-        cache = dstate.cache.replace(lengths=jnp.zeros_like(dstate.cache.lengths))
-        _, cache = forward_hidden(self.draft_cfg, self._weights(params, dparams), tokens[:, :prompt_bucket], positions, cache,
-                                  causal_mask(B, prompt_bucket), read_cache=False)
-        return dstate.replace(cache=cache)
+        return dstate.replace(cache=prefill_draft_cache(self.draft_cfg, self._weights(params, dparams), dstate.cache,
+                                                        tokens, prompt_bucket))
 
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
         # The draft cache is trusted only below lengths - 2: each round re-reads the last two
@@ -55,7 +61,7 @@ class DraftModelDrafter(Drafter):
                                     confidence_threshold=self.confidence_threshold)
         return draft, cache, dstate.replace(cache=dcache)
 
-    def update(self, dstate, draft, num_accepted):
+    def update(self, dstate, draft, num_accepted, path):
         if not self.adaptive_schedule:
             return dstate
         # Hugging Face's heuristic: two more tokens after a fully accepted draft, one fewer otherwise.

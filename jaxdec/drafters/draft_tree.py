@@ -1,0 +1,125 @@
+"""A dynamic token tree grown from a draft model (EAGLE-2 / DySpec style), in fixed shapes.
+
+Each round, per row:
+  1. the draft reads the last two tokens (as the chain drafter does) and scores the root's
+     top_k children by their draft log-probability;
+  2. `depth - 1` times, the top_k frontier nodes run through the draft together, each
+     attending to the prefix and to its own ancestors (kept in draft-cache slots past the
+     prefix), and each proposes its top_k children, scored by cumulative log-probability; the
+     best top_k of those children become the next frontier;
+  3. of all candidates, the best `max_nodes` by score are the tree. A child never outscores
+     its parent (log-probabilities are <= 0) and comes after it, so a stable sort keeps
+     parents first and the result is a tree in topological order.
+The children are the draft's top-k, deterministic given the context, so each node's q is a
+point mass and the multi-draft rule keeps sampling lossless (DESIGN.md). After acceptance the
+draft-cache entries of the accepted path move to the slots their positions name, so the
+next round's draft reads a prefix as if it had drafted that path as a chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxdec.cache import KVCache, copy_slots, write
+from jaxdec.config import ModelConfig
+from jaxdec.drafters import Drafter
+from jaxdec.drafters.draft_model import prefill_draft_cache
+from jaxdec.model import causal_mask, forward, lm_head, step_hidden
+from jaxdec.verify import Draft
+
+
+@struct.dataclass
+class DraftTreeState:
+    cache: KVCache          # the draft model's own KV cache
+    node_slots: jax.Array   # int32 [B, max_nodes]: draft-cache slot of each node the draft ran, else -1
+    tree_start: jax.Array   # int32 [B]: the first slot past the root (depth-1 nodes' position)
+
+
+def num_candidates(depth: int, top_k: int) -> int:
+    """Nodes a tree of `depth` levels scores: the root's top_k children, then top_k children
+    of each of top_k frontier nodes per further level."""
+    return top_k + (depth - 1) * top_k * top_k
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftTreeDrafter(Drafter):
+    draft_cfg: ModelConfig
+    depth: int
+    top_k: int
+    max_nodes: int
+    drafts_with_target: bool = False  # see DraftModelDrafter
+
+    @property
+    def num_tokens(self) -> int:
+        return self.max_nodes
+
+    def _weights(self, params, dparams):
+        return params if self.drafts_with_target else dparams
+
+    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
+        return dstate.replace(cache=prefill_draft_cache(self.draft_cfg, self._weights(params, dparams), dstate.cache,
+                                                        tokens, prompt_bucket))
+
+    def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
+        dcfg, weights, k = self.draft_cfg, self._weights(params, dparams), self.top_k
+        B = state.lengths.shape[0]
+        rows = jnp.arange(B)[:, None]
+        # The root is the pending token; like the chain drafter, re-read the last two tokens
+        # (the one before may be a bonus token the draft never saw).
+        last_two = jnp.stack([state.lengths - 2, state.lengths - 1], axis=1)
+        dcache = dstate.cache.replace(lengths=state.lengths - 2)
+        logits, _, dcache = forward(dcfg, weights, state.tokens[rows, last_two], last_two, dcache, causal_mask(B, 2))
+        start = state.lengths              # tree nodes live in slots from here; the prefix is below
+        dcache = dcache.replace(lengths=start)
+        num_slots = dcache.num_slots
+
+        C = num_candidates(self.depth, k)
+        score, token = jax.lax.top_k(jax.nn.log_softmax(logits[:, -1]), k)             # the root's children
+        cand_token = jnp.zeros((B, C), jnp.int32).at[:, :k].set(token)
+        cand_score = jnp.full((B, C), -jnp.inf, jnp.float32).at[:, :k].set(score)
+        cand_parent = jnp.full((B, C), -1, jnp.int32)
+        cand_slot = jnp.full((B, C), -1, jnp.int32)
+        frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (B, k))           # candidate indices
+        seen = jnp.zeros((B, k, num_slots), bool)                                     # ancestors' slots
+        alone = jnp.broadcast_to(jnp.eye(k, dtype=bool), (B, k, k))                   # frontier nodes are not each other's ancestors
+        for level in range(1, self.depth):
+            slots = start[:, None] + (level - 1) * k + jnp.arange(k)[None, :]
+            positions = jnp.broadcast_to((start + level - 1)[:, None], (B, k))
+            hidden, new_kv = step_hidden(dcfg, weights, cand_token[rows, frontier], positions, dcache, alone,
+                                         extra_visible=seen)
+            dcache = write(dcache, *new_kv, slots=slots)
+            cand_slot = cand_slot.at[rows, frontier].set(slots)
+            child_score, child_token = jax.lax.top_k(jax.nn.log_softmax(lm_head(dcfg, weights, hidden)), k)  # [B, k, k]
+            child_score = child_score + cand_score[rows, frontier][:, :, None]
+            first = k + (level - 1) * k * k
+            cand_token = cand_token.at[:, first:first + k * k].set(child_token.reshape(B, k * k))
+            cand_score = cand_score.at[:, first:first + k * k].set(child_score.reshape(B, k * k))
+            cand_parent = cand_parent.at[:, first:first + k * k].set(jnp.repeat(frontier, k, axis=1))
+            if level + 1 < self.depth:
+                _, best = jax.lax.top_k(child_score.reshape(B, k * k), k)
+                parent = best // k                                                     # index within the frontier
+                seen = (jnp.take_along_axis(seen, parent[:, :, None], axis=1)
+                        | (jnp.arange(num_slots)[None, None, :] == jnp.take_along_axis(slots, parent, axis=1)[:, :, None]))
+                frontier = first + best
+
+        order = jnp.argsort(-cand_score, axis=1, stable=True)[:, :self.max_nodes]    # parents before children
+        rank = jnp.full((B, C), -1, jnp.int32).at[rows, order].set(jnp.arange(self.max_nodes, dtype=jnp.int32))
+        parent = cand_parent[rows, order]
+        parents = jnp.where(parent >= 0, rank[rows, jnp.maximum(parent, 0)], -1)
+        tokens = cand_token[rows, order]
+        draft = Draft(tokens=tokens, probs=jax.nn.one_hot(tokens, dcfg.vocab_size, dtype=jnp.float32),
+                      lengths=jnp.full((B,), self.max_nodes, jnp.int32), parents=parents)
+        return draft, cache, dstate.replace(cache=dcache, node_slots=cand_slot[rows, order], tree_start=start)
+
+    def update(self, dstate, draft, num_accepted, path):
+        # The accepted path's entries, at the slots of their positions: depth d at tree_start + d - 1.
+        B, N = path.shape
+        depth = jnp.arange(N)[None, :]
+        source = jnp.take_along_axis(dstate.node_slots, path, axis=1)
+        keep = (depth < num_accepted[:, None]) & (source >= 0)
+        dest = jnp.where(keep, dstate.tree_start[:, None] + depth, dstate.cache.num_slots)
+        return dstate.replace(cache=copy_slots(dstate.cache, source, dest))

@@ -1,0 +1,57 @@
+"""Token trees: the index arithmetic of verifying a drafted tree in one step.
+
+A draft of N nodes per row hangs below the row's pending token (the root). `parents[b, i]`
+is node i's parent: -1 for the root, otherwise a node index below i (nodes are in
+topological order). A chain is `parents = i - 1`. In the verify step the root is step token 0
+and node i is step token i + 1; a node's position is the root's position plus its depth, and
+it sees (besides the cached prefix) exactly its ancestors and itself.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def chain_parents(batch_size: int, num_nodes: int):
+    """int32 [B, N]: the parents of a chain (node i hangs below node i - 1)."""
+    return jnp.broadcast_to(jnp.arange(num_nodes, dtype=jnp.int32) - 1, (batch_size, num_nodes))
+
+
+def ancestor_mask(parents):
+    """bool [B, N+1, N+1] over step tokens: [t, u] is True when u is t or an ancestor of t.
+
+    The transitive closure of the parent relation by repeated squaring: log2(N + 1) small
+    boolean matmuls, whatever the tree's depth.
+    """
+    B, N = parents.shape
+    steps = jnp.arange(N + 1)
+    parent_step = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), parents + 1], axis=1)  # root: none
+    reach = (steps[None, :, None] == steps[None, None, :]) | (parent_step[:, :, None] == steps[None, None, :])
+    for _ in range(max(1, N.bit_length())):
+        reach = reach | (jnp.einsum("btu,buv->btv", reach.astype(jnp.float32), reach.astype(jnp.float32)) > 0)
+    return reach
+
+
+def step_depths(ancestors):
+    """int32 [B, N+1]: each step token's depth below the root (the root is 0)."""
+    return jnp.sum(ancestors, axis=-1, dtype=jnp.int32) - 1
+
+
+def path_to(ancestors, depths, node):
+    """int32 [B, N]: the nodes from the root's child down to `node` [B] (-1: the root itself,
+    an empty path), in order of depth; entries past the path's length are 0."""
+    B, T, _ = ancestors.shape
+    on_path = ancestors[jnp.arange(B), node + 1, 1:]                     # [B, N] nodes on the path
+    slot = jnp.where(on_path, depths[:, 1:] - 1, T)                       # depth d sits at d - 1
+    nodes = jnp.broadcast_to(jnp.arange(T - 1, dtype=jnp.int32), (B, T - 1))
+    return jnp.zeros((B, T - 1), jnp.int32).at[jnp.arange(B)[:, None], slot].set(nodes, mode="drop")
+
+
+def gather_steps(new_kv, path):
+    """The step's keys and values reordered so that the root and then the accepted path come
+    first: entry 1 + d is the path's node at depth d + 1. new_kv: per layer [B, N+1, Hkv, D]
+    (None for a skipped layer); path: [B, N]."""
+    order = jnp.concatenate([jnp.zeros((path.shape[0], 1), jnp.int32), path + 1], axis=1)   # [B, N+1]
+    take = lambda x: None if x is None else jnp.take_along_axis(x, order[:, :, None, None], axis=1)
+    return jax.tree.map(take, new_kv, is_leaf=lambda x: x is None)
