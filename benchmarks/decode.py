@@ -29,10 +29,11 @@ METHODS = {
     "draft": "spec.DraftModel(draft, num_tokens)",
     "draft-confidence": "spec.DraftModel(draft, num_tokens, confidence_threshold)",
     "draft-schedule": "spec.DraftModel(draft, num_tokens, adaptive_schedule=True)",
+    "tree": "spec.DraftTree(draft, depth, top_k, max_nodes); tree:DxKxN sets them (default 5x4x32)",
     "layerskip": "spec.LayerSkip(skip_layers, num_tokens)",
     "lookup": "spec.PromptLookup(max_ngram=3, num_tokens=2*num_tokens)",
 }
-NOT_YET = {"tree": "spec.DraftTree", "sparse": "spec.SparseSelf"}
+NOT_YET = {"sparse": "spec.SparseSelf"}
 
 
 def held_out_functions(min_lines: int = 6, max_chars: int = 1200):
@@ -69,10 +70,13 @@ def make_prompts(kind: str, count: int):
 
 
 def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3):
-    """A method name, optionally with its own draft length: "draft:6", "lookup:10"."""
+    """A method name, optionally with its own draft length: "draft:6", "lookup:10", or a
+    tree's shape: "tree:5x4x32" (depth x top_k x max_nodes)."""
     import jaxdec
     spec = jaxdec.spec
     name, _, k = name.partition(":")
+    if name == "tree":
+        return spec.DraftTree(draft, *(int(x) for x in k.split("x"))) if k else spec.DraftTree(draft)
     num_tokens = int(k) if k else num_tokens
     if name == "ar":
         return None

@@ -1,8 +1,8 @@
 """The `jaxdec` command line.
 
     jaxdec generate ["PROMPT"] [--model demo-target] [--draft demo-draft] [--method draft]
-                    [--num-tokens 4] [--max-new-tokens 128] [--temperature 0] [--top-p 1]
-                    [--top-k 0] [--seed 0]
+                    [--num-tokens 4] [--tree 5x4x32] [--max-new-tokens 128] [--temperature 0]
+                    [--top-p 1] [--top-k 0] [--seed 0]
 
 With no prompt argument the prompt is read from standard input when it is piped, else a demo
 prompt is used. The text is streamed as it is accepted; the stats follow on stderr.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-METHODS = ("ar", "draft", "layerskip", "lookup")
+METHODS = ("ar", "draft", "tree", "layerskip", "lookup")
 DEMO_PROMPT = "def fibonacci(n):"
 
 
@@ -23,11 +23,21 @@ def build_speculative(args, target):
         return None
     if args.method == "draft":
         return jaxdec.spec.DraftModel(jaxdec.load(args.draft), num_tokens=args.num_tokens)
+    if args.method == "tree":
+        return jaxdec.spec.DraftTree(jaxdec.load(args.draft), *tree_shape(args.tree))
     if args.method == "layerskip":
         layers = target.config.num_hidden_layers
         skip = args.skip_layers if args.skip_layers is not None else list(range(1, layers - 1, 2))
         return jaxdec.spec.LayerSkip(skip, num_tokens=args.num_tokens)
     return jaxdec.spec.PromptLookup(max_ngram=args.max_ngram, num_tokens=args.num_tokens)
+
+
+def tree_shape(text: str) -> tuple[int, int, int]:
+    """"DEPTHxTOP_KxMAX_NODES" -> (depth, top_k, max_nodes)."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--tree must be DEPTHxTOP_KxMAX_NODES, e.g. 5x4x32, got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def generate_command(args) -> int:
@@ -74,11 +84,13 @@ def parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it")
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt (default: stdin, or a demo prompt)")
     gen.add_argument("--model", default="demo-target", help="target checkpoint: a converted folder or shipped name")
-    gen.add_argument("--draft", default="demo-draft", help="draft checkpoint for --method draft")
+    gen.add_argument("--draft", default="demo-draft", help="draft checkpoint for --method draft and tree")
     gen.add_argument("--method", choices=METHODS, default="draft",
-                     help="ar: plain decoding; draft: draft model; layerskip: the target with layers "
-                          "skipped; lookup: prompt lookup (default: draft)")
+                     help="ar: plain decoding; draft: draft model; tree: a token tree from the draft model; "
+                          "layerskip: the target with layers skipped; lookup: prompt lookup (default: draft)")
     gen.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step")
+    gen.add_argument("--tree", default="5x4x32",
+                     help="DEPTHxTOP_KxMAX_NODES of --method tree (default 5x4x32; on a CPU 6x2x8 is faster)")
     gen.add_argument("--skip-layers", type=int, nargs="+", default=None,
                      help="layers to skip for --method layerskip (default: every other inner layer)")
     gen.add_argument("--max-ngram", type=int, default=3, help="longest n-gram for --method lookup")

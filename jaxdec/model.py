@@ -109,15 +109,18 @@ class Decoder(nn.Module):
     write_cache: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: KVCache, step_mask, extra_visible=None):
+    def __call__(self, tokens, positions, cache: KVCache, step_mask, extra_visible=None, slots=None):
         """extra_visible: optional bool [B, T, S], cache slots each token sees besides the
-        prefix below `lengths` (a draft tree's ancestors, kept in slots past it)."""
+        prefix below `lengths` (a draft tree's ancestors, kept in slots past it). slots:
+        optional int32 [B, T], where `write_cache` writes the step (default: from `lengths` on)."""
         cfg = self.cfg
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(tokens)
         cos, sin = rope_tables(cfg, positions)
         masks = {}  # (cache mask, step mask) per distinct window
         writes = self.write_cache and self.read_cache
-        slots = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :] if writes else None
+        if writes and slots is None:
+            slots = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]
+        slots = slots if writes else None
         new_k, new_v = (list(cache.k), list(cache.v)) if writes else ([None] * cfg.num_hidden_layers, [None] * cfg.num_hidden_layers)
         for i in range(cfg.num_hidden_layers):
             window = cfg.window(i)
@@ -152,13 +155,15 @@ def step_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, s
                                                               extra_visible)
 
 
-def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True):
-    """The decoder without the LM head: (hidden [B,T,D], cache with the new entries written)."""
+def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True,
+                   extra_visible=None, slots=None):
+    """The decoder without the LM head: (hidden [B,T,D], cache with the new entries written
+    at `slots` [B, T], by default from cache.lengths on)."""
     if not read_cache:
         hidden, new_kv = step_hidden(cfg, params, tokens, positions, cache, step_mask, skip_layers, read_cache=False)
-        return hidden, write(cache, *new_kv)
+        return hidden, write(cache, *new_kv, slots=slots)
     hidden, (k, v) = Decoder(cfg, tuple(skip_layers), write_cache=True).apply(
-        {"params": params}, tokens, positions, cache, step_mask)
+        {"params": params}, tokens, positions, cache, step_mask, extra_visible, slots)
     return hidden, cache.replace(k=k, v=v)
 
 

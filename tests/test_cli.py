@@ -24,17 +24,18 @@ def run(capsys, monkeypatch, argv, stdin=None):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("method", ["ar", "draft", "layerskip", "lookup"])
+@pytest.mark.parametrize("method", ["ar", "draft", "tree", "layerskip", "lookup"])
 def test_streams_the_same_text_as_generate(capsys, monkeypatch, llama_dir, method):
     prompt = "def add(a, b):"
     code, out, err = run(capsys, monkeypatch, ["generate", prompt, "--model", llama_dir, "--draft", llama_dir,
-                                               "--method", method, "--max-new-tokens", "12", "--num-tokens", "3"])
+                                               "--method", method, "--max-new-tokens", "12", "--num-tokens", "3",
+                                               "--tree", "3x2x5"])
     assert code == 0
     expected = jaxdec.generate(jaxdec.load(llama_dir), [prompt], max_new_tokens=12).texts[0]
     assert out == prompt + expected + "\n"
     stats = re.search(r"\[(\w+)\] (\d+) new tokens in (\d+) target steps, mean accepted ([\d.]+)", err)
     assert stats and stats.group(1) == method and 1 <= int(stats.group(2)) <= 12
-    if method == "draft":  # the model drafts for itself: every draft is accepted
+    if method in ("draft", "tree"):  # the model drafts for itself: its top drafts are accepted
         assert float(stats.group(4)) > 2
 
 
@@ -49,6 +50,9 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
                                                "--skip-layers", "7"])
     assert code == 2 and out == ""
     assert err.strip().splitlines() == ["jaxdec: error: skipped layer index 7 is out of range for a model with 2 layers"]
+    code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "tree",
+                                             "--draft", llama_dir, "--tree", "5x4"])
+    assert code == 2 and err.strip() == "jaxdec: error: --tree must be DEPTHxTOP_KxMAX_NODES, e.g. 5x4x32, got '5x4'"
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", "/no/such/checkpoint"])
     assert code == 2 and "no checkpoint at '/no/such/checkpoint'" in err
 

@@ -262,6 +262,24 @@ def test_perfect_draft_accepts_everything(llama, perfect_reference, method):
     assert out.stats.mean_accepted >= 0.97 * (K + 1), out.stats
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_tree_of_single_children_is_the_chain(llama, noisy_draft, temperature):
+    """DraftTree with top_k=1 grows one chain of `depth` draft argmaxes through the tree code
+    (tree drafting, ancestor masks, multi-draft acceptance, path gathering): its rounds are the
+    chain drafter's greedy rounds. Sampled, both stay lossless but draw differently."""
+    prompts = [[5, 17, 33, 2, 90, 41, 7], [9, 9, 9, 12], list(range(60, 76))]
+    chain = jaxdec.generate(llama, prompts, max_new_tokens=30, stop_token_ids=[], temperature=temperature,
+                            speculative=spec.DraftModel(noisy_draft, num_tokens=4))
+    tree = jaxdec.generate(llama, prompts, max_new_tokens=30, stop_token_ids=[], temperature=temperature,
+                           speculative=spec.DraftTree(noisy_draft, depth=4, top_k=1, max_nodes=4))
+    if temperature == 0:
+        assert tree.tokens == chain.tokens
+        assert (tree.stats.target_steps, tree.stats.mean_accepted) == (chain.stats.target_steps, chain.stats.mean_accepted)
+        assert 1 < tree.stats.mean_accepted < 5
+    else:
+        assert [len(t) for t in tree.tokens] == [30] * 3
+
+
 def test_rounds_and_stats_counted_by_streaming(llama, noisy_draft):
     """With on_progress every dispatch is one round, so the snapshots count the rounds and
     each row's active rounds; target_steps and mean_accepted must agree with them."""

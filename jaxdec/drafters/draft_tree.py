@@ -2,7 +2,7 @@
 
 Each round, per row:
   1. the draft reads the last two tokens (as the chain drafter does) and scores the root's
-     top_k children by their draft log-probability;
+     top_k children by their draft log-probability (see SCORE_TEMPERATURE_GREEDY);
   2. `depth - 1` times, the top_k frontier nodes run through the draft together, each
      attending to the prefix and to its own ancestors (kept in draft-cache slots past the
      prefix), and each proposes its top_k children, scored by cumulative log-probability; the
@@ -24,12 +24,21 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxdec.cache import KVCache, copy_slots, write
+from jaxdec.cache import KVCache, copy_slots
 from jaxdec.config import ModelConfig
 from jaxdec.drafters import Drafter
 from jaxdec.drafters.draft_model import prefill_draft_cache
-from jaxdec.model import causal_mask, forward, lm_head, step_hidden
+from jaxdec.model import causal_mask, forward, forward_hidden, lm_head
 from jaxdec.verify import Draft
+
+
+# Scores estimate how likely the target accepts a node. With sampling at temperature T a
+# point-mass child x is accepted with probability p_T(x), which the draft's distribution at T
+# estimates. Greedy verification accepts exactly the target's argmax, and a draft's top token
+# is that far more often than its probability says (and a sibling far less), so scores use the
+# draft sharpened to this temperature. On the demo pair (held-out code, 8x3x16 tree) mean
+# tokens per step were 3.88 at 1.0, 4.86 at 0.5, 5.35 at 0.3, 5.43 at 0.2, 5.29 at 0.1.
+SCORE_TEMPERATURE_GREEDY = 0.25
 
 
 @struct.dataclass
@@ -78,7 +87,9 @@ class DraftTreeDrafter(Drafter):
         num_slots = dcache.num_slots
 
         C = num_candidates(self.depth, k)
-        score, token = jax.lax.top_k(jax.nn.log_softmax(logits[:, -1]), k)             # the root's children
+        temperature = jnp.where(sampling.temperature > 0, sampling.temperature, SCORE_TEMPERATURE_GREEDY)
+        log_q = lambda logits: jax.nn.log_softmax(logits.astype(jnp.float32) / temperature)
+        score, token = jax.lax.top_k(log_q(logits[:, -1]), k)                           # the root's children
         cand_token = jnp.zeros((B, C), jnp.int32).at[:, :k].set(token)
         cand_score = jnp.full((B, C), -jnp.inf, jnp.float32).at[:, :k].set(score)
         cand_parent = jnp.full((B, C), -1, jnp.int32)
@@ -89,11 +100,12 @@ class DraftTreeDrafter(Drafter):
         for level in range(1, self.depth):
             slots = start[:, None] + (level - 1) * k + jnp.arange(k)[None, :]
             positions = jnp.broadcast_to((start + level - 1)[:, None], (B, k))
-            hidden, new_kv = step_hidden(dcfg, weights, cand_token[rows, frontier], positions, dcache, alone,
-                                         extra_visible=seen)
-            dcache = write(dcache, *new_kv, slots=slots)
+            # Written first, then read (in place; the other order makes XLA copy the cache):
+            # a frontier node's own slot is in no node's `seen`, so the write changes no result.
+            hidden, dcache = forward_hidden(dcfg, weights, cand_token[rows, frontier], positions, dcache, alone,
+                                            extra_visible=seen, slots=slots)
             cand_slot = cand_slot.at[rows, frontier].set(slots)
-            child_score, child_token = jax.lax.top_k(jax.nn.log_softmax(lm_head(dcfg, weights, hidden)), k)  # [B, k, k]
+            child_score, child_token = jax.lax.top_k(log_q(lm_head(dcfg, weights, hidden)), k)  # [B, k, k]
             child_score = child_score + cand_score[rows, frontier][:, :, None]
             first = k + (level - 1) * k * k
             cand_token = cand_token.at[:, first:first + k * k].set(child_token.reshape(B, k * k))
