@@ -341,7 +341,7 @@ SAMPLED = {
     # Point-mass drafts and top-k: drafted tokens outside the kept set are always rejected.
     "prompt_lookup_filtered": (lambda m: spec.PromptLookup(max_ngram=2, num_tokens=3),
                                dict(temperature=1.0, top_k=3)),
-    # Trees of deterministic (top-k) children: the multi-draft rule tries siblings in turn.
+    # Trees of sampled children: the multi-draft rule tries the independent draws in turn.
     "draft_tree": (lambda m: spec.DraftTree(m["draft"], depth=2, top_k=2, max_nodes=5), dict(temperature=1.0)),
     "draft_tree_filtered": (lambda m: spec.DraftTree(m["draft"], depth=3, top_k=3, max_nodes=8),
                             dict(temperature=1.0, top_k=4, top_p=0.95)),
@@ -363,12 +363,12 @@ def test_sampled_tokens_follow_the_target_distribution(tiny, name):
     assert 1.0 < mean_accepted < longest + 1, mean_accepted
 
     # Power: the same draws refute what always accepting the draft would give.
-    if isinstance(method, (spec.PromptLookup, spec.DraftTree)):
+    if isinstance(method, spec.PromptLookup):
         # Deterministic drafts have no distribution of their own; the target at another
         # temperature stands in as the clearly wrong answer.
         wrong = joint3([target_logits] * 3, {**sampling, "temperature": 1.6}, exact=False)
     else:
-        draft_logits = (_prefix_logits(tiny["draft"]) if isinstance(method, spec.DraftModel)
+        draft_logits = (_prefix_logits(tiny["draft"]) if isinstance(method, (spec.DraftModel, spec.DraftTree))
                         else _prefix_logits(tiny["target"], skip_layers=tuple(method.skip_layers)))
         wrong = joint3([target_logits, draft_logits, draft_logits], sampling, exact=False)
     assert rejects(counts, wrong), f"{name}: no power against the draft's own distribution"

@@ -1,19 +1,23 @@
 """A dynamic token tree grown from a draft model (EAGLE-2 / DySpec style), in fixed shapes.
 
 Each round, per row:
-  1. the draft reads the last two tokens (as the chain drafter does) and scores the root's
-     top_k children by their draft log-probability (see SCORE_TEMPERATURE_GREEDY);
+  1. the draft reads the last two tokens (as the chain drafter does) and proposes the root's
+     top_k children, scored by their draft log-probability;
   2. `depth - 1` times, the top_k frontier nodes run through the draft together, each
      attending to the prefix and to its own ancestors (kept in draft-cache slots past the
      prefix), and each proposes its top_k children, scored by cumulative log-probability; the
      best top_k of those children become the next frontier;
-  3. of all candidates, the best `max_nodes` by score are the tree. A child never outscores
-     its parent (log-probabilities are <= 0) and comes after it, so a stable sort keeps
-     parents first and the result is a tree in topological order.
-The children are the draft's top-k, deterministic given the context, so each node's q is a
-point mass and the multi-draft rule keeps sampling lossless (DESIGN.md). After acceptance the
-draft-cache entries of the accepted path move to the slots their positions name, so the
-next round's draft reads a prefix as if it had drafted that path as a chain.
+  3. of all candidates, the best `max_nodes` by score are the tree (sampled children: the
+     best sibling groups by their parent's score, see below). A child never outscores its
+     parent (log-probabilities are <= 0) and comes after it, so a stable sort keeps parents
+     first and the result is a tree in topological order.
+Greedy decoding takes the draft's top-k children, deterministic given the context (point
+masses). Sampling draws each expanded node's k children independently from the processed
+draft distribution q (SpecInfer): a target that samples at temperature 1 accepts a draw of a
+close draft far more often than a fixed top-k token. Either way the multi-draft rule keeps
+the output exactly the target's (DESIGN.md). After acceptance the draft-cache entries of the
+accepted path move to the slots their positions name, so the next round's draft reads a
+prefix as if it had drafted that path as a chain.
 """
 
 from __future__ import annotations
@@ -29,15 +33,15 @@ from jaxdec.config import ModelConfig
 from jaxdec.drafters import Drafter
 from jaxdec.drafters.draft_model import prefill_draft_cache
 from jaxdec.model import causal_mask, forward, forward_hidden, lm_head
+from jaxdec.sampling import probabilities
 from jaxdec.verify import Draft
 
 
-# Scores estimate how likely the target accepts a node. With sampling at temperature T a
-# point-mass child x is accepted with probability p_T(x), which the draft's distribution at T
-# estimates. Greedy verification accepts exactly the target's argmax, and a draft's top token
-# is that far more often than its probability says (and a sibling far less), so scores use the
-# draft sharpened to this temperature. On the demo pair (held-out code, 8x3x16 tree) mean
-# tokens per step were 3.88 at 1.0, 4.86 at 0.5, 5.35 at 0.3, 5.43 at 0.2, 5.29 at 0.1.
+# Scores estimate how likely the target accepts a node. Greedy verification accepts exactly
+# the target's argmax, and a draft's top token is that far more often than its probability
+# says (and a sibling far less), so greedy scores use the draft sharpened to this temperature.
+# On the demo pair (held-out code, 8x3x16 tree) mean tokens per step were 3.88 at 1.0, 4.86
+# at 0.5, 5.35 at 0.3, 5.43 at 0.2 and 5.29 at 0.1. Sampling scores use q itself.
 SCORE_TEMPERATURE_GREEDY = 0.25
 
 
@@ -87,13 +91,14 @@ class DraftTreeDrafter(Drafter):
         num_slots = dcache.num_slots
 
         C = num_candidates(self.depth, k)
-        temperature = jnp.where(sampling.temperature > 0, sampling.temperature, SCORE_TEMPERATURE_GREEDY)
-        log_q = lambda logits: jax.nn.log_softmax(logits.astype(jnp.float32) / temperature)
-        score, token = jax.lax.top_k(log_q(logits[:, -1]), k)                           # the root's children
-        cand_token = jnp.zeros((B, C), jnp.int32).at[:, :k].set(token)
-        cand_score = jnp.full((B, C), -jnp.inf, jnp.float32).at[:, :k].set(score)
+        G = 1 + (self.depth - 1) * k                                                   # sibling groups
+        children = lambda logits, level: _children(logits, k, sampling, keys, level)
+        token, score, q = children(logits[:, -1:], 0)                                   # the root's children
+        cand_token = jnp.zeros((B, C), jnp.int32).at[:, :k].set(token[:, 0])
+        cand_score = jnp.full((B, C), -jnp.inf, jnp.float32).at[:, :k].set(score[:, 0])
         cand_parent = jnp.full((B, C), -1, jnp.int32)
         cand_slot = jnp.full((B, C), -1, jnp.int32)
+        group_q = jnp.zeros((B, G, q.shape[-1]), jnp.float32).at[:, :1].set(q)         # q of each sibling group
         frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (B, k))           # candidate indices
         seen = jnp.zeros((B, k, num_slots), bool)                                     # ancestors' slots
         alone = jnp.broadcast_to(jnp.eye(k, dtype=bool), (B, k, k))                   # frontier nodes are not each other's ancestors
@@ -105,12 +110,13 @@ class DraftTreeDrafter(Drafter):
             hidden, dcache = forward_hidden(dcfg, weights, cand_token[rows, frontier], positions, dcache, alone,
                                             extra_visible=seen, slots=slots)
             cand_slot = cand_slot.at[rows, frontier].set(slots)
-            child_score, child_token = jax.lax.top_k(log_q(lm_head(dcfg, weights, hidden)), k)  # [B, k, k]
+            child_token, child_score, q = children(lm_head(dcfg, weights, hidden), level)   # [B, k, k]
             child_score = child_score + cand_score[rows, frontier][:, :, None]
             first = k + (level - 1) * k * k
             cand_token = cand_token.at[:, first:first + k * k].set(child_token.reshape(B, k * k))
             cand_score = cand_score.at[:, first:first + k * k].set(child_score.reshape(B, k * k))
             cand_parent = cand_parent.at[:, first:first + k * k].set(jnp.repeat(frontier, k, axis=1))
+            group_q = group_q.at[:, 1 + (level - 1) * k:1 + level * k].set(q)
             if level + 1 < self.depth:
                 _, best = jax.lax.top_k(child_score.reshape(B, k * k), k)
                 parent = best // k                                                     # index within the frontier
@@ -118,13 +124,21 @@ class DraftTreeDrafter(Drafter):
                         | (jnp.arange(num_slots)[None, None, :] == jnp.take_along_axis(slots, parent, axis=1)[:, :, None]))
                 frontier = first + best
 
-        order = jnp.argsort(-cand_score, axis=1, stable=True)[:, :self.max_nodes]    # parents before children
+        # Keep the best max_nodes. Top-k children (greedy) are ranked by their own score. Sampled
+        # children must stay i.i.d. draws of their parent's q, so no child may be kept or dropped
+        # for its own value: sibling groups are ranked by their parent's score, and a group cut
+        # short keeps its first draws. Either way parents come before children.
+        parent_score = jnp.where(cand_parent >= 0, cand_score[rows, jnp.maximum(cand_parent, 0)], 0.0)
+        rank_by = jnp.where(sampling.temperature > 0, parent_score, cand_score)
+        order = jnp.argsort(-rank_by, axis=1, stable=True)[:, :self.max_nodes]
         rank = jnp.full((B, C), -1, jnp.int32).at[rows, order].set(jnp.arange(self.max_nodes, dtype=jnp.int32))
         parent = cand_parent[rows, order]
         parents = jnp.where(parent >= 0, rank[rows, jnp.maximum(parent, 0)], -1)
         tokens = cand_token[rows, order]
-        draft = Draft(tokens=tokens, probs=jax.nn.one_hot(tokens, dcfg.vocab_size, dtype=jnp.float32),
-                      lengths=jnp.full((B,), self.max_nodes, jnp.int32), parents=parents)
+        group = jnp.where(order < k, 0, 1 + (order - k) // k)                         # the node's sibling group
+        probs = jnp.where(sampling.temperature > 0, group_q[rows, group],
+                          jax.nn.one_hot(tokens, dcfg.vocab_size, dtype=jnp.float32))
+        draft = Draft(tokens=tokens, probs=probs, lengths=jnp.full((B,), self.max_nodes, jnp.int32), parents=parents)
         return draft, cache, dstate.replace(cache=dcache, node_slots=cand_slot[rows, order], tree_start=start)
 
     def update(self, dstate, draft, num_accepted, path):
@@ -135,3 +149,28 @@ class DraftTreeDrafter(Drafter):
         keep = (depth < num_accepted[:, None]) & (source >= 0)
         dest = jnp.where(keep, dstate.tree_start[:, None] + depth, dstate.cache.num_slots)
         return dstate.replace(cache=copy_slots(dstate.cache, source, dest))
+
+
+def _children(logits, k: int, sampling, keys, level: int):
+    """k children for each of G nodes from their draft logits [B, G, V]: (tokens [B, G, k],
+    log-probability scores [B, G, k], the q they were drawn from [B, G, V]).
+
+    Greedy: the top-k, point masses (q is unused: zeros), scored by the draft sharpened to
+    SCORE_TEMPERATURE_GREEDY. Sampling: k independent draws from the processed draft
+    distribution q (repeats allowed; the multi-draft rule needs independent draws, and a
+    repeat only wastes a node), scored by log q.
+    """
+    B, G, V = logits.shape
+
+    def greedy(logits):
+        score, token = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32) / SCORE_TEMPERATURE_GREEDY), k)
+        return token.astype(jnp.int32), score, jnp.zeros((B, G, V), jnp.float32)
+
+    def sampled(logits):
+        q = probabilities(logits, sampling)
+        def draw(key, q_row):  # [G, V] -> [G, k]
+            return jax.random.categorical(jax.random.fold_in(key, level), jnp.log(q_row), shape=(k, G)).T
+        token = jax.vmap(draw)(keys, q).astype(jnp.int32)
+        return token, jnp.log(jnp.take_along_axis(q, token, axis=-1)), q
+
+    return jax.lax.cond(sampling.temperature > 0, sampled, greedy, logits)
