@@ -53,7 +53,6 @@ def process_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
     Ties at a cut-off are all kept (as Hugging Face's top-k keeps them).
     """
-    vocab = logits.shape[-1]
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
     x = logits.astype(jnp.float32) / temperature
     # The vocabulary sort costs more than a small model's whole step on XLA:CPU (0.5 ms at
