@@ -31,7 +31,7 @@ METHODS = {
     "draft-schedule": "spec.DraftModel(draft, num_tokens, adaptive_schedule=True)",
     "tree": "spec.DraftTree(draft, depth, top_k, max_nodes); tree:DxKxN sets them (default 5x4x32)",
     "layerskip": "spec.LayerSkip(skip_layers, num_tokens)",
-    "lookup": "spec.PromptLookup(max_ngram=3, num_tokens=2*num_tokens)",
+    "lookup": "spec.PromptLookup(max_ngram=3, num_tokens=2*num_tokens); lookup:KxC drafts a tree of C matches",
 }
 NOT_YET = {"sparse": "spec.SparseSelf"}
 
@@ -71,12 +71,15 @@ def make_prompts(kind: str, count: int):
 
 def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3):
     """A method name, optionally with its own draft length: "draft:6", "lookup:10", or a
-    tree's shape: "tree:5x4x32" (depth x top_k x max_nodes)."""
+    tree's shape: "tree:5x4x32" (depth x top_k x max_nodes), "lookup:8x4" (length x matches)."""
     import jaxdec
     spec = jaxdec.spec
     name, _, k = name.partition(":")
     if name == "tree":
         return spec.DraftTree(draft, *(int(x) for x in k.split("x"))) if k else spec.DraftTree(draft)
+    if name == "lookup" and "x" in k:
+        length, candidates = (int(x) for x in k.split("x"))
+        return spec.PromptLookup(max_ngram=3, num_tokens=length, num_candidates=candidates)
     num_tokens = int(k) if k else num_tokens
     if name == "ar":
         return None

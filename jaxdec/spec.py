@@ -142,17 +142,22 @@ class LayerSkip:
 @dataclasses.dataclass(frozen=True)
 class PromptLookup:
     """Drafts up to `num_tokens` tokens that followed an earlier match of the last n-gram
-    (n = max_ngram down to 1) in the prompt and output so far. Needs no draft model."""
+    (n = max_ngram down to 1) in the prompt and output so far. Needs no draft model.
+    num_candidates > 1: the earliest num_candidates matches each give a continuation, merged
+    into a token tree by common prefixes (up to num_candidates * num_tokens nodes)."""
     max_ngram: int = 3
     num_tokens: int = 8
+    num_candidates: int = 1
 
     def __post_init__(self):
         _check_num_tokens(self.num_tokens)
-        if not isinstance(self.max_ngram, numbers.Integral) or isinstance(self.max_ngram, bool) or self.max_ngram < 1:
-            raise ValueError(f"max_ngram must be an integer >= 1, got {self.max_ngram!r}")
+        _check_positive("max_ngram", self.max_ngram, "longest n-gram searched")
+        _check_positive("num_candidates", self.num_candidates, "matches drafted at once")
 
     def build(self, target: Model, batch_size: int, num_slots: int):
-        return PromptLookupDrafter(int(self.max_ngram), int(self.num_tokens), target.config.vocab_size), None, None
+        drafter = PromptLookupDrafter(int(self.max_ngram), int(self.num_tokens), target.config.vocab_size,
+                                      int(self.num_candidates))
+        return drafter, None, None
 
 
 METHODS = (DraftModel, DraftTree, LayerSkip, PromptLookup)

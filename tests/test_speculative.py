@@ -157,7 +157,8 @@ def _check_greedy_equal(target, prompts, max_new_tokens, method, data):
 DRAFT_MODEL_COMBOS = [(8, 4, "small", {}), (1, 1, "small", {}), (4, 3, "noisy", {}), (4, 3, "self", {}),
                       (4, 4, "noisy", dict(confidence_threshold=0.5, adaptive_schedule=True))]
 LAYER_SKIP_COMBOS = [(4, 2, (0,)), (8, 5, (1,))]
-PROMPT_LOOKUP_COMBOS = [(4, 8, 3), (8, 1, 2), (1, 3, 1)]  # (bucket, num_tokens, max_ngram)
+# (bucket, num_tokens, max_ngram, num_candidates): chains, and trees of merged matches.
+PROMPT_LOOKUP_COMBOS = [(4, 8, 3, 1), (8, 1, 2, 1), (1, 3, 1, 1), (4, 4, 2, 3), (8, 3, 1, 4)]
 
 
 @HYPOTHESIS
@@ -193,8 +194,8 @@ def test_greedy_layer_skip_equals_plain(llama, case, data):
 @HYPOTHESIS
 @given(case=greedy_cases(PROMPT_LOOKUP_COMBOS), data=st.data())
 def test_greedy_prompt_lookup_equals_plain(llama, case, data):
-    (_, num_tokens, max_ngram), prompts, max_new_tokens = case
-    method = spec.PromptLookup(max_ngram=max_ngram, num_tokens=num_tokens)
+    (_, num_tokens, max_ngram, num_candidates), prompts, max_new_tokens = case
+    method = spec.PromptLookup(max_ngram=max_ngram, num_tokens=num_tokens, num_candidates=num_candidates)
     _check_greedy_equal(llama, prompts, max_new_tokens, method, data)
 
 
@@ -361,6 +362,66 @@ def test_prompt_lookup_drafts_match_reference(llama, max_ngram, num_tokens):
         np.testing.assert_array_equal(probs[b, :len(want)], np.eye(VOCAB_SIZE)[want].reshape(-1, VOCAB_SIZE))
         fired += bool(want)
     assert 0 < fired < B
+
+
+def lookup_candidates(row, max_ngram, num_tokens, num_candidates):
+    """The continuations after the earliest num_candidates matches of the longest matching
+    n-gram (n <= max_ngram), as lookup_reference picks the first."""
+    L = len(row)
+    for n in range(max_ngram, 0, -1):
+        if L < n:
+            continue
+        found = [row[j + n:j + n + num_tokens] for j in range(L - n) if row[j:j + n] == row[L - n:]]
+        if found:
+            return found[:num_candidates]
+    return []
+
+
+def _paths(tokens, parents, count):
+    """Each node's token path from the root's child down to it."""
+    paths = []
+    for i in range(count):
+        assert parents[i] < i, "nodes in topological order"
+        paths.append((paths[parents[i]] if parents[i] >= 0 else ()) + (int(tokens[i]),))
+    return paths
+
+
+@pytest.mark.parametrize("max_ngram, num_tokens, num_candidates", [(2, 3, 3), (1, 4, 4), (3, 2, 2)])
+def test_prompt_lookup_tree_merges_the_matches(llama, max_ngram, num_tokens, num_candidates):
+    """The tree's nodes are exactly the distinct prefixes of the candidate continuations,
+    each once, with the right parents; padding past the count."""
+    B, S = 64, 32
+    rng = np.random.default_rng(10 + max_ngram)
+    rows = [rng.integers(0, [2, 3, 5, VOCAB_SIZE][b % 4], size=rng.integers(1, S + 1)).tolist() for b in range(B)]
+    rows[0] = [9, 1, 2, 3, 7, 1, 2, 4, 8, 1, 2, 3, 6, 1, 2]  # three matches of (1, 2); two start with 3
+    tokens = np.full((B, S), 5, np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)] = row
+    lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
+    state = DecodeState(tokens=jnp.asarray(tokens), lengths=lengths, prompt_lengths=jnp.minimum(lengths, 3),
+                        done=jnp.zeros(B, bool), keys=jax.random.split(jax.random.key(0), B),
+                        target_steps=jnp.int32(0), active_row_steps=jnp.int32(0))
+    method = spec.PromptLookup(max_ngram=max_ngram, num_tokens=num_tokens, num_candidates=num_candidates)
+    drafter, _, _ = method.build(llama, B, S)
+    draft, _, _ = drafter.propose(llama.config, None, None, None, None, state, None, None)
+    draft_tokens, parents, count = map(np.asarray, (draft.tokens, draft.parents, draft.lengths))
+    merged = 0
+    for b, row in enumerate(rows):
+        candidates = lookup_candidates(row, max_ngram, num_tokens, num_candidates)
+        want = []
+        for cand in candidates:
+            for d in range(1, len(cand) + 1):
+                if tuple(cand[:d]) not in want:
+                    want.append(tuple(cand[:d]))
+        got = _paths(draft_tokens[b], parents[b], count[b])
+        assert got == want, (b, row)
+        assert (parents[b, count[b]:] == -1).all()
+        np.testing.assert_array_equal(np.asarray(draft.probs)[b, :count[b]], np.eye(VOCAB_SIZE)[draft_tokens[b, :count[b]]])
+        merged += sum(len(c) for c in candidates) > len(want)
+    assert merged > 0, "some rows shared prefixes between matches"
+    if max_ngram == 2 and num_tokens == 3:
+        assert draft_tokens[0, :count[0]].tolist() == [3, 7, 1, 4, 8, 1, 6, 1]
+        assert parents[0, :count[0]].tolist() == [-1, 0, 1, -1, 3, 4, 0, 6]
 
 
 def test_prompt_lookup_fires_on_repetitive_prompts(llama):

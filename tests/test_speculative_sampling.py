@@ -341,6 +341,9 @@ SAMPLED = {
     # Point-mass drafts and top-k: drafted tokens outside the kept set are always rejected.
     "prompt_lookup_filtered": (lambda m: spec.PromptLookup(max_ngram=2, num_tokens=3),
                                dict(temperature=1.0, top_k=3)),
+    # A tree of several prompt-lookup matches: point-mass siblings tried in turn.
+    "prompt_lookup_tree": (lambda m: spec.PromptLookup(max_ngram=1, num_tokens=2, num_candidates=3),
+                           dict(temperature=1.0)),
     # Trees of sampled children: the multi-draft rule tries the independent draws in turn.
     "draft_tree": (lambda m: spec.DraftTree(m["draft"], depth=2, top_k=2, max_nodes=5), dict(temperature=1.0)),
     "draft_tree_filtered": (lambda m: spec.DraftTree(m["draft"], depth=3, top_k=3, max_nodes=8),

@@ -2,9 +2,15 @@
 
 Draft-free and deterministic: q is a point mass on each drafted token. For n from max_ngram
 down to 1, the row's last n tokens (ending with the pending token) are searched for in its
-prompt and output; the earliest match with a continuation wins (as in Hugging Face's prompt
-lookup) and up to num_tokens following tokens become the draft. A row with no match drafts
-nothing (Draft.lengths = 0) and advances by one token, like plain decoding.
+prompt and output; the longest n with a match wins, and its earliest match with a
+continuation (as in Hugging Face's prompt lookup) gives up to num_tokens following tokens. A
+row with no match drafts nothing (Draft.lengths = 0) and advances by one token, like plain
+decoding.
+
+With num_candidates > 1 the earliest num_candidates matches of that n-gram each give a
+continuation, merged into a token tree by common prefixes (a trie): a repeated line that went
+on differently in different places is drafted both ways at once, and the target keeps the
+deepest branch it agrees with.
 """
 
 from __future__ import annotations
@@ -23,26 +29,78 @@ class PromptLookupDrafter(Drafter):
     max_ngram: int
     num_tokens: int
     vocab_size: int
+    num_candidates: int = 1
 
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
         tokens, lengths = state.tokens, state.lengths
-        B, S = tokens.shape
-        K = self.num_tokens
-        starts = jnp.arange(S)[None, :]                                    # match start j
-        best_start = jnp.full((B,), -1, jnp.int32)                         # continuation start
-        for n in range(1, self.max_ngram + 1):  # longer n-grams overwrite shorter ones
-            pattern = jnp.take_along_axis(tokens, jnp.clip(lengths[:, None] - n + jnp.arange(n), 0, S - 1), axis=1)
-            match = jnp.ones((B, S), bool)
-            for o in range(n):
-                shifted = jnp.roll(tokens, -o, axis=1)                     # shifted[:, j] = tokens[:, j + o]
-                match &= shifted == pattern[:, o:o + 1]
-            # The continuation j + n must be a known token other than the pattern's own end.
-            match &= (starts + n < lengths[:, None]) & (lengths[:, None] >= n)
-            earliest = jnp.min(jnp.where(match, starts, S), axis=1).astype(jnp.int32)
-            best_start = jnp.where(earliest < S, earliest + n, best_start)
-        found = best_start >= 0
-        index = jnp.clip(best_start[:, None] + jnp.arange(K)[None, :], 0, S - 1)
-        draft_tokens = jnp.where(found[:, None], jnp.take_along_axis(tokens, index, axis=1), 0)
-        count = jnp.where(found, jnp.minimum(K, lengths - best_start), 0).astype(jnp.int32)
-        probs = jax.nn.one_hot(draft_tokens, self.vocab_size, dtype=jnp.float32)
-        return Draft(tokens=draft_tokens, probs=probs, lengths=count), cache, dstate
+        C, K = self.num_candidates, self.num_tokens
+        starts, n = _matches(tokens, lengths, self.max_ngram, C)                  # [B, C], [B]
+        S = tokens.shape[1]
+        found = starts >= 0
+        offsets = jnp.arange(K)[None, None, :]
+        index = starts[:, :, None] + n[:, None, None] + offsets                  # [B, C, K]
+        valid = found[:, :, None] & (index < lengths[:, None, None])
+        cand = jnp.where(valid, jnp.take_along_axis(tokens[:, None, :], jnp.clip(index, 0, S - 1), axis=2), 0)
+        if C == 1:
+            draft_tokens, count = cand[:, 0], jnp.sum(valid[:, 0], axis=1, dtype=jnp.int32)
+            return Draft(tokens=draft_tokens, probs=self._point_masses(draft_tokens), lengths=count), cache, dstate
+        draft_tokens, parents, count = _trie(cand, valid)
+        draft = Draft(tokens=draft_tokens, probs=self._point_masses(draft_tokens), lengths=count, parents=parents)
+        return draft, cache, dstate
+
+    def _point_masses(self, draft_tokens):
+        return jax.nn.one_hot(draft_tokens, self.vocab_size, dtype=jnp.float32)
+
+
+def _matches(tokens, lengths, max_ngram: int, num_candidates: int):
+    """(continuation starts [B, C] of the earliest C matches, -1 past the last match; the n
+    matched [B]) for the longest n <= max_ngram whose last-n-gram has any earlier match with a
+    known continuation other than the pattern's own end."""
+    B, S = tokens.shape
+    starts = jnp.arange(S)[None, :]                                    # match start j
+    chosen = jnp.zeros((B, S), bool)
+    chosen_n = jnp.zeros((B,), jnp.int32)
+    for n in range(1, max_ngram + 1):  # longer n-grams overwrite shorter ones
+        pattern = jnp.take_along_axis(tokens, jnp.clip(lengths[:, None] - n + jnp.arange(n), 0, S - 1), axis=1)
+        match = jnp.ones((B, S), bool)
+        for o in range(n):
+            shifted = jnp.roll(tokens, -o, axis=1)                     # shifted[:, j] = tokens[:, j + o]
+            match &= shifted == pattern[:, o:o + 1]
+        match &= (starts + n < lengths[:, None]) & (lengths[:, None] >= n)
+        hit = jnp.any(match, axis=1)
+        chosen = jnp.where(hit[:, None], match, chosen)
+        chosen_n = jnp.where(hit, n, chosen_n)
+    if num_candidates == 1:  # the earliest match: a min, cheaper than a top-k
+        earliest = jnp.min(jnp.where(chosen, starts, S), axis=1, keepdims=True)
+        return jnp.where(earliest < S, earliest, -1).astype(jnp.int32), chosen_n
+    # The earliest C matches: the C largest of S - j over matching j.
+    key, _ = jax.lax.top_k(jnp.where(chosen, S - starts, 0), num_candidates)
+    return jnp.where(key > 0, S - key, -1).astype(jnp.int32), chosen_n
+
+
+def _trie(cand, valid):
+    """Merges C candidate continuations [B, C, K] (valid: which tokens exist) into a tree.
+
+    Node (c, d) is token d of candidate c; it is the same node as (c', d) for the first c'
+    that agrees with c on tokens 0..d. The distinct nodes, in order of c * K + d (parents
+    come first), are returned compacted to the front: (tokens [B, C*K], parents [B, C*K],
+    count [B]); the rest is padding.
+    """
+    B, C, K = cand.shape
+    same = (cand[:, :, None, :] == cand[:, None, :, :]) & valid[:, :, None, :] & valid[:, None, :, :]
+    prefix = jnp.cumprod(same, axis=-1).astype(bool)                  # [B, c', c, d]: agree on 0..d
+    earlier = jnp.arange(C)[:, None] <= jnp.arange(C)[None, :]         # c' <= c
+    owner = jnp.argmax(prefix & earlier[None, :, :, None], axis=1)    # [B, c, d]: first c' agreeing
+    node = owner * K + jnp.arange(K)[None, None, :]                    # flat index of (c, d)'s node
+    distinct = (owner == jnp.arange(C)[None, :, None]) & valid
+    parent = jnp.where(jnp.arange(K)[None, None, :] > 0, jnp.roll(node, 1, axis=2), -1)
+    flat = lambda x: x.reshape(B, C * K)
+    order = jnp.argsort(~flat(distinct), axis=1, stable=True)          # distinct nodes first, in order
+    position = jnp.zeros((B, C * K), jnp.int32).at[jnp.arange(B)[:, None], order].set(
+        jnp.arange(C * K, dtype=jnp.int32))
+    parents = jnp.take_along_axis(flat(parent), order, axis=1)
+    parents = jnp.where(parents >= 0, jnp.take_along_axis(position, jnp.maximum(parents, 0), axis=1), -1)
+    count = jnp.sum(distinct, axis=(1, 2), dtype=jnp.int32)
+    real = jnp.arange(C * K)[None, :] < count[:, None]
+    tokens = jnp.where(real, jnp.take_along_axis(flat(cand), order, axis=1), 0)
+    return tokens, jnp.where(real, parents, -1).astype(jnp.int32), count
