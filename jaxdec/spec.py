@@ -17,6 +17,8 @@ from jaxdec.cache import init_cache
 from jaxdec.drafters.draft_model import DraftModelDrafter, DraftModelState
 from jaxdec.drafters.draft_tree import DraftTreeDrafter, DraftTreeState, num_candidates
 from jaxdec.drafters.layer_skip import LayerSkipDrafter
+from jaxdec.drafters.static_tree import StaticTreeDrafter
+from jaxdec.tree import StaticTree as TreeShape
 from jaxdec.drafters.prompt_lookup import PromptLookupDrafter
 from jaxdec.loading import Model
 
@@ -114,6 +116,41 @@ class DraftTree:
         return drafter, None if same else self.model.params, state
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class StaticTree:
+    """A fixed token-tree shape filled in by a draft model each round (Sequoia / Medusa
+    style): `paths` lists the nodes as tuples of child ranks, (0,) the root's likeliest
+    child, (0, 1) the second likeliest child of that, and so on; every prefix of a path must
+    be listed too. Each row keeps the deepest path the target accepts."""
+    model: Model
+    paths: tuple
+
+    def __post_init__(self):
+        _check_draft_model("StaticTree", self.model, None, 0)
+        shape = TreeShape(self.paths)  # validates
+        if max(shape.ranks) >= self.model.config.vocab_size:
+            raise ValueError(f"child rank {max(shape.ranks)} in paths is outside the draft's vocabulary "
+                             f"({self.model.config.vocab_size})")
+        object.__setattr__(self, "paths", shape.paths)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.paths)
+
+    @property
+    def depth(self) -> int:
+        return max(len(p) for p in self.paths)
+
+    def build(self, target: Model, batch_size: int, num_slots: int):
+        _check_draft_model("StaticTree", self.model, target, num_slots)
+        same = self.model.params is target.params
+        drafter = StaticTreeDrafter(self.model.config, TreeShape(self.paths), drafts_with_target=same)
+        state = DraftTreeState(cache=init_cache(self.model.config, batch_size, num_slots, self.model.dtype),
+                               node_slots=jnp.full((batch_size, len(self.paths)), -1, jnp.int32),
+                               tree_start=jnp.zeros((batch_size,), jnp.int32))
+        return drafter, None if same else self.model.params, state
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSkip:
     """The target itself drafts `num_tokens` tokens with the listed layers skipped."""
@@ -160,6 +197,6 @@ class PromptLookup:
         return drafter, None, None
 
 
-METHODS = (DraftModel, DraftTree, LayerSkip, PromptLookup)
+METHODS = (DraftModel, DraftTree, StaticTree, LayerSkip, PromptLookup)
 
-__all__ = ["DraftModel", "DraftTree", "LayerSkip", "PromptLookup"]
+__all__ = ["DraftModel", "DraftTree", "StaticTree", "LayerSkip", "PromptLookup"]

@@ -55,3 +55,46 @@ def gather_steps(new_kv, path):
     order = jnp.concatenate([jnp.zeros((path.shape[0], 1), jnp.int32), path + 1], axis=1)   # [B, N+1]
     take = lambda x: None if x is None else jnp.take_along_axis(x, order[:, :, None, None], axis=1)
     return jax.tree.map(take, new_kv, is_leaf=lambda x: x is None)
+
+
+class StaticTree:
+    """A fixed tree shape given as paths of child ranks (Medusa / Sequoia style).
+
+    Each path names a node by the ranks of the choices leading to it: (0,) is the root's
+    likeliest child, (1,) its second, (0, 2) the third likeliest child of (0,). Every prefix
+    of a path must be a path too. Nodes are numbered in order of (depth, path), so parents
+    come first. Plain tuples and numpy arrays only: the shape is static, known when tracing.
+    """
+
+    def __init__(self, paths):
+        try:
+            nodes = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+        except (TypeError, ValueError):
+            raise ValueError(f"paths must be a list of tuples of child ranks, e.g. [(0,), (1,), (0, 0)], "
+                             f"got {paths!r:.80}") from None
+        if not nodes or any(len(p) == 0 or min(p) < 0 for p in nodes):
+            raise ValueError(f"paths must be non-empty tuples of ranks >= 0, got {paths!r:.80}")
+        index = {p: i for i, p in enumerate(nodes)}
+        missing = [p[:-1] for p in nodes if len(p) > 1 and p[:-1] not in index]
+        if missing:
+            raise ValueError(f"path {missing[0]} is missing: every prefix of a path must be a path too")
+        self.paths = tuple(nodes)
+        self.parents = tuple(index[p[:-1]] if len(p) > 1 else -1 for p in nodes)
+        self.ranks = tuple(p[-1] for p in nodes)
+        self.depths = tuple(len(p) for p in nodes)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __eq__(self, other):
+        return isinstance(other, StaticTree) and self.paths == other.paths
+
+    def __hash__(self):
+        return hash(self.paths)
+
+    @property
+    def depth(self) -> int:
+        return max(self.depths)
+
+    def children(self, node: int) -> tuple[int, ...]:
+        return tuple(i for i, p in enumerate(self.parents) if p == node)

@@ -74,7 +74,7 @@ def _drafts(llama, small_draft, noisy_draft):
 
 def _longest_draft(method) -> int:
     """The most draft tokens one round can accept: a tree's depth, a chain's length."""
-    return method.depth if isinstance(method, spec.DraftTree) else method.num_tokens
+    return method.depth if isinstance(method, (spec.DraftTree, spec.StaticTree)) else method.num_tokens
 
 
 def _check_stats(out, num_rows, num_tokens):
@@ -184,6 +184,20 @@ def test_greedy_draft_tree_equals_plain(llama, small_draft, noisy_draft, case, d
     _check_greedy_equal(llama, prompts, max_new_tokens, method, data)
 
 
+# (batch bucket, paths, draft): a wide shallow tree, a deep one with branches, a lone node.
+STATIC_TREE_COMBOS = [(8, ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0)), "small"),
+                      (4, ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0), (1,), (0, 1), (0, 0, 1)), "noisy"),
+                      (1, ((1,),), "noisy"), (4, ((0,), (1,), (0, 0), (0, 0, 0)), "self")]
+
+
+@HYPOTHESIS
+@given(case=greedy_cases(STATIC_TREE_COMBOS), data=st.data())
+def test_greedy_static_tree_equals_plain(llama, small_draft, noisy_draft, case, data):
+    (_, paths, draft), prompts, max_new_tokens = case
+    method = spec.StaticTree(_drafts(llama, small_draft, noisy_draft)[draft], paths)
+    _check_greedy_equal(llama, prompts, max_new_tokens, method, data)
+
+
 @HYPOTHESIS
 @given(case=greedy_cases(LAYER_SKIP_COMBOS), data=st.data())
 def test_greedy_layer_skip_equals_plain(llama, case, data):
@@ -265,20 +279,23 @@ def test_perfect_draft_accepts_everything(llama, perfect_reference, method):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_tree_of_single_children_is_the_chain(llama, noisy_draft, temperature):
-    """DraftTree with top_k=1 grows one chain of `depth` draft argmaxes through the tree code
+    """DraftTree with top_k=1, or a static tree of rank-0 children, grows one chain of `depth` draft argmaxes through the tree code
     (tree drafting, ancestor masks, multi-draft acceptance, path gathering): its rounds are the
     chain drafter's greedy rounds. Sampled, both stay lossless but draw differently."""
     prompts = [[5, 17, 33, 2, 90, 41, 7], [9, 9, 9, 12], list(range(60, 76))]
     chain = jaxdec.generate(llama, prompts, max_new_tokens=30, stop_token_ids=[], temperature=temperature,
                             speculative=spec.DraftModel(noisy_draft, num_tokens=4))
-    tree = jaxdec.generate(llama, prompts, max_new_tokens=30, stop_token_ids=[], temperature=temperature,
-                           speculative=spec.DraftTree(noisy_draft, depth=4, top_k=1, max_nodes=4))
-    if temperature == 0:
-        assert tree.tokens == chain.tokens
-        assert (tree.stats.target_steps, tree.stats.mean_accepted) == (chain.stats.target_steps, chain.stats.mean_accepted)
-        assert 1 < tree.stats.mean_accepted < 5
-    else:
-        assert [len(t) for t in tree.tokens] == [30] * 3
+    for method in (spec.DraftTree(noisy_draft, depth=4, top_k=1, max_nodes=4),
+                   spec.StaticTree(noisy_draft, [(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)])):
+        tree = jaxdec.generate(llama, prompts, max_new_tokens=30, stop_token_ids=[], temperature=temperature,
+                               speculative=method)
+        if temperature == 0:
+            assert tree.tokens == chain.tokens
+            assert (tree.stats.target_steps, tree.stats.mean_accepted) == (chain.stats.target_steps,
+                                                                           chain.stats.mean_accepted)
+            assert 1 < tree.stats.mean_accepted < 5
+        else:
+            assert [len(t) for t in tree.tokens] == [30] * 3
 
 
 def test_rounds_and_stats_counted_by_streaming(llama, noisy_draft):
@@ -458,7 +475,8 @@ def test_prompt_lookup_without_matches_is_plain_decoding(llama):
     lambda draft: spec.DraftTree(draft, depth=3, top_k=2, max_nodes=6),
     lambda draft: spec.DraftTree(draft, depth=4, top_k=3, max_nodes=12),
     lambda draft: spec.DraftModel(draft, num_tokens=3),
-], ids=["tree-3x2", "tree-4x3", "chain"])
+    lambda draft: spec.StaticTree(draft, [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]),
+], ids=["tree-3x2", "tree-4x3", "chain", "static"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_commit_leaves_the_cache_of_plain_decoding(llama, noisy_draft, make, temperature):
     """After a few rounds every valid slot of the target's cache holds what a plain forward
@@ -513,7 +531,8 @@ def test_commit_leaves_the_cache_of_plain_decoding(llama, noisy_draft, make, tem
 
 def test_steady_state_speculative_compiles_nothing(llama, noisy_draft):
     methods = [spec.DraftModel(noisy_draft, num_tokens=3), spec.LayerSkip([0], num_tokens=2),
-               spec.PromptLookup(max_ngram=3, num_tokens=8), spec.DraftTree(noisy_draft, depth=3, top_k=2, max_nodes=6)]
+               spec.PromptLookup(max_ngram=3, num_tokens=8), spec.DraftTree(noisy_draft, depth=3, top_k=2, max_nodes=6),
+               spec.StaticTree(noisy_draft, [(0,), (1,), (0, 0)])]
     for method in methods:  # warm-up: compiles, unless an earlier test already did
         jaxdec.generate(llama, [[5, 6, 7], [8] * 9, [1, 2]], max_new_tokens=20, stop_token_ids=[],
                         speculative=method)
@@ -523,6 +542,7 @@ def test_steady_state_speculative_compiles_nothing(llama, noisy_draft):
     other_weights = model_from_params(noisy_draft.config, jax.tree_util.tree_map(lambda x: 0.9 * x, noisy_draft.params))
     methods[0] = spec.DraftModel(other_weights, num_tokens=3)
     methods[3] = spec.DraftTree(other_weights, depth=3, top_k=2, max_nodes=6)
+    methods[4] = spec.StaticTree(other_weights, [(0,), (1,), (0, 0)])
     with compilations() as steady:
         for i, method in enumerate(methods):
             out = jaxdec.generate(llama, [[9] * 16, [3, 99], [40, 41, 40, 41], [7]], max_new_tokens=40,
@@ -572,7 +592,17 @@ def test_bad_draft_tree_options(llama, kwargs, pattern):
         spec.DraftTree(llama, **kwargs)
 
 
-@pytest.mark.parametrize("method", [spec.DraftModel, spec.DraftTree])
+@pytest.mark.parametrize("paths, pattern", [
+    ([], r"paths must be non-empty"), ([()], r"non-empty"), ([(0,), (-1,)], r"ranks >= 0"),
+    ([(0,), (0, 1, 0)], r"path \(0, 1\) is missing"), ("abc", r"paths must be a list of tuples.*abc"),
+    ([(0,), (VOCAB_SIZE,)], rf"rank {VOCAB_SIZE}.*vocabulary"),
+])
+def test_bad_static_tree_paths(llama, paths, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        spec.StaticTree(llama, paths)
+
+
+@pytest.mark.parametrize("method", [spec.DraftModel, spec.DraftTree, lambda d: spec.StaticTree(d, [(0,)])])
 @pytest.mark.parametrize("vocab", [8, VOCAB_SIZE + 1])
 def test_draft_vocabulary_must_match_target(llama, vocab, method):
     cfg = dataclasses.replace(llama.config, vocab_size=vocab)
@@ -608,7 +638,7 @@ def test_unknown_speculative_object(llama, bad):
         jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=4, speculative=bad)
 
 
-@pytest.mark.parametrize("method", [spec.DraftModel, spec.DraftTree])
+@pytest.mark.parametrize("method", [spec.DraftModel, spec.DraftTree, lambda m: spec.StaticTree(m, [(0,)])])
 @pytest.mark.parametrize("bad", ["demo-draft", None, 3])
 def test_draft_model_needs_a_model(bad, method):
     with pytest.raises(ValueError, match=_named(bad)):

@@ -344,6 +344,9 @@ SAMPLED = {
     # A tree of several prompt-lookup matches: point-mass siblings tried in turn.
     "prompt_lookup_tree": (lambda m: spec.PromptLookup(max_ngram=1, num_tokens=2, num_candidates=3),
                            dict(temperature=1.0)),
+    # A static tree of top-ranked children: point masses, siblings tried in turn.
+    "static_tree": (lambda m: spec.StaticTree(m["draft"], [(0,), (1,), (0, 0), (0, 1), (1, 0)]),
+                    dict(temperature=1.0)),
     # Trees of sampled children: the multi-draft rule tries the independent draws in turn.
     "draft_tree": (lambda m: spec.DraftTree(m["draft"], depth=2, top_k=2, max_nodes=5), dict(temperature=1.0)),
     "draft_tree_filtered": (lambda m: spec.DraftTree(m["draft"], depth=3, top_k=3, max_nodes=8),
@@ -362,11 +365,11 @@ def test_sampled_tokens_follow_the_target_distribution(tiny, name):
 
     # Drafts were proposed and both outcomes happened: some accepted (more than one token per
     # round), some rejected (fewer than num_tokens + 1).
-    longest = method.depth if isinstance(method, spec.DraftTree) else method.num_tokens
+    longest = method.depth if isinstance(method, (spec.DraftTree, spec.StaticTree)) else method.num_tokens
     assert 1.0 < mean_accepted < longest + 1, mean_accepted
 
     # Power: the same draws refute what always accepting the draft would give.
-    if isinstance(method, spec.PromptLookup):
+    if isinstance(method, (spec.PromptLookup, spec.StaticTree)):
         # Deterministic drafts have no distribution of their own; the target at another
         # temperature stands in as the clearly wrong answer.
         wrong = joint3([target_logits] * 3, {**sampling, "temperature": 1.6}, exact=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxdec.sampling import SamplingParams, probabilities
-from jaxdec.tree import ancestor_mask, chain_parents, gather_steps, path_to, step_depths
+from jaxdec.tree import StaticTree, ancestor_mask, chain_parents, gather_steps, path_to, step_depths
 from jaxdec.verify import Draft, _accept_sampled_tree, accept
 from tests.test_speculative_sampling import check_fit, rejects
 
@@ -200,3 +200,13 @@ def test_tree_rule_on_a_chain_is_the_chain_rule():
     inside = np.arange(K)[None, :] < np.asarray(want[0])[:, None]             # the path itself
     np.testing.assert_array_equal(np.asarray(want[2])[inside], np.asarray(got[2])[inside])
     assert len(set(np.asarray(want[0]))) == K + 1
+
+
+def test_static_tree_numbers_nodes_by_depth_then_path():
+    tree = StaticTree([(1, 0), (0,), (0, 0), (1,), (0, 0, 2), (0, 0)])   # unordered, one repeat
+    assert tree.paths == ((0,), (1,), (0, 0), (1, 0), (0, 0, 2))
+    assert tree.parents == (-1, -1, 0, 1, 2)
+    assert tree.ranks == (0, 1, 0, 0, 2)
+    assert tree.depths == (1, 1, 2, 2, 3) and tree.depth == 3
+    assert tree.children(-1) == (0, 1) and tree.children(2) == (4,) and tree.children(4) == ()
+    assert tree == StaticTree([(0,), (1,), (0, 0), (1, 0), (0, 0, 2)]) and hash(tree) == hash(StaticTree(tree.paths))

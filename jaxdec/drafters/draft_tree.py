@@ -142,13 +142,19 @@ class DraftTreeDrafter(Drafter):
         return draft, cache, dstate.replace(cache=dcache, node_slots=cand_slot[rows, order], tree_start=start)
 
     def update(self, dstate, draft, num_accepted, path):
-        # The accepted path's entries, at the slots of their positions: depth d at tree_start + d - 1.
-        B, N = path.shape
-        depth = jnp.arange(N)[None, :]
-        source = jnp.take_along_axis(dstate.node_slots, path, axis=1)
-        keep = (depth < num_accepted[:, None]) & (source >= 0)
-        dest = jnp.where(keep, dstate.tree_start[:, None] + depth, dstate.cache.num_slots)
-        return dstate.replace(cache=copy_slots(dstate.cache, source, dest))
+        return keep_accepted_path(dstate, num_accepted, path)
+
+
+def keep_accepted_path(dstate: DraftTreeState, num_accepted, path) -> DraftTreeState:
+    """The draft cache with the accepted path's entries at the slots of their positions (depth
+    d at tree_start + d - 1), so the next round reads them as a prefix. Nodes the draft never
+    ran (leaves) have no entries; the next round's catch-up reads the last of them anyway."""
+    B, N = path.shape
+    depth = jnp.arange(N)[None, :]
+    source = jnp.take_along_axis(dstate.node_slots, path, axis=1)
+    keep = (depth < num_accepted[:, None]) & (source >= 0)
+    dest = jnp.where(keep, dstate.tree_start[:, None] + depth, dstate.cache.num_slots)
+    return dstate.replace(cache=copy_slots(dstate.cache, source, dest))
 
 
 def _children(logits, k: int, sampling, keys, level: int):
