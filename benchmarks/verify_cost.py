@@ -1,12 +1,15 @@
 """What a speculative round costs at real model shapes, and the speedup those costs allow.
 
     python benchmarks/verify_cost.py --target-shape llama3-8b --draft-shape llama3.2-1b \
-        --dtype bfloat16 --context 1024 --max-draft 7 --out benchmarks/results/verify_cost_h100.json
+        --dtype bfloat16 --context 1024 --max-draft 7 --tree-tokens 17 33 65 \
+        --out benchmarks/results/verify_cost_h100.json
 
 Random weights (cost does not depend on them). Measures, at batch `--batch-size` with a
 cache holding `--context` tokens:
   * the target's step over T = 1 .. max_draft + 1 tokens (a verify of k drafts is T = k + 1;
     T = 1 is a plain decoding step), each the forward, the cache write and the LM head;
+  * with --tree-tokens, wider verify steps too (a tree of N nodes is T = N + 1 tokens; the
+    ancestor mask costs nothing over a causal one);
   * the draft model's 1-token step.
 Each timing is many steps inside one jitted loop (no host round trip between them), the best
 of `--repeats`. From these costs the standard formula (Leviathan et al. 2023) gives the
@@ -92,6 +95,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--context", type=int, default=1024, help="tokens already in the cache")
     parser.add_argument("--max-draft", type=int, default=7, help="largest k (verify of k + 1 tokens)")
+    parser.add_argument("--tree-tokens", type=int, nargs="*", default=[],
+                        help="also time verify steps of these many tokens (tree nodes + 1), e.g. 17 33 65")
     parser.add_argument("--acceptance", type=float, nargs="+", default=[0.6, 0.8])
     parser.add_argument("--iterations", type=int, default=20, help="steps per timed loop")
     parser.add_argument("--repeats", type=int, default=3)
@@ -100,6 +105,8 @@ def main(argv=None):
     for name in ("batch_size", "context", "max_draft", "iterations", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if any(t < 1 for t in args.tree_tokens):
+        parser.error(f"--tree-tokens must be >= 1, got {args.tree_tokens}")
     if not all(0 <= a <= 1 for a in args.acceptance):
         parser.error(f"--acceptance rates must be in [0, 1], got {args.acceptance}")
 
@@ -111,14 +118,16 @@ def main(argv=None):
 
     dtype = jnp.dtype(args.dtype)
     target_cfg, draft_cfg = ModelConfig(**SHAPES[args.target_shape]), ModelConfig(**SHAPES[args.draft_shape])
-    if args.context + args.max_draft + 1 > min(target_cfg.max_position_embeddings, draft_cfg.max_position_embeddings):
-        parser.error(f"--context {args.context} plus {args.max_draft + 1} tokens exceeds the models' context")
+    widest = max([args.max_draft + 1, *args.tree_tokens])
+    if args.context + widest > min(target_cfg.max_position_embeddings, draft_cfg.max_position_embeddings):
+        parser.error(f"--context {args.context} plus {widest} tokens exceeds the models' context")
     measure = lambda cfg, params, T: step_seconds(cfg, params, args.batch_size, args.context, T,
                                                    args.iterations, args.repeats)
 
     target = init_params(target_cfg, jax.random.key(0), dtype)
     target_seconds = {}
-    for T in range(1, args.max_draft + 2):
+    # A tree verify costs what a chain of as many tokens costs: only the mask differs.
+    for T in sorted({*range(1, args.max_draft + 2), *args.tree_tokens}):
         target_seconds[T] = measure(target_cfg, target, T)
         print(f"target {args.target_shape} T={T}: {target_seconds[T] * 1e3:.3f} ms "
               f"({target_seconds[T] / target_seconds[1]:.3f}x a 1-token step)", flush=True)

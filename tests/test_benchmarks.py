@@ -25,11 +25,11 @@ def test_formula_speedup_is_tokens_per_round_over_round_cost():
 def test_verify_cost_runs_and_writes_its_results(tmp_path):
     out = tmp_path / "cost.json"
     result = verify_cost.main(["--target-shape", "llama-10m", "--draft-shape", "llama-10m", "--dtype", "float32",
-                               "--context", "16", "--max-draft", "2", "--iterations", "2", "--repeats", "1",
+                               "--context", "16", "--max-draft", "2", "--tree-tokens", "5", "--iterations", "2", "--repeats", "1",
                                "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["result"] == json.loads(json.dumps(result))
-    assert set(result["target_step_ms"]) == {"1", "2", "3"}
+    assert set(result["target_step_ms"]) == {"1", "2", "3", "5"}
     assert result["verify_over_step"]["1"] == 1.0
     best = result["formula_speedup"]["0.8"]
     assert best["best_speedup"] == max(best["per_num_drafts"].values())
