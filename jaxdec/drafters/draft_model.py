@@ -13,7 +13,7 @@ from jaxdec.cache import KVCache
 from jaxdec.config import ModelConfig
 from jaxdec.drafters import Drafter
 from jaxdec.drafters.autoregressive import draft_chain
-from jaxdec.model import causal_mask, forward_hidden
+from jaxdec.model import causal_mask, forward, forward_hidden
 
 
 def prefill_draft_cache(draft_cfg: ModelConfig, weights, cache: KVCache, tokens, prompt_bucket: int) -> KVCache:
@@ -26,21 +26,10 @@ def prefill_draft_cache(draft_cfg: ModelConfig, weights, cache: KVCache, tokens,
     return cache
 
 
-@struct.dataclass
-class DraftModelState:
-    cache: KVCache          # the draft model's own KV cache
-    num_tokens: jax.Array   # int32 [B]: each row's current draft length (the adaptive schedule)
-
-
-@dataclasses.dataclass(frozen=True)
-class DraftModelDrafter(Drafter):
-    draft_cfg: ModelConfig
-    num_tokens: int
-    confidence_threshold: float = 0.0
-    adaptive_schedule: bool = False
-    # The draft is the target itself (a perfect draft, for tests): its weights are not passed
-    # a second time, since the same buffers as two jit arguments make XLA copy them each round.
-    drafts_with_target: bool = False
+class UsesDraftModel:
+    """What every drafter built on a separate draft model shares (it needs `draft_cfg` and
+    `drafts_with_target` fields): its weights, reading the prompts, and the catch-up read
+    of the last two tokens at the start of each round."""
 
     def _weights(self, params, dparams):
         return params if self.drafts_with_target else dparams
@@ -48,6 +37,34 @@ class DraftModelDrafter(Drafter):
     def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
         return dstate.replace(cache=prefill_draft_cache(self.draft_cfg, self._weights(params, dparams), dstate.cache,
                                                         tokens, prompt_bucket))
+
+    def _catch_up(self, weights, dcache: KVCache, state):
+        """(draft logits [B, V] after the pending token, the draft cache through it). The
+        cache is trusted only below lengths - 2: the token before the pending one may be a
+        bonus token the draft never saw, so both are re-read."""
+        B = state.lengths.shape[0]
+        last_two = jnp.stack([state.lengths - 2, state.lengths - 1], axis=1)
+        dcache = dcache.replace(lengths=state.lengths - 2)
+        logits, _, dcache = forward(self.draft_cfg, weights, state.tokens[jnp.arange(B)[:, None], last_two], last_two,
+                                    dcache, causal_mask(B, 2))
+        return logits[:, -1], dcache
+
+
+@struct.dataclass
+class DraftModelState:
+    cache: KVCache          # the draft model's own KV cache
+    num_tokens: jax.Array   # int32 [B]: each row's current draft length (the adaptive schedule)
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModelDrafter(UsesDraftModel, Drafter):
+    draft_cfg: ModelConfig
+    num_tokens: int
+    confidence_threshold: float = 0.0
+    adaptive_schedule: bool = False
+    # The draft is the target itself (a perfect draft, for tests): its weights are not passed
+    # a second time, since the same buffers as two jit arguments make XLA copy them each round.
+    drafts_with_target: bool = False
 
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
         # The draft cache is trusted only below lengths - 2: each round re-reads the last two

@@ -31,8 +31,8 @@ from flax import struct
 from jaxdec.cache import KVCache, copy_slots
 from jaxdec.config import ModelConfig
 from jaxdec.drafters import Drafter
-from jaxdec.drafters.draft_model import prefill_draft_cache
-from jaxdec.model import causal_mask, forward, forward_hidden, lm_head
+from jaxdec.drafters.draft_model import UsesDraftModel
+from jaxdec.model import forward_hidden, lm_head
 from jaxdec.sampling import probabilities
 from jaxdec.verify import Draft
 
@@ -59,7 +59,7 @@ def num_candidates(depth: int, top_k: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class DraftTreeDrafter(Drafter):
+class DraftTreeDrafter(UsesDraftModel, Drafter):
     draft_cfg: ModelConfig
     depth: int
     top_k: int
@@ -70,22 +70,11 @@ class DraftTreeDrafter(Drafter):
     def num_tokens(self) -> int:
         return self.max_nodes
 
-    def _weights(self, params, dparams):
-        return params if self.drafts_with_target else dparams
-
-    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
-        return dstate.replace(cache=prefill_draft_cache(self.draft_cfg, self._weights(params, dparams), dstate.cache,
-                                                        tokens, prompt_bucket))
-
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
         dcfg, weights, k = self.draft_cfg, self._weights(params, dparams), self.top_k
         B = state.lengths.shape[0]
         rows = jnp.arange(B)[:, None]
-        # The root is the pending token; like the chain drafter, re-read the last two tokens
-        # (the one before may be a bonus token the draft never saw).
-        last_two = jnp.stack([state.lengths - 2, state.lengths - 1], axis=1)
-        dcache = dstate.cache.replace(lengths=state.lengths - 2)
-        logits, _, dcache = forward(dcfg, weights, state.tokens[rows, last_two], last_two, dcache, causal_mask(B, 2))
+        logits, dcache = self._catch_up(weights, dstate.cache, state)                   # after the root
         start = state.lengths              # tree nodes live in slots from here; the prefix is below
         dcache = dcache.replace(lengths=start)
         num_slots = dcache.num_slots
@@ -93,7 +82,7 @@ class DraftTreeDrafter(Drafter):
         C = num_candidates(self.depth, k)
         G = 1 + (self.depth - 1) * k                                                   # sibling groups
         children = lambda logits, level: _children(logits, k, sampling, keys, level)
-        token, score, q = children(logits[:, -1:], 0)                                   # the root's children
+        token, score, q = children(logits[:, None], 0)                                   # the root's children
         cand_token = jnp.zeros((B, C), jnp.int32).at[:, :k].set(token[:, 0])
         cand_score = jnp.full((B, C), -jnp.inf, jnp.float32).at[:, :k].set(score[:, 0])
         cand_parent = jnp.full((B, C), -1, jnp.int32)

@@ -18,15 +18,15 @@ import numpy as np
 
 from jaxdec.config import ModelConfig
 from jaxdec.drafters import Drafter
-from jaxdec.drafters.draft_model import prefill_draft_cache
+from jaxdec.drafters.draft_model import UsesDraftModel
 from jaxdec.drafters.draft_tree import keep_accepted_path
-from jaxdec.model import causal_mask, forward, forward_hidden, lm_head
+from jaxdec.model import forward_hidden, lm_head
 from jaxdec.tree import StaticTree
 from jaxdec.verify import Draft
 
 
 @dataclasses.dataclass(frozen=True)
-class StaticTreeDrafter(Drafter):
+class StaticTreeDrafter(UsesDraftModel, Drafter):
     draft_cfg: ModelConfig
     tree: StaticTree
     drafts_with_target: bool = False  # see DraftModelDrafter
@@ -35,20 +35,10 @@ class StaticTreeDrafter(Drafter):
     def num_tokens(self) -> int:
         return len(self.tree)
 
-    def _weights(self, params, dparams):
-        return params if self.drafts_with_target else dparams
-
-    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
-        return dstate.replace(cache=prefill_draft_cache(self.draft_cfg, self._weights(params, dparams), dstate.cache,
-                                                        tokens, prompt_bucket))
-
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
         dcfg, weights, tree = self.draft_cfg, self._weights(params, dparams), self.tree
         B, N = state.lengths.shape[0], len(tree)
-        rows = jnp.arange(B)[:, None]
-        last_two = jnp.stack([state.lengths - 2, state.lengths - 1], axis=1)
-        dcache = dstate.cache.replace(lengths=state.lengths - 2)
-        logits, _, dcache = forward(dcfg, weights, state.tokens[rows, last_two], last_two, dcache, causal_mask(B, 2))
+        logits, dcache = self._catch_up(weights, dstate.cache, state)                   # after the root
         start = state.lengths              # run nodes live in slots from here; the prefix is below
         dcache = dcache.replace(lengths=start)
 
@@ -67,7 +57,7 @@ class StaticTreeDrafter(Drafter):
                     tokens = tokens.at[:, child].set(top[:, j, ranks[child]])
             return tokens
 
-        tokens = fill(jnp.zeros((B, N), jnp.int32), logits[:, -1:], [-1])
+        tokens = fill(jnp.zeros((B, N), jnp.int32), logits[:, None], [-1])
         for level in range(1, tree.depth):
             nodes = [i for i in run if depths[i] == level]
             if not nodes:
