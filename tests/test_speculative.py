@@ -350,6 +350,21 @@ def lookup_reference(row, max_ngram, num_tokens):
     return []
 
 
+def _lookup_draft(llama, rows, num_slots, method):
+    """The method's draft for rows of token ids (each ending with its pending token)."""
+    B = len(rows)
+    tokens = np.full((B, num_slots), 5, np.int32)  # stale ids past each row's length must be ignored
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)] = row
+    lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
+    state = DecodeState(tokens=jnp.asarray(tokens), lengths=lengths, prompt_lengths=jnp.minimum(lengths, 3),
+                        done=jnp.zeros(B, bool), keys=jax.random.split(jax.random.key(0), B),
+                        target_steps=jnp.int32(0), active_row_steps=jnp.int32(0))
+    drafter, _, _ = method.build(llama, B, num_slots)
+    draft, _, _ = drafter.propose(llama.config, None, None, None, None, state, None, None)
+    return draft
+
+
 @pytest.mark.parametrize("max_ngram, num_tokens", [(3, 4), (1, 2), (2, 8)])
 def test_prompt_lookup_drafts_match_reference(llama, max_ngram, num_tokens):
     B, S = 64, 32
@@ -359,15 +374,7 @@ def test_prompt_lookup_drafts_match_reference(llama, max_ngram, num_tokens):
         alphabet = [2, 4, 12, VOCAB_SIZE][b % 4]  # small alphabets repeat; the full one rarely does
         rows.append(rng.integers(0, alphabet, size=rng.integers(1, S + 1)).tolist())
     rows[0], rows[1], rows[2] = [7], [7, 7], list(range(S))  # too short to match; no repeat at all
-    tokens = np.full((B, S), 5, np.int32)  # stale ids past each row's length must be ignored
-    for b, row in enumerate(rows):
-        tokens[b, :len(row)] = row
-    lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
-    state = DecodeState(tokens=jnp.asarray(tokens), lengths=lengths, prompt_lengths=jnp.minimum(lengths, 3),
-                        done=jnp.zeros(B, bool), keys=jax.random.split(jax.random.key(0), B),
-                        target_steps=jnp.int32(0), active_row_steps=jnp.int32(0))
-    drafter, _, _ = spec.PromptLookup(max_ngram=max_ngram, num_tokens=num_tokens).build(llama, B, S)
-    draft, _, _ = drafter.propose(llama.config, None, None, None, None, state, None, None)
+    draft = _lookup_draft(llama, rows, S, spec.PromptLookup(max_ngram=max_ngram, num_tokens=num_tokens))
     draft_tokens, draft_lengths = np.asarray(draft.tokens), np.asarray(draft.lengths)
     probs = np.asarray(draft.probs)
     fired = 0
@@ -411,16 +418,8 @@ def test_prompt_lookup_tree_merges_the_matches(llama, max_ngram, num_tokens, num
     rng = np.random.default_rng(10 + max_ngram)
     rows = [rng.integers(0, [2, 3, 5, VOCAB_SIZE][b % 4], size=rng.integers(1, S + 1)).tolist() for b in range(B)]
     rows[0] = [9, 1, 2, 3, 7, 1, 2, 4, 8, 1, 2, 3, 6, 1, 2]  # three matches of (1, 2); two start with 3
-    tokens = np.full((B, S), 5, np.int32)
-    for b, row in enumerate(rows):
-        tokens[b, :len(row)] = row
-    lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
-    state = DecodeState(tokens=jnp.asarray(tokens), lengths=lengths, prompt_lengths=jnp.minimum(lengths, 3),
-                        done=jnp.zeros(B, bool), keys=jax.random.split(jax.random.key(0), B),
-                        target_steps=jnp.int32(0), active_row_steps=jnp.int32(0))
     method = spec.PromptLookup(max_ngram=max_ngram, num_tokens=num_tokens, num_candidates=num_candidates)
-    drafter, _, _ = method.build(llama, B, S)
-    draft, _, _ = drafter.propose(llama.config, None, None, None, None, state, None, None)
+    draft = _lookup_draft(llama, rows, S, method)
     draft_tokens, parents, count = map(np.asarray, (draft.tokens, draft.parents, draft.lengths))
     merged = 0
     for b, row in enumerate(rows):
