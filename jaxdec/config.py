@@ -34,6 +34,10 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...] = ()
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
+    # How attention runs ("xla" reference or "pallas" kernels), not a hyper-parameter: set by
+    # `jaxdec.load`, never saved. It lives here because the config is the static argument
+    # every step function already takes.
+    attn_impl: str = "xla"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -56,6 +60,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        del d["attn_impl"]
         d["rope_scaling"] = dict(self.rope_scaling) or None
         d["layer_windows"] = list(self.layer_windows)
         d["eos_token_id"] = list(self.eos_token_id)

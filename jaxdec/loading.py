@@ -21,7 +21,10 @@ class Model:
     config: ModelConfig
     params: Any
     tokenizer: Any = None  # tokenizers.Tokenizer
-    attn_impl: str = "xla"
+
+    @property
+    def attn_impl(self) -> str:
+        return self.config.attn_impl
 
     @property
     def dtype(self):
@@ -77,15 +80,14 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
     """Loads a converted checkpoint (see `python -m jaxdec.convert`) or a shipped one by name.
 
     dtype: None keeps the stored dtype; "float32" or "bfloat16" casts on load.
-    attn_impl: "xla" (the jax.numpy reference) or "pallas"; None picks the best available.
+    attn_impl: "xla" (the jax.numpy reference) or "pallas" (the Pallas tree-attention kernel for
+    every full-attention layer that reads the cache; interpret mode on CPU, which is slow and
+    meant for checking); None picks "xla".
     """
     if attn_impl is None:
         attn_impl = "xla"
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS} or None, got {attn_impl!r}")
-    if attn_impl == "pallas":
-        raise NotImplementedError("attn_impl='pallas': the Pallas attention kernels are not "
-                                  "implemented yet; use 'xla' (the default)")
     if mesh is not None:
         raise NotImplementedError("mesh=: sharding is not implemented yet; load on one device")
     cast = storage.parse_dtype(dtype)
@@ -93,7 +95,8 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
     cfg, _ = storage.read_config(directory)
     params = storage.read_params(directory, cast)
     storage.check_params(directory, cfg, params)
-    return Model(config=cfg, params=params, tokenizer=_read_tokenizer(directory), attn_impl=attn_impl)
+    return Model(config=dataclasses.replace(cfg, attn_impl=attn_impl), params=params,
+                 tokenizer=_read_tokenizer(directory))
 
 
 def model_from_params(cfg: ModelConfig, params, tokenizer=None) -> Model:

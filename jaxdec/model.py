@@ -47,12 +47,13 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask, slots=None):
+    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask, slots=None, lengths=None):
         """Returns (output, the step's keys, values [B, T, Hkv, D]) and leaves the cache alone;
         with `slots`, writes the step's keys and values there first and returns the updated
         cache instead. Writing first lets XLA update the cache in place: a step that reads the
         old buffer and writes it afterwards makes XLA copy the whole cache. The cache mask hides
-        the written slots (>= lengths), so the result is the same."""
+        the written slots (>= lengths), so the result is the same. Given `lengths` (the cache
+        mask is then exactly slots < lengths), the Pallas tree-attention kernel computes it."""
         cfg = self.cfg
         B, T, _ = x.shape
         dense = lambda n, name, bias: nn.Dense(n * cfg.head_dim, use_bias=bias, name=name)
@@ -64,7 +65,12 @@ class Attention(nn.Module):
         v = v.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
         if slots is not None:
             k_cache, v_cache = write_slots(k_cache, k, slots), write_slots(v_cache, v, slots)
-        out = reference_attention(q, k_cache, v_cache, cache_mask, k, v, step_mask)
+        if lengths is not None:
+            # The cache mask is a plain prefix (slots < lengths): the kernel's case.
+            from pallas_kernels.tree_attention import tree_attention
+            out = tree_attention(q, k_cache, v_cache, lengths, k, v, step_mask)
+        else:
+            out = reference_attention(q, k_cache, v_cache, cache_mask, k, v, step_mask)
         out = nn.Dense(cfg.hidden_size, use_bias=False, name="o_proj")(out.reshape(B, T, -1))
         return (out, k_cache, v_cache) if slots is not None else (out, k, v)
 
@@ -83,10 +89,10 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask, slots=None):
+    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask, slots=None, lengths=None):
         h, k, v = Attention(self.cfg, name="self_attn")(
             RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x),
-            cos, sin, k_cache, v_cache, cache_mask, step_mask, slots)
+            cos, sin, k_cache, v_cache, cache_mask, step_mask, slots, lengths)
         x = x + h
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x))
         return x, k, v
@@ -133,7 +139,11 @@ class Decoder(nn.Module):
             if i in self.skip_layers:
                 continue
             k_cache, v_cache = (cache.k[i], cache.v[i]) if self.read_cache else (None, None)
-            x, new_k[i], new_v[i] = layer(x, cos, sin, k_cache, v_cache, *masks[window], slots)
+            # The kernel takes full-attention layers reading a plain prefix; sliding windows and
+            # a draft tree's extra visible slots stay on the reference.
+            kernel = (cfg.attn_impl == "pallas" and self.read_cache and window is None and extra_visible is None)
+            x, new_k[i], new_v[i] = layer(x, cos, sin, k_cache, v_cache, *masks[window], slots,
+                                          cache.lengths if kernel else None)
         x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
         return x, (tuple(new_k), tuple(new_v))
 

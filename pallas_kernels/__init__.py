@@ -1,5 +1,6 @@
 """Pallas attention kernels, each beside its pure-JAX reference and its test.
 
-The XLA reference path lives in `jaxdec.attention`; the kernels (tree, sparse and split-K
-decode attention) are added here with `attn_impl="pallas"`.
+The XLA reference path lives in `jaxdec.attention`. `tree_attention.py` holds the tree (and
+chain, and plain-step) attention kernel used with `attn_impl="pallas"`; the sparse and
+split-K decode kernels come next.
 """
