@@ -11,10 +11,12 @@ share the kv head as one matrix, so the row's cache is read once for all of them
   3. the output, normalised.
 Scores and softmax in float32; the output in q's dtype.
 
-Verified here: in interpret mode on CPU, against the reference (tests/test_tree_attention.py).
-Not yet verified: compiling for a GPU or TPU (no device in this session). The loop reads the
-cache through `pl.ds` slices of a whole-row block, the shape the Triton lowering handles; a
-Mosaic GPU or TPU build may want explicit pipelining over cache blocks.
+Verified here, against the reference (tests/test_tree_attention.py): the Pallas interpreter
+on CPU, and the TPU interpreter (`interpret=pltpu.InterpretParams()`) at (8, 128)-tiled
+shapes. Not yet verified: compiling for a GPU or TPU (no device in this session). The loop
+reads the cache through `pl.ds` slices of a whole-row block, the shape the Triton lowering
+handles; Mosaic GPU and real TPUs may want explicit pipelining over cache blocks, and
+`lengths` in scalar memory (scalar prefetch) on TPU.
 """
 
 from __future__ import annotations

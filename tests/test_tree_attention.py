@@ -82,3 +82,13 @@ def test_generate_with_pallas_attention_equals_xla(converted_dirs):
         want = jaxdec.generate(xla, prompts, max_new_tokens=12, stop_token_ids=[], speculative=method).tokens
         got = jaxdec.generate(pallas, prompts, max_new_tokens=12, stop_token_ids=[], speculative=method).tokens
         assert got == want
+
+
+def test_tpu_interpreter_runs_the_kernel():
+    """The TPU interpreter checks TPU semantics on CPU; shapes that respect the (8, 128)
+    tiling: 32 query rows of head_dim 128, cache blocks of 128 slots."""
+    from jax.experimental.pallas import tpu as pltpu
+    rng = np.random.default_rng(5)
+    args = _case(rng, 2, 8, 8, 2, 128, 256, lengths=[100, 256])
+    got = tree_attention(*args, block_s=128, interpret=pltpu.InterpretParams())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(reference(*args)), atol=2e-5)
