@@ -580,6 +580,12 @@ def test_max_ngram_must_be_a_positive_integer(bad):
         spec.PromptLookup(max_ngram=bad)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 2.0, False, "2"])
+def test_num_candidates_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match=rf"num_candidates.*{_named(bad)}"):
+        spec.PromptLookup(num_candidates=bad)
+
+
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(depth=0), r"depth.*\b0\b"), (dict(top_k=-1), r"top_k.*-1"), (dict(max_nodes=2.5), r"max_nodes.*2\.5"),
     (dict(depth=True), r"depth.*True"),
