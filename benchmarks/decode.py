@@ -30,6 +30,8 @@ METHODS = {
     "draft-confidence": "spec.DraftModel(draft, num_tokens, confidence_threshold)",
     "draft-schedule": "spec.DraftModel(draft, num_tokens, adaptive_schedule=True)",
     "tree": "spec.DraftTree(draft, depth, top_k, max_nodes); tree:DxKxN sets them (default 5x4x32)",
+    "medusa": "spec.Medusa(heads) with the heads' tree; medusa:N a tree of N nodes from their held-out accuracies",
+    "eagle": "spec.Eagle(heads, depth, top_k, max_nodes); eagle:DxKxN sets them (default 5x4x32)",
     "layerskip": "spec.LayerSkip(skip_layers, num_tokens)",
     "lookup": "spec.PromptLookup(max_ngram=3, num_tokens=2*num_tokens); lookup:KxC drafts a tree of C matches",
 }
@@ -69,14 +71,21 @@ def make_prompts(kind: str, count: int):
             for _, _, body in chosen]
 
 
-def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3):
+def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, heads=None):
     """A method name, optionally with its own draft length: "draft:6", "lookup:10", or a
-    tree's shape: "tree:5x4x32" (depth x top_k x max_nodes), "lookup:8x4" (length x matches)."""
+    tree's shape: "tree:5x4x32" (depth x top_k x max_nodes), "lookup:8x4" (length x matches),
+    "eagle:5x4x32", "medusa:24" (nodes). `heads`: {"medusa": Heads, "eagle": Heads}."""
     import jaxdec
+    from jaxdec.heads import best_static_tree
     spec = jaxdec.spec
     name, _, k = name.partition(":")
     if name == "tree":
         return spec.DraftTree(draft, *(int(x) for x in k.split("x"))) if k else spec.DraftTree(draft)
+    if name == "eagle":
+        return spec.Eagle(heads["eagle"], *(int(x) for x in k.split("x"))) if k else spec.Eagle(heads["eagle"])
+    if name == "medusa":
+        medusa = heads["medusa"]
+        return spec.Medusa(medusa, best_static_tree(medusa.config.accuracy, int(k)) if k else None)
     if name == "lookup" and "x" in k:
         length, candidates = (int(x) for x in k.split("x"))
         return spec.PromptLookup(max_ngram=3, num_tokens=length, num_candidates=candidates)
@@ -98,6 +107,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="demo-target")
     parser.add_argument("--draft", default="demo-draft")
+    parser.add_argument("--medusa", default="demo-medusa", help="Medusa heads (jaxdec.load_heads)")
+    parser.add_argument("--eagle", default="demo-eagle", help="an EAGLE layer (jaxdec.load_heads)")
     parser.add_argument("--methods", default="ar,draft,layerskip,lookup",
                         help="comma-separated; NAME:K sets that method's draft length, e.g. draft:6")
     parser.add_argument("--num-tokens", type=int, default=4)
@@ -137,7 +148,10 @@ def main(argv=None):
             else list(range(1, layers - 1, 2)))
     prompts = make_prompts(args.prompt_set, args.num_prompts)
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold) for m in methods}
+    heads = {kind: jaxdec.load_heads(getattr(args, kind)) for kind in ("medusa", "eagle")
+             if any(m.partition(":")[0] == kind for m in methods)}
+    specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold, heads)
+             for m in methods}
     run = lambda m, batch: jaxdec.generate(target, batch, max_new_tokens=args.max_new_tokens,
                                            temperature=args.temperature, seed=0, speculative=specs[m])
 

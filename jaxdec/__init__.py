@@ -9,8 +9,9 @@
 from jaxdec import spec
 from jaxdec.config import ModelConfig
 from jaxdec.generate import GenerateOutput, Stats, generate, logits
+from jaxdec.heads import Heads, load_heads
 from jaxdec.loading import Model, load
 
 __version__ = "0.1.0"
 
-__all__ = ["spec", "GenerateOutput", "Model", "ModelConfig", "Stats", "generate", "load", "logits", "__version__"]
+__all__ = ["spec", "GenerateOutput", "Heads", "Model", "ModelConfig", "Stats", "generate", "load", "load_heads", "logits", "__version__"]

@@ -1,7 +1,8 @@
 """The `jaxdec` command line.
 
     jaxdec generate ["PROMPT"] [--model demo-target] [--draft demo-draft] [--method draft]
-                    [--num-tokens 4] [--tree 5x4x32] [--max-new-tokens 128] [--temperature 0]
+                    [--num-tokens 4] [--tree 5x4x32] [--heads demo-medusa|demo-eagle]
+                    [--max-new-tokens 128] [--temperature 0]
                     [--top-p 1] [--top-k 0] [--seed 0]
 
 With no prompt argument the prompt is read from standard input when it is piped, else a demo
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-METHODS = ("ar", "draft", "tree", "layerskip", "lookup")
+METHODS = ("ar", "draft", "tree", "medusa", "eagle", "layerskip", "lookup")
 DEMO_PROMPT = "def fibonacci(n):"
 
 
@@ -25,6 +26,11 @@ def build_speculative(args, target):
         return jaxdec.spec.DraftModel(jaxdec.load(args.draft), num_tokens=args.num_tokens)
     if args.method == "tree":
         return jaxdec.spec.DraftTree(jaxdec.load(args.draft), *tree_shape(args.tree))
+    if args.method in ("medusa", "eagle"):
+        heads = jaxdec.load_heads(args.heads or f"demo-{args.method}")
+        if args.method == "medusa":
+            return jaxdec.spec.Medusa(heads)
+        return jaxdec.spec.Eagle(heads, *tree_shape(args.tree))
     if args.method == "layerskip":
         layers = target.config.num_hidden_layers
         skip = args.skip_layers if args.skip_layers is not None else list(range(1, layers - 1, 2))
@@ -87,10 +93,13 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft", default="demo-draft", help="draft checkpoint for --method draft and tree")
     gen.add_argument("--method", choices=METHODS, default="draft",
                      help="ar: plain decoding; draft: draft model; tree: a token tree from the draft model; "
+                          "medusa: Medusa heads' static tree; eagle: an EAGLE layer's dynamic tree; "
                           "layerskip: the target with layers skipped; lookup: prompt lookup (default: draft)")
     gen.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step")
     gen.add_argument("--tree", default="5x4x32",
-                     help="DEPTHxTOP_KxMAX_NODES of --method tree (default 5x4x32; on a CPU 6x2x8 is faster)")
+                     help="DEPTHxTOP_KxMAX_NODES of --method tree and eagle (default 5x4x32; on a CPU 6x2x8 is faster)")
+    gen.add_argument("--heads", default=None,
+                     help="draft heads for --method medusa or eagle (default: the shipped demo-medusa / demo-eagle)")
     gen.add_argument("--skip-layers", type=int, nargs="+", default=None,
                      help="layers to skip for --method layerskip (default: every other inner layer)")
     gen.add_argument("--max-ngram", type=int, default=3, help="longest n-gram for --method lookup")

@@ -135,11 +135,13 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
 
     start = time.perf_counter()
     cache = init_cache(cfg, batch, slots, model.dtype)
-    state, cache = steps.prefill(cfg, model.params, cache, tokens, prompt_lengths, row_valid, sampling,
-                                 row_keys(seed, batch), stop_ids, max_new, prompt_bucket=prompt_bucket)
-    if speculative is not None:
-        dstate = spec_steps.drafter_prefill(cfg, drafter, model.params, dparams, dstate, tokens,
-                                                    prompt_lengths, prompt_bucket=prompt_bucket)
+    if speculative is None:
+        state, cache = steps.prefill(cfg, model.params, cache, tokens, prompt_lengths, row_valid, sampling,
+                                     row_keys(seed, batch), stop_ids, max_new, prompt_bucket=prompt_bucket)
+    else:
+        state, cache, dstate = spec_steps.prefill(cfg, drafter, model.params, dparams, cache, dstate, tokens,
+                                                  prompt_lengths, row_valid, sampling, row_keys(seed, batch), stop_ids,
+                                                  max_new, prompt_bucket=prompt_bucket)
     jax.block_until_ready((state, dstate) if speculative is not None else state)  # prefill ends here
     done = np.asarray(state.done)
     prefill_seconds = time.perf_counter() - start

@@ -11,7 +11,7 @@ import jax
 from jaxdec import storage
 from jaxdec.config import ModelConfig
 
-SHIPPED_CHECKPOINTS = ("demo-target", "demo-draft")
+SHIPPED_CHECKPOINTS = ("demo-target", "demo-draft", "demo-medusa", "demo-eagle")
 ATTN_IMPLS = ("xla", "pallas")
 
 
@@ -92,6 +92,8 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
         raise NotImplementedError("mesh=: sharding is not implemented yet; load on one device")
     cast = storage.parse_dtype(dtype)
     directory = _resolve(path_or_name)
+    if (directory / "heads.json").is_file():
+        raise ValueError(f"{directory} holds draft heads, not a model: load it with jaxdec.load_heads")
     cfg, _ = storage.read_config(directory)
     params = storage.read_params(directory, cast)
     storage.check_params(directory, cfg, params)

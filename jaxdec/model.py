@@ -115,17 +115,19 @@ class Decoder(nn.Module):
     write_cache: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: KVCache, step_mask, extra_visible=None, slots=None):
+    def __call__(self, tokens, positions, cache: KVCache, step_mask, extra_visible=None, slots=None, inputs=None):
         """extra_visible: optional bool [B, T, S], cache slots each token sees besides the
         prefix below `lengths` (a draft tree's ancestors, kept in slots past it). slots:
-        optional int32 [B, T], where `write_cache` writes the step (default: from `lengths` on)."""
+        optional int32 [B, T], where `write_cache` writes the step (default: from `lengths` on).
+        inputs: optional [B, T, D] input vectors in place of the token embeddings (an EAGLE
+        drafter's layer reads features; `tokens` is then None and there is no embedding)."""
         cfg = self.cfg
-        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(tokens)
+        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(tokens) if inputs is None else inputs
         cos, sin = rope_tables(cfg, positions)
         masks = {}  # (cache mask, step mask) per distinct window
         writes = self.write_cache and self.read_cache
         if writes and slots is None:
-            slots = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]
+            slots = cache.lengths[:, None] + jnp.arange(positions.shape[1])[None, :]
         slots = slots if writes else None
         new_k, new_v = (list(cache.k), list(cache.v)) if writes else ([None] * cfg.num_hidden_layers, [None] * cfg.num_hidden_layers)
         for i in range(cfg.num_hidden_layers):
@@ -158,22 +160,23 @@ def lm_head(cfg: ModelConfig, params, hidden):
 
 
 def step_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True,
-                extra_visible=None):
+                extra_visible=None, inputs=None):
     """The decoder without the LM head, reading the cache but not writing it:
     (hidden [B,T,D], (new keys, new values) per layer, for `jaxdec.cache.write`)."""
     return Decoder(cfg, tuple(skip_layers), read_cache).apply({"params": params}, tokens, positions, cache, step_mask,
-                                                              extra_visible)
+                                                              extra_visible, inputs=inputs)
 
 
 def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True,
-                   extra_visible=None, slots=None):
+                   extra_visible=None, slots=None, inputs=None):
     """The decoder without the LM head: (hidden [B,T,D], cache with the new entries written
     at `slots` [B, T], by default from cache.lengths on)."""
     if not read_cache:
-        hidden, new_kv = step_hidden(cfg, params, tokens, positions, cache, step_mask, skip_layers, read_cache=False)
+        hidden, new_kv = step_hidden(cfg, params, tokens, positions, cache, step_mask, skip_layers, read_cache=False,
+                                     inputs=inputs)
         return hidden, write(cache, *new_kv, slots=slots)
     hidden, (k, v) = Decoder(cfg, tuple(skip_layers), write_cache=True).apply(
-        {"params": params}, tokens, positions, cache, step_mask, extra_visible, slots)
+        {"params": params}, tokens, positions, cache, step_mask, extra_visible, slots, inputs)
     return hidden, cache.replace(k=k, v=v)
 
 
@@ -205,6 +208,11 @@ def init_params(cfg: ModelConfig, rng, dtype=jnp.float32, init_std: float = 0.02
     shapes = jax.eval_shape(init)
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size, cfg.vocab_size), dtype)}
+    return random_like(shapes, rng, dtype, init_std)
+
+
+def random_like(shapes, rng, dtype=jnp.float32, init_std: float = 0.02):
+    """Random arrays of the pytree `shapes`: normal(init_std) weights, unit norm scales, zero biases."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     keys = jax.random.split(rng, len(leaves))
     out = []

@@ -20,6 +20,9 @@ from jaxdec.drafters.layer_skip import LayerSkipDrafter
 from jaxdec.drafters.static_tree import StaticTreeDrafter
 from jaxdec.tree import StaticTree as TreeShape
 from jaxdec.drafters.prompt_lookup import PromptLookupDrafter
+from jaxdec.drafters.medusa import FeatureState, MedusaDrafter
+from jaxdec.drafters.eagle import EagleDrafter, EagleState
+from jaxdec.heads import Heads, cast_params, check_heads_fit
 from jaxdec.loading import Model
 
 
@@ -94,16 +97,8 @@ class DraftTree:
     max_nodes: int = 32
 
     def __post_init__(self):
-        _check_positive("depth", self.depth, "levels of the tree")
-        _check_positive("top_k", self.top_k, "children per expanded node")
-        _check_positive("max_nodes", self.max_nodes, "tree nodes verified per step")
         _check_draft_model("DraftTree", self.model, None, 0)
-        if self.top_k > self.model.config.vocab_size:
-            raise ValueError(f"top_k={self.top_k} exceeds the draft's vocabulary ({self.model.config.vocab_size})")
-        available = num_candidates(self.depth, self.top_k)
-        if self.max_nodes > available:
-            raise ValueError(f"max_nodes={self.max_nodes} exceeds the {available} nodes a tree of depth={self.depth} "
-                             f"and top_k={self.top_k} scores")
+        _check_tree_options(self.depth, self.top_k, self.max_nodes, self.model.config.vocab_size)
 
     def build(self, target: Model, batch_size: int, num_slots: int):
         _check_draft_model("DraftTree", self.model, target, num_slots)
@@ -127,19 +122,10 @@ class StaticTree:
 
     def __post_init__(self):
         _check_draft_model("StaticTree", self.model, None, 0)
-        shape = TreeShape(self.paths)  # validates
-        if max(shape.ranks) >= self.model.config.vocab_size:
-            raise ValueError(f"child rank {max(shape.ranks)} in paths is outside the draft's vocabulary "
-                             f"({self.model.config.vocab_size})")
-        object.__setattr__(self, "paths", shape.paths)
+        _set_tree_paths(self, self.paths, self.model.config.vocab_size)
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.paths)
-
-    @property
-    def depth(self) -> int:
-        return max(len(p) for p in self.paths)
+    num_tokens = property(lambda self: len(self.paths))
+    depth = property(lambda self: max(len(p) for p in self.paths))
 
     def build(self, target: Model, batch_size: int, num_slots: int):
         _check_draft_model("StaticTree", self.model, target, num_slots)
@@ -149,6 +135,93 @@ class StaticTree:
                                node_slots=jnp.full((batch_size, len(self.paths)), -1, jnp.int32),
                                tree_start=jnp.zeros((batch_size,), jnp.int32))
         return drafter, None if same else self.model.params, state
+
+
+def _set_tree_paths(method, paths, vocab_size):
+    """Validates a static tree's paths (ValueError) and stores them, normalised, on `method`."""
+    shape = TreeShape(paths)
+    if max(shape.ranks) >= vocab_size:
+        raise ValueError(f"child rank {max(shape.ranks)} in paths is outside the draft's vocabulary ({vocab_size})")
+    object.__setattr__(method, "paths", shape.paths)
+
+
+def _check_heads(method, heads, kind):
+    if not isinstance(heads, Heads) or heads.kind != kind:
+        got = f"{heads.kind} heads" if isinstance(heads, Heads) else f"{heads!r:.60}"
+        raise ValueError(f"{method} needs {kind} heads (from jaxdec.load_heads), got {got}")
+
+
+def _check_tree_options(depth, top_k, max_nodes, vocab_size):
+    _check_positive("depth", depth, "levels of the tree")
+    _check_positive("top_k", top_k, "children per expanded node")
+    _check_positive("max_nodes", max_nodes, "tree nodes verified per step")
+    if top_k > vocab_size:
+        raise ValueError(f"top_k={top_k} exceeds the draft's vocabulary ({vocab_size})")
+    available = num_candidates(depth, top_k)
+    if max_nodes > available:
+        raise ValueError(f"max_nodes={max_nodes} exceeds the {available} nodes a tree of depth={depth} "
+                         f"and top_k={top_k} scores")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Medusa:
+    """Medusa heads (`jaxdec.load_heads`) trained on the target's own features draft a
+    static token tree: the node of rank r at depth d takes head d's r-th likeliest token.
+    `paths` as in `StaticTree`; None uses the tree shipped with the heads (chosen from their
+    held-out accuracies). No draft model runs: a round is one target step."""
+    heads: Heads
+    paths: tuple | None = None
+
+    def __post_init__(self):
+        _check_heads("Medusa", self.heads, "medusa")
+        cfg = self.heads.config
+        paths = cfg.tree if self.paths is None else self.paths
+        if not paths:
+            raise ValueError("these Medusa heads ship no tree: pass paths=[(0,), (0, 0), ...]")
+        _set_tree_paths(self, paths, cfg.vocab_size)
+        if self.depth > cfg.num_heads:
+            raise ValueError(f"the tree is {self.depth} deep but there are only {cfg.num_heads} Medusa heads")
+
+    num_tokens = property(lambda self: len(self.paths))
+    depth = property(lambda self: max(len(p) for p in self.paths))
+
+    def build(self, target: Model, batch_size: int, num_slots: int):
+        check_heads_fit(self.heads, target)
+        drafter = MedusaDrafter(self.heads.config, TreeShape(self.paths))
+        state = FeatureState(features=jnp.zeros((batch_size, self.heads.config.hidden_size), target.dtype))
+        return drafter, cast_params(self.heads.params, target.dtype), state
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Eagle:
+    """An EAGLE layer (`jaxdec.load_heads`) trained on the target's features grows a dynamic
+    token tree each round (EAGLE-2): as `DraftTree`, with the one layer over (feature, token)
+    pairs in place of a draft model, and the target's own LM head."""
+    heads: Heads
+    depth: int = 5
+    top_k: int = 4
+    max_nodes: int = 32
+
+    def __post_init__(self):
+        _check_heads("Eagle", self.heads, "eagle")
+        _check_tree_options(self.depth, self.top_k, self.max_nodes, self.heads.config.vocab_size)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.max_nodes
+
+    def build(self, target: Model, batch_size: int, num_slots: int):
+        check_heads_fit(self.heads, target)
+        layer = self.heads.config.layer
+        if num_slots > layer.max_position_embeddings:
+            raise ValueError(f"{num_slots} cache slots exceed the EAGLE layer's max_position_embeddings="
+                             f"{layer.max_position_embeddings}")
+        drafter = EagleDrafter(self.heads.config, int(self.depth), int(self.top_k), int(self.max_nodes))
+        width = drafter.catch_up_width
+        state = EagleState(cache=init_cache(layer, batch_size, num_slots, target.dtype),
+                           features=jnp.zeros((batch_size, width, layer.hidden_size), target.dtype),
+                           fed=jnp.zeros((batch_size,), jnp.int32))
+        return drafter, cast_params(self.heads.params, target.dtype), state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +270,6 @@ class PromptLookup:
         return drafter, None, None
 
 
-METHODS = (DraftModel, DraftTree, StaticTree, LayerSkip, PromptLookup)
+METHODS = (DraftModel, DraftTree, StaticTree, Medusa, Eagle, LayerSkip, PromptLookup)
 
-__all__ = ["DraftModel", "DraftTree", "StaticTree", "LayerSkip", "PromptLookup"]
+__all__ = ["DraftModel", "DraftTree", "StaticTree", "Medusa", "Eagle", "LayerSkip", "PromptLookup"]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdec.config import ModelConfig
+from jaxdec import steps
 from jaxdec.steps import DecodeState
 from jaxdec.cache import write
 from jaxdec.verify import accept, commit_entries, path_tokens, verify_forward
@@ -51,9 +52,18 @@ def commit(state: DecodeState, draft_tokens, num_accepted, next_token, stop_ids,
     return state, count
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "drafter", "prompt_bucket"), donate_argnames=("dstate",))
-def drafter_prefill(cfg: ModelConfig, drafter, params, dparams, dstate, tokens, prompt_lengths, *, prompt_bucket):
-    return drafter.prefill(cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket)
+# keep_unused: see steps.prefill.
+@functools.partial(jax.jit, static_argnames=("cfg", "drafter", "prompt_bucket"), donate_argnames=("cache", "dstate"),
+                   keep_unused=True)
+def prefill(cfg: ModelConfig, drafter, params, dparams, cache, dstate, tokens, prompt_lengths, row_valid, sampling,
+            keys, stop_ids, max_new_tokens, *, prompt_bucket: int):
+    """The target's prefill (`jaxdec.steps`) and the drafter's, in one program: the drafter
+    reads the prompts too, and drafters on the target's features take its hidden states.
+    Returns (state, cache, dstate)."""
+    state, cache, hidden = steps.prefill_with_hidden(cfg, params, cache, tokens, prompt_lengths, row_valid, sampling,
+                                                     keys, stop_ids, max_new_tokens, prompt_bucket)
+    dstate = drafter.prefill(cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket, hidden)
+    return state, cache, dstate
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "drafter", "num_rounds"),
@@ -74,9 +84,9 @@ def speculative_decode(cfg: ModelConfig, drafter, params, dparams, cache, dstate
         keys = jax.vmap(lambda k: jax.random.split(k, 3))(round_keys)
         draft, cache, dstate = drafter.propose(cfg, params, cache, dparams, dstate, state, sampling, keys[:, 0])
         pending = state.tokens[rows, state.lengths - 1]
-        logits, new_kv = verify_forward(cfg, params, cache, pending, draft, ~state.done)
+        logits, hidden, new_kv = verify_forward(cfg, params, cache, pending, draft, ~state.done)
         num_accepted, next_token, path = accept(logits, draft, sampling, keys[:, 1], keys[:, 2])
-        dstate = drafter.update(dstate, draft, num_accepted, path)
+        dstate = drafter.update(dstate, draft, num_accepted, path, hidden)
         state, _ = commit(state, path_tokens(draft, path), num_accepted, next_token, stop_ids, max_new_tokens)
         # The pending token's entries and the accepted path's land in contiguous slots; the
         # rest (rejected drafts) lie past the new length, out of view.

@@ -55,13 +55,11 @@ def _finished(state: DecodeState, new_tokens, stop_ids, max_new_tokens):
     return is_stop | (state.lengths - state.prompt_lengths >= max_new_tokens)
 
 
-# keep_unused: prefill overwrites cache.lengths without reading it, and jit prunes unused
-# arguments, so without it that buffer would silently be neither donated nor reused.
-@functools.partial(jax.jit, static_argnames=("cfg", "prompt_bucket"), donate_argnames=("cache",),
-                   keep_unused=True)
-def prefill(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_lengths, row_valid,
-            sampling: SamplingParams, keys, stop_ids, max_new_tokens, *, prompt_bucket: int):
-    """Runs the prompts through the model and samples each row's first new token.
+def prefill_with_hidden(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_lengths, row_valid,
+                        sampling: SamplingParams, keys, stop_ids, max_new_tokens, prompt_bucket: int):
+    """Runs the prompts through the model and samples each row's first new token:
+    (state, cache, the prompts' hidden states [B, prompt_bucket, D]: the features that
+    drafters built on the target's own hidden states start from).
 
     tokens: int32 [B, S] prompts left-aligned (S = cache slots); rows with row_valid False are
     batch padding and start out done.
@@ -80,7 +78,19 @@ def prefill(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_lengths, ro
         tokens=tokens, lengths=prompt_lengths + 1, prompt_lengths=prompt_lengths,
         done=~row_valid, keys=keys, target_steps=jnp.int32(0), active_row_steps=jnp.int32(0))
     state = state.replace(done=state.done | _finished(state, first, stop_ids, max_new_tokens))
-    return state, cache.replace(lengths=prompt_lengths)
+    return state, cache.replace(lengths=prompt_lengths), hidden
+
+
+# keep_unused: prefill overwrites cache.lengths without reading it, and jit prunes unused
+# arguments, so without it that buffer would silently be neither donated nor reused.
+@functools.partial(jax.jit, static_argnames=("cfg", "prompt_bucket"), donate_argnames=("cache",),
+                   keep_unused=True)
+def prefill(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_lengths, row_valid,
+            sampling: SamplingParams, keys, stop_ids, max_new_tokens, *, prompt_bucket: int):
+    """`prefill_with_hidden` for plain decoding: (state, cache)."""
+    state, cache, _ = prefill_with_hidden(cfg, params, cache, tokens, prompt_lengths, row_valid, sampling, keys,
+                                          stop_ids, max_new_tokens, prompt_bucket)
+    return state, cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_steps"), donate_argnames=("cache", "state"))

@@ -3,6 +3,9 @@
     python -m jaxdec.train tokenizer --workdir W
     python -m jaxdec.train target --workdir W --out checkpoints/demo-target
     python -m jaxdec.train draft  --workdir W --teacher checkpoints/demo-target --out checkpoints/demo-draft
+    python -m jaxdec.train medusa --workdir W --teacher checkpoints/demo-target --out checkpoints/demo-medusa
+    python -m jaxdec.train eagle  --workdir W --teacher checkpoints/demo-target --out checkpoints/demo-eagle
+(the draft heads: `jaxdec/train_heads.py`)
 
 Corpus: the Python source of this interpreter's standard library (`*.py` under
 `sysconfig.get_paths()["stdlib"]`, without `site-packages` and without the test suites, see
@@ -256,18 +259,37 @@ def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float, min_
                        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask)), schedule
 
 
+@dataclasses.dataclass(frozen=True)
+class LanguageModel:
+    """What a run trains: a decoder (`cfg`), on cross-entropy or distilled from a teacher.
+    The draft heads of `jaxdec.train_heads` are the other objectives; each has `init(rng)`,
+    `loss(params, batch, teacher_params) -> (loss, metrics)` and `describe()` (a JSON dict)."""
+    cfg: ModelConfig
+    teacher_cfg: ModelConfig | None = None
+    ce_weight: float = 0.0
+
+    def init(self, rng):
+        return init_params(self.cfg, rng)
+
+    def loss(self, params, batch, teacher_params):
+        return loss_fn(self.cfg, params, batch, self.teacher_cfg, teacher_params, self.ce_weight)
+
+    def describe(self) -> dict:
+        return self.cfg.to_dict()
+
+
 @functools.lru_cache(maxsize=8)
-def _compiled_step(cfg, teacher_cfg, ce_weight: float, lr: float, steps: int, warmup: int, weight_decay: float):
+def _compiled_step(objective, lr: float, steps: int, warmup: int, weight_decay: float):
     """(optimizer, schedule, jitted step), shared by runs with the same settings (resuming in
     one process compiles nothing new)."""
     optimizer, schedule = make_optimizer(lr, steps, warmup, weight_decay)
-    return optimizer, schedule, make_train_step(cfg, optimizer, teacher_cfg, ce_weight)
+    return optimizer, schedule, make_train_step(objective, optimizer)
 
 
-def make_train_step(cfg, optimizer, teacher_cfg=None, ce_weight: float = 0.0):
+def make_train_step(objective, optimizer):
     def step(params, opt_state, batch, teacher_params):
         (loss, metrics), grads = jax.value_and_grad(
-            lambda p: loss_fn(cfg, p, batch, teacher_cfg, teacher_params, ce_weight), has_aux=True)(params)
+            lambda p: objective.loss(p, batch, teacher_params), has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -338,22 +360,25 @@ class RunOptions:
     ce_weight: float = 0.0      # draft only
 
 
-def _state_meta(cfg: ModelConfig, opts: RunOptions, teacher: str | None) -> dict:
+def _state_meta(config: dict, opts: RunOptions, teacher: str | None) -> dict:
     keep = {k: v for k, v in dataclasses.asdict(opts).items()
             if k not in ("save_every", "log_every", "eval_windows", "eval_batch_size")}
-    return {"config": cfg.to_dict(), "options": keep, "teacher": teacher}
+    return {"config": config, "options": keep, "teacher": teacher}
 
 
-def train_run(run_dir: Path, cfg: ModelConfig, train_tokens: np.ndarray, opts: RunOptions, *,
-              teacher=None, progress: bool = True, log=_log, stop_after: int | None = None):
+def train_run(run_dir: Path, cfg: ModelConfig | None, train_tokens: np.ndarray, opts: RunOptions, *,
+              teacher=None, progress: bool = True, log=_log, stop_after: int | None = None, objective=None):
     """Trains (or resumes) the run in `run_dir`; returns (params, info).
 
     `teacher`: a `jaxdec.Model` to distill from (frozen), or None for plain cross-entropy.
+    `objective`: what to train (default: the decoder `cfg`, see `LanguageModel`).
     `stop_after`: stop (with a checkpoint) after this many steps of this call; for tests.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = _state_meta(cfg, opts, None if teacher is None else
+    if objective is None:
+        objective = LanguageModel(cfg, None if teacher is None else teacher.config, opts.ce_weight)
+    meta = _state_meta(objective.describe(), opts, None if teacher is None else
                        hashlib.sha256(json.dumps(teacher.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16])
     meta = {**json.loads(json.dumps(meta)), "schedule_changes": []}
     meta_path = run_dir / "run.json"
@@ -368,11 +393,9 @@ def train_run(run_dir: Path, cfg: ModelConfig, train_tokens: np.ndarray, opts: R
     if old != meta:
         meta_path.write_text(json.dumps(meta, indent=2))
 
-    teacher_cfg = None if teacher is None else teacher.config
     teacher_params = None if teacher is None else _uncommitted(teacher.params)
-    optimizer, schedule, train_step = _compiled_step(cfg, teacher_cfg, opts.ce_weight, opts.lr, opts.steps,
-                                                     opts.warmup, opts.weight_decay)
-    params = init_params(cfg, jax.random.key(opts.seed))
+    optimizer, schedule, train_step = _compiled_step(objective, opts.lr, opts.steps, opts.warmup, opts.weight_decay)
+    params = objective.init(jax.random.key(opts.seed))
     state = {"params": params, "opt_state": optimizer.init(params)}
     manager = ocp.CheckpointManager(
         (run_dir / "checkpoints").absolute(),
@@ -549,9 +572,13 @@ def main(argv=None) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--fresh", action="store_true", help="discard this run's checkpoints first")
         p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    from jaxdec import train_heads
+    train_heads.add_commands(sub, common)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    if args.command == "tokenizer":
+    if args.command in train_heads.HEAD_DEFAULTS:
+        train_heads.run_heads_stage(args.command, args)
+    elif args.command == "tokenizer":
         prepare(Path(args.workdir), args.vocab_size, args.corpus_root, args.include_tests)
     else:
         run_stage(args.command, args)

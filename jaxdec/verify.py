@@ -40,12 +40,14 @@ class Draft:
 
 def verify_forward(cfg, params, cache, pending, draft: Draft, active, skip_layers=()):
     """Target logits [B, K+1, V] at the pending token and each draft token, in one forward,
-    and the step's new keys and values (per layer [B, K+1, Hkv, D], for `commit_entries`).
+    their hidden states [B, K+1, D] (the features the LM head reads: drafters on the target's
+    features keep the accepted path's), and the step's new keys and values (per layer
+    [B, K+1, Hkv, D], for `commit_entries`).
 
     The cache is only read. The forward is only as wide as the longest draft of an active
     row needs, rounded up to a bucket (0, 1, 3, 7, ... draft tokens, and K): a round where no
     row drafted anything (a prompt-lookup miss, a short adaptive draft) costs about one plain
-    decoding step, not K + 1. Logits and entries past the forward's width are zeros; no row's
+    decoding step, not K + 1. Logits, hidden states and entries past the forward's width are zeros; no row's
     acceptance reads them, since each row's draft fits inside it.
     """
     B, K = draft.tokens.shape
@@ -66,9 +68,9 @@ def verify_forward(cfg, params, cache, pending, draft: Draft, active, skip_layer
             T = width + 1
             hidden, new_kv = step_hidden(cfg, params, tokens[:, :T], positions[:, :T], cache,
                                          visible[:, :T, :T], skip_layers)
-            pad = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, K - width), (0, 0), (0, 0)))
-            logits = jnp.pad(lm_head(cfg, params, hidden), ((0, 0), (0, K - width), (0, 0)))
-            return logits, jax.tree.map(pad, new_kv, is_leaf=lambda x: x is None)
+            pad = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, K - width)) + ((0, 0),) * (x.ndim - 2))
+            logits = pad(lm_head(cfg, params, hidden))
+            return logits, pad(hidden), jax.tree.map(pad, new_kv, is_leaf=lambda x: x is None)
         return run
 
     if len(sizes) == 1:

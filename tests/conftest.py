@@ -13,6 +13,19 @@ from jaxdec.convert import convert
 from tests.hf_models import FAMILIES, build_hf_model, load_hf_model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. XLA:CPU maps memory for every
+    executable it JIT-compiles; a whole run keeps thousands of them (every method, shape
+    bucket and tree) and late in the run LLVM fails with "Cannot allocate memory" (mapping
+    limits, not RAM). Programs shared between modules are recompiled, which costs less."""
+    yield
+    import gc
+    import jax
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory):
     """family -> folder of a saved random HF model (with tokenizer.json)."""

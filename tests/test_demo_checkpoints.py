@@ -93,6 +93,42 @@ def test_shipped_weights_are_trained(demo):
     assert got["greedy_agreement"] > 0.4
 
 
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_shipped_heads_are_trained(demo, kind):
+    """The shipped heads fit the demo target and, on the held-out sample recorded at export,
+    give the recorded accuracies, well above chance; Medusa's shipped tree is the best tree of
+    its size for the held-out accuracies."""
+    from jaxdec.heads import best_static_tree
+    from jaxdec.train_heads import EagleObjective, MedusaObjective, held_out_accuracy
+    target, _ = demo
+    heads = jaxdec.load_heads(f"demo-{kind}")
+    assert heads.kind == kind and heads.config.hidden_size == target.config.hidden_size
+    record = _record(f"demo-{kind}")
+    windows = np.asarray(record["probe"]["token_ids"], np.int32)
+    objective = (MedusaObjective if kind == "medusa" else EagleObjective)(heads.config, target.config)
+    got = np.asarray(held_out_accuracy(objective, heads.params, target.params, windows, len(windows)))
+    np.testing.assert_allclose(got, record["probe"]["accuracy_by_depth_and_rank"], atol=3e-3)
+    assert got[0, 0] > 0.3 and got[0, 0] > 10 * got[0, -1]  # the top guess is right far more than chance
+    assert np.allclose(heads.config.accuracy, record["held_out"]["accuracy_by_depth_and_rank"])
+    if kind == "medusa":
+        assert heads.config.tree == best_static_tree(heads.config.accuracy, len(heads.config.tree))
+
+
+@pytest.mark.parametrize("method", ["medusa", "eagle"])
+def test_shipped_heads_speed_up_the_demo_target(demo, method):
+    """Through generate on held-out-style code: exactly plain decoding's tokens, with several
+    tokens per target step (ragged rows, batch 3)."""
+    target, _ = demo
+    heads = jaxdec.load_heads(f"demo-{method}")
+    spec = (jaxdec.spec.Medusa(heads) if method == "medusa"
+            else jaxdec.spec.Eagle(heads, depth=6, top_k=2, max_nodes=8))
+    prompts = ["def fib(n):", "import os\n\n\nclass Config:\n    def __init__(self, path):", CODE[:60]]
+    plain = jaxdec.generate(target, prompts, max_new_tokens=48, stop_token_ids=[])
+    out = jaxdec.generate(target, prompts, max_new_tokens=48, stop_token_ids=[], speculative=spec)
+    assert out.tokens == plain.tokens
+    assert out.stats.mean_accepted > 1.8, out.stats
+
+
 def test_every_subpackage_is_packaged():
     """pyproject lists packages explicitly (for `jaxdec.checkpoints`): none may be missing."""
     pyproject = ROOT / "pyproject.toml"

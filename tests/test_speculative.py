@@ -74,7 +74,7 @@ def _drafts(llama, small_draft, noisy_draft):
 
 def _longest_draft(method) -> int:
     """The most draft tokens one round can accept: a tree's depth, a chain's length."""
-    return method.depth if isinstance(method, (spec.DraftTree, spec.StaticTree)) else method.num_tokens
+    return method.depth if isinstance(method, (spec.DraftTree, spec.StaticTree, spec.Medusa, spec.Eagle)) else method.num_tokens
 
 
 def _check_stats(out, num_rows, num_tokens):
@@ -470,6 +470,37 @@ def test_prompt_lookup_without_matches_is_plain_decoding(llama):
 # Commit: the cache after speculative rounds is the cache plain decoding leaves
 
 
+ROUND_PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [9, 9, 9, 12], list(range(60, 76)), [3]]
+
+
+def run_rounds(target, method, temperature, num_rounds=4):
+    """Prefill and `num_rounds` speculative rounds over ROUND_PROMPTS (ragged, 64 cache slots),
+    called step by step: (state, cache, drafter state, prompt lengths). Fails unless some row
+    accepted a draft."""
+    from jaxdec import speculative as spec_steps
+    from jaxdec.cache import init_cache
+    from jaxdec.sampling import SamplingParams, row_keys
+
+    B, S = len(ROUND_PROMPTS), 64
+    tokens = np.zeros((B, S), np.int32)
+    for b, p in enumerate(ROUND_PROMPTS):
+        tokens[b, :len(p)] = p
+    prompt_lengths = np.array([len(p) for p in ROUND_PROMPTS], np.int32)
+    sampling = SamplingParams.create(temperature)
+    stop_ids, max_new = np.full((16,), -1, np.int32), np.int32(40)
+    cfg = target.config
+    drafter, dparams, dstate = method.build(target, B, S)
+    cache = init_cache(cfg, B, S, jnp.float32)
+    state, cache, dstate = spec_steps.prefill(cfg, drafter, target.params, dparams, cache, dstate, tokens,
+                                              prompt_lengths, np.ones(B, bool), sampling, row_keys(0, B), stop_ids,
+                                              max_new, prompt_bucket=16)
+    state, cache, dstate = spec_steps.speculative_decode(cfg, drafter, target.params, dparams, cache, dstate, state,
+                                                         sampling, stop_ids, max_new, num_rounds=num_rounds)
+    # Prefill emits one token and each round at least one: more means some row accepted drafts.
+    assert (np.asarray(state.lengths) - prompt_lengths > 1 + num_rounds).any(), "no row accepted a draft"
+    return state, cache, dstate, prompt_lengths
+
+
 @pytest.mark.parametrize("make", [
     lambda draft: spec.DraftTree(draft, depth=3, top_k=2, max_nodes=6),
     lambda draft: spec.DraftTree(draft, depth=4, top_k=3, max_nodes=12),
@@ -482,30 +513,12 @@ def test_commit_leaves_the_cache_of_plain_decoding(llama, noisy_draft, make, tem
     over the emitted tokens computes there (a tree's accepted path was gathered into place),
     and the draft's cache does too below the two tokens it re-reads each round (a tree
     drafter moves the accepted path's entries to their positions after each round)."""
-    from jaxdec import speculative as spec_steps, steps
     from jaxdec.cache import init_cache
     from jaxdec.model import causal_mask, forward_hidden
-    from jaxdec.sampling import SamplingParams, row_keys
 
     cfg, method = llama.config, make(noisy_draft)
-    prompts = [[5, 17, 33, 2, 90, 41, 7], [9, 9, 9, 12], list(range(60, 76)), [3]]
-    B, S = 4, 64
-    tokens = np.zeros((B, S), np.int32)
-    for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = p
-    prompt_lengths = np.array([len(p) for p in prompts], np.int32)
-    sampling = SamplingParams.create(temperature)
-    stop_ids, max_new = np.full((16,), -1, np.int32), np.int32(40)
-    drafter, dparams, dstate = method.build(llama, B, S)
-    cache = init_cache(cfg, B, S, jnp.float32)
-    state, cache = steps.prefill(cfg, llama.params, cache, tokens, prompt_lengths, np.ones(B, bool), sampling,
-                                 row_keys(0, B), stop_ids, max_new, prompt_bucket=16)
-    dstate = spec_steps.drafter_prefill(cfg, drafter, llama.params, dparams, dstate, tokens, prompt_lengths,
-                                        prompt_bucket=16)
-    state, cache, dstate = spec_steps.speculative_decode(cfg, drafter, llama.params, dparams, cache, dstate, state,
-                                                         sampling, stop_ids, max_new, num_rounds=4)
-    lengths = np.asarray(cache.lengths)
-    assert (lengths > prompt_lengths + 4).any(), "some row accepted drafts"
+    state, cache, dstate, _ = run_rounds(llama, method, temperature)
+    lengths, (B, S) = np.asarray(cache.lengths), state.tokens.shape
 
     def plain_cache(model_cfg, params):
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))

@@ -26,6 +26,7 @@ from jaxdec.model import sequence_logits
 from jaxdec.sampling import SamplingParams, probabilities
 from jaxdec.verify import Draft, _accept_sampled_chain, accept
 from tests.hf_models import build_hf_model
+from tests.test_heads import random_heads
 from tests.test_sampling import reference
 from tests.test_speculative import _longest_draft
 
@@ -352,6 +353,13 @@ SAMPLED = {
     "draft_tree": (lambda m: spec.DraftTree(m["draft"], depth=2, top_k=2, max_nodes=5), dict(temperature=1.0)),
     "draft_tree_filtered": (lambda m: spec.DraftTree(m["draft"], depth=3, top_k=3, max_nodes=8),
                             dict(temperature=1.0, top_k=4, top_p=0.95)),
+    # Heads on the target's features: Medusa's point-mass tree, EAGLE's sampled children.
+    "medusa": (lambda m: spec.Medusa(random_heads(m["target"], "medusa", num_heads=2), [(0,), (1,), (0, 0), (1, 0)]),
+               dict(temperature=1.0)),
+    "eagle": (lambda m: spec.Eagle(random_heads(m["target"], "eagle"), depth=2, top_k=2, max_nodes=5),
+              dict(temperature=1.0)),
+    "eagle_filtered": (lambda m: spec.Eagle(random_heads(m["target"], "eagle", seed=1), depth=3, top_k=2, max_nodes=6),
+                       dict(temperature=1.0, top_k=4, top_p=0.95)),
 }
 
 
@@ -369,9 +377,10 @@ def test_sampled_tokens_follow_the_target_distribution(tiny, name):
     assert 1.0 < mean_accepted < _longest_draft(method) + 1, mean_accepted
 
     # Power: the same draws refute what always accepting the draft would give.
-    if isinstance(method, (spec.PromptLookup, spec.StaticTree)):
-        # Deterministic drafts have no distribution of their own; the target at another
-        # temperature stands in as the clearly wrong answer.
+    if isinstance(method, (spec.PromptLookup, spec.StaticTree, spec.Medusa, spec.Eagle)):
+        # Deterministic drafts have no distribution of their own (and an EAGLE layer's depends
+        # on the features it is fed); the target at another temperature stands in as the
+        # clearly wrong answer.
         wrong = joint3([target_logits] * 3, {**sampling, "temperature": 1.6}, exact=False)
     else:
         draft_logits = (_prefix_logits(tiny["draft"]) if isinstance(method, (spec.DraftModel, spec.DraftTree))

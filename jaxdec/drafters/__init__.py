@@ -2,10 +2,14 @@
 
 A drafter is a small frozen (hashable) dataclass, a static argument of the jitted round:
     num_tokens: int                         K, the fixed number of draft slots
-    prefill(cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket) -> dstate
+    prefill(cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket, features) -> dstate
     propose(cfg, params, cache, dparams, dstate, state, sampling, keys) -> (Draft, cache, dstate)
-    update(dstate, draft, num_accepted, path) -> dstate  after acceptance (adaptive drafters,
-                                                         trees that keep their draft's cache)
+    update(dstate, draft, num_accepted, path, features) -> dstate
+        after acceptance (adaptive drafters, trees that keep their draft's cache, heads that
+        draft from the target's features)
+`features` are the target's hidden states (what its LM head reads): over the prompt bucket
+at prefill [B, P, D], over the verify step at update [B, K+1, D] (the pending token's, then
+each draft node's; `path` picks the accepted ones).
 `dparams` (e.g. a draft model's weights) and `dstate` (e.g. its KV cache) are pytrees that
 travel beside the target's; `propose` must leave `cache.lengths` as it found it.
 """
@@ -14,8 +18,8 @@ travel beside the target's; `propose` must leave `cache.lengths` as it found it.
 class Drafter:
     """Defaults for drafters that keep no state of their own."""
 
-    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket):
+    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket, features):
         return dstate
 
-    def update(self, dstate, draft, num_accepted, path):
+    def update(self, dstate, draft, num_accepted, path, features):
         return dstate

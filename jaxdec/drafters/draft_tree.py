@@ -71,67 +71,91 @@ class DraftTreeDrafter(UsesDraftModel, Drafter):
         return self.max_nodes
 
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
-        dcfg, weights, k = self.draft_cfg, self._weights(params, dparams), self.top_k
-        B = state.lengths.shape[0]
-        rows = jnp.arange(B)[:, None]
+        dcfg, weights = self.draft_cfg, self._weights(params, dparams)
         logits, dcache = self._catch_up(weights, dstate.cache, state)                   # after the root
-        start = state.lengths              # tree nodes live in slots from here; the prefix is below
-        dcache = dcache.replace(lengths=start)
-        num_slots = dcache.num_slots
+        dcache = dcache.replace(lengths=state.lengths)      # the prefix; tree nodes live in slots from here
 
-        C = num_candidates(self.depth, k)
-        G = 1 + (self.depth - 1) * k                                                   # sibling groups
-        children = lambda logits, level: _children(logits, k, sampling, keys, level)
-        token, score, q = children(logits[:, None], 0)                                   # the root's children
-        cand_token = jnp.zeros((B, C), jnp.int32).at[:, :k].set(token[:, 0])
-        cand_score = jnp.full((B, C), -jnp.inf, jnp.float32).at[:, :k].set(score[:, 0])
-        cand_parent = jnp.full((B, C), -1, jnp.int32)
-        cand_slot = jnp.full((B, C), -1, jnp.int32)
-        group_q = jnp.zeros((B, G, q.shape[-1]), jnp.float32).at[:, :1].set(q)         # q of each sibling group
-        frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (B, k))           # candidate indices
-        seen = jnp.zeros((B, k, num_slots), bool)                                     # ancestors' slots
-        alone = jnp.broadcast_to(jnp.eye(k, dtype=bool), (B, k, k))                   # frontier nodes are not each other's ancestors
-        for level in range(1, self.depth):
-            slots = start[:, None] + (level - 1) * k + jnp.arange(k)[None, :]
-            positions = jnp.broadcast_to((start + level - 1)[:, None], (B, k))
-            # Written first, then read (in place; the other order makes XLA copy the cache):
-            # a frontier node's own slot is in no node's `seen`, so the write changes no result.
-            hidden, dcache = forward_hidden(dcfg, weights, cand_token[rows, frontier], positions, dcache, alone,
-                                            extra_visible=seen, slots=slots)
-            cand_slot = cand_slot.at[rows, frontier].set(slots)
-            child_token, child_score, q = children(lm_head(dcfg, weights, hidden), level)   # [B, k, k]
-            child_score = child_score + cand_score[rows, frontier][:, :, None]
-            first = k + (level - 1) * k * k
-            cand_token = cand_token.at[:, first:first + k * k].set(child_token.reshape(B, k * k))
-            cand_score = cand_score.at[:, first:first + k * k].set(child_score.reshape(B, k * k))
-            cand_parent = cand_parent.at[:, first:first + k * k].set(jnp.repeat(frontier, k, axis=1))
-            group_q = group_q.at[:, 1 + (level - 1) * k:1 + level * k].set(q)
-            if level + 1 < self.depth:
-                _, best = jax.lax.top_k(child_score.reshape(B, k * k), k)
-                parent = best // k                                                     # index within the frontier
-                seen = (jnp.take_along_axis(seen, parent[:, :, None], axis=1)
-                        | (jnp.arange(num_slots)[None, None, :] == jnp.take_along_axis(slots, parent, axis=1)[:, :, None]))
-                frontier = first + best
+        def expand(tokens, carry, positions, dcache, alone, seen, slots):
+            hidden, dcache = forward_hidden(dcfg, weights, tokens, positions, dcache, alone, extra_visible=seen,
+                                            slots=slots)
+            return lm_head(dcfg, weights, hidden), None, dcache
 
-        # Keep the best max_nodes. Top-k children (greedy) are ranked by their own score. Sampled
-        # children must stay i.i.d. draws of their parent's q, so no child may be kept or dropped
-        # for its own value: sibling groups are ranked by their parent's score, and a group cut
-        # short keeps its first draws. Either way parents come before children.
-        parent_score = jnp.where(cand_parent >= 0, cand_score[rows, jnp.maximum(cand_parent, 0)], 0.0)
-        rank_by = jnp.where(sampling.temperature > 0, parent_score, cand_score)
-        order = jnp.argsort(-rank_by, axis=1, stable=True)[:, :self.max_nodes]
-        rank = jnp.full((B, C), -1, jnp.int32).at[rows, order].set(jnp.arange(self.max_nodes, dtype=jnp.int32))
-        parent = cand_parent[rows, order]
-        parents = jnp.where(parent >= 0, rank[rows, jnp.maximum(parent, 0)], -1)
-        tokens = cand_token[rows, order]
-        group = jnp.where(order < k, 0, 1 + (order - k) // k)                         # the node's sibling group
-        probs = jnp.where(sampling.temperature > 0, group_q[rows, group],
-                          jax.nn.one_hot(tokens, dcfg.vocab_size, dtype=jnp.float32))
-        draft = Draft(tokens=tokens, probs=probs, lengths=jnp.full((B,), self.max_nodes, jnp.int32), parents=parents)
-        return draft, cache, dstate.replace(cache=dcache, node_slots=cand_slot[rows, order], tree_start=start)
+        draft, dcache, node_slots = grow_tree(self.depth, self.top_k, self.max_nodes, logits, None, expand,
+                                              state.lengths, dcache, sampling, keys)
+        return draft, cache, dstate.replace(cache=dcache, node_slots=node_slots, tree_start=state.lengths)
 
-    def update(self, dstate, draft, num_accepted, path):
+    def update(self, dstate, draft, num_accepted, path, features):
         return keep_accepted_path(dstate, num_accepted, path)
+
+
+def grow_tree(depth: int, top_k: int, max_nodes: int, root_logits, root_carry, expand, start, dcache, sampling,
+              keys):
+    """Grows the tree of the module docstring: (Draft, draft cache, each node's draft-cache slot
+    [B, max_nodes] (-1 for nodes never run)).
+
+    root_logits [B, V]: the draft's logits after the root (the pending token). Tree nodes run
+    in draft-cache slots from `start` [B] on (the prefix lies below; the cache's lengths must
+    be `start`). `expand(tokens [B, k], carry [B, k, ...], positions, dcache, alone, seen, slots)
+    -> (logits [B, k, V], carry [B, k, ...], dcache)` runs a frontier through the draft, each
+    node attending to the prefix, to the `seen` slots (its ancestors') and to itself (`alone`),
+    written at `slots` first. `carry` is what a node hands its children besides its token (an
+    EAGLE layer's predicted feature; None for a draft model); the root's is `root_carry` [B, ...].
+    """
+    k = top_k
+    B = start.shape[0]
+    rows = jnp.arange(B)[:, None]
+    num_slots = dcache.num_slots
+    C = num_candidates(depth, k)
+    G = 1 + (depth - 1) * k                                                          # sibling groups
+    children = lambda logits, level: _children(logits, k, sampling, keys, level)
+    token, score, q = children(root_logits[:, None], 0)                              # the root's children
+    cand_token = jnp.zeros((B, C), jnp.int32).at[:, :k].set(token[:, 0])
+    cand_score = jnp.full((B, C), -jnp.inf, jnp.float32).at[:, :k].set(score[:, 0])
+    cand_parent = jnp.full((B, C), -1, jnp.int32)
+    cand_slot = jnp.full((B, C), -1, jnp.int32)
+    group_q = jnp.zeros((B, G, q.shape[-1]), jnp.float32).at[:, :1].set(q)           # q of each sibling group
+    frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (B, k))             # candidate indices
+    carry = jax.tree.map(lambda x: jnp.broadcast_to(x[:, None], (B, k) + x.shape[1:]), root_carry)
+    seen = jnp.zeros((B, k, num_slots), bool)                                       # ancestors' slots
+    alone = jnp.broadcast_to(jnp.eye(k, dtype=bool), (B, k, k))                     # frontier nodes are not each other's ancestors
+    for level in range(1, depth):
+        slots = start[:, None] + (level - 1) * k + jnp.arange(k)[None, :]
+        positions = jnp.broadcast_to((start + level - 1)[:, None], (B, k))
+        # Written first, then read (in place; the other order makes XLA copy the cache):
+        # a frontier node's own slot is in no node's `seen`, so the write changes no result.
+        logits, carry, dcache = expand(cand_token[rows, frontier], carry, positions, dcache, alone, seen, slots)
+        cand_slot = cand_slot.at[rows, frontier].set(slots)
+        child_token, child_score, q = children(logits, level)                         # [B, k, k]
+        child_score = child_score + cand_score[rows, frontier][:, :, None]
+        first = k + (level - 1) * k * k
+        cand_token = cand_token.at[:, first:first + k * k].set(child_token.reshape(B, k * k))
+        cand_score = cand_score.at[:, first:first + k * k].set(child_score.reshape(B, k * k))
+        cand_parent = cand_parent.at[:, first:first + k * k].set(jnp.repeat(frontier, k, axis=1))
+        group_q = group_q.at[:, 1 + (level - 1) * k:1 + level * k].set(q)
+        if level + 1 < depth:
+            _, best = jax.lax.top_k(child_score.reshape(B, k * k), k)
+            parent = best // k                                                       # index within the frontier
+            seen = (jnp.take_along_axis(seen, parent[:, :, None], axis=1)
+                    | (jnp.arange(num_slots)[None, None, :] == jnp.take_along_axis(slots, parent, axis=1)[:, :, None]))
+            carry = jax.tree.map(lambda x: x[rows, parent], carry)
+            frontier = first + best
+
+    # Keep the best max_nodes. Top-k children (greedy) are ranked by their own score. Sampled
+    # children must stay i.i.d. draws of their parent's q, so no child may be kept or dropped
+    # for its own value: sibling groups are ranked by their parent's score, and a group cut
+    # short keeps its first draws. Either way parents come before children.
+    parent_score = jnp.where(cand_parent >= 0, cand_score[rows, jnp.maximum(cand_parent, 0)], 0.0)
+    rank_by = jnp.where(sampling.temperature > 0, parent_score, cand_score)
+    order = jnp.argsort(-rank_by, axis=1, stable=True)[:, :max_nodes]
+    rank = jnp.full((B, C), -1, jnp.int32).at[rows, order].set(jnp.arange(max_nodes, dtype=jnp.int32))
+    parent = cand_parent[rows, order]
+    parents = jnp.where(parent >= 0, rank[rows, jnp.maximum(parent, 0)], -1)
+    tokens = cand_token[rows, order]
+    group = jnp.where(order < k, 0, 1 + (order - k) // k)                           # the node's sibling group
+    probs = jnp.where(sampling.temperature > 0, group_q[rows, group],
+                      jax.nn.one_hot(tokens, root_logits.shape[-1], dtype=jnp.float32))
+    draft = Draft(tokens=tokens, probs=probs, lengths=jnp.full((B,), max_nodes, jnp.int32), parents=parents)
+    return draft, dcache, cand_slot[rows, order]
 
 
 def keep_accepted_path(dstate: DraftTreeState, num_accepted, path) -> DraftTreeState:

@@ -1,0 +1,221 @@
+"""Trains draft heads on a frozen target's own outputs: `python -m jaxdec.train medusa|eagle`.
+
+    python -m jaxdec.train medusa --workdir W --teacher checkpoints/demo-target --out checkpoints/demo-medusa
+    python -m jaxdec.train eagle  --workdir W --teacher checkpoints/demo-target --out checkpoints/demo-eagle
+
+Same corpus, windows, optimizer, checkpoints, resuming and progress bar as the demo models
+(`jaxdec.train`). Each step runs the frozen target over the windows (its features and its
+next-token distributions, in the same jitted step) and distils them into the heads:
+
+* Medusa: head k (1..K) reads the feature at t and learns the target's distribution at
+  t + k (the token at t + 1 + k): KL(target || head), weighted 0.8^(k-1).
+* EAGLE: the layer reads pairs (feature at t - 1, token at t) and learns the target's
+  distribution at t through the target's LM head (KL), plus 0.1 x a smooth-L1 pull towards
+  the target's feature. A second pass feeds the layer its own predicted features in place of
+  the target's (as deeper tree levels do when drafting) and learns the same targets from them.
+
+Held-out metrics (exported in `training.json`): per depth, how often the target's argmax is
+the draft's rank-r token (Medusa: head d; EAGLE: depth 1 from true features, depth 2 from
+its own), and for Medusa the default tree built from those accuracies (`best_static_tree`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdec.config import ModelConfig
+from jaxdec.heads import HeadsConfig, best_static_tree, eagle_sequence, init_heads, medusa_logits, save_heads
+from jaxdec.model import causal_mask, lm_head, step_hidden
+
+RANKS = 8              # accuracies are measured for the draft's top RANKS tokens per depth
+MEDUSA_DECAY = 0.8     # weight of head k's loss: MEDUSA_DECAY ** (k - 1)
+EAGLE_FEATURE_WEIGHT = 0.1
+MEDUSA_TREE_NODES = 16  # the shipped default tree's size
+
+
+def target_outputs(cfg: ModelConfig, params, tokens):
+    """The frozen target over whole windows: (features [B, T, D], log-probabilities [B, T, V])."""
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    hidden, _ = step_hidden(cfg, params, tokens, positions, None, causal_mask(B, T), read_cache=False)
+    hidden = jax.lax.stop_gradient(hidden)
+    return hidden, jax.lax.stop_gradient(jax.nn.log_softmax(lm_head(cfg, params, hidden)))
+
+
+def _kl(t_logp, logits):
+    """Mean KL(teacher || model) over positions."""
+    return jnp.sum(jnp.exp(t_logp) * (t_logp - jax.nn.log_softmax(logits)), axis=-1).mean()
+
+
+def _rank_hits(logits, t_logp):
+    """int32 [RANKS]: at how many positions the teacher's argmax is the model's rank-r token."""
+    _, top = jax.lax.top_k(logits, RANKS)
+    hit = top == jnp.argmax(t_logp, axis=-1)[..., None]
+    return jnp.sum(hit.reshape(-1, RANKS), axis=0, dtype=jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsObjective:
+    """Heads trained on a frozen target (`jaxdec.train.train_run`'s objective protocol)."""
+    heads: HeadsConfig
+    target_cfg: ModelConfig
+
+    def init(self, rng):
+        return init_heads(self.heads, rng)
+
+    def describe(self) -> dict:
+        # The settings only: the accuracies are a result, filled in at export.
+        return {k: v for k, v in self.heads.to_dict().items() if k != "accuracy"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaObjective(HeadsObjective):
+    def outputs(self, params, batch, teacher_params):
+        """Per head k = 1..K: (its logits at t, the target's log-probabilities at t + k)."""
+        features, t_logp = target_outputs(self.target_cfg, teacher_params, batch)
+        logits = medusa_logits(self.target_cfg, teacher_params, params, features)          # [B, T, K, V]
+        return [(logits[:, :-k, k - 1], t_logp[:, k:]) for k in range(1, self.heads.num_heads + 1)]
+
+    def loss(self, params, batch, teacher_params):
+        kls = [_kl(t, s) for s, t in self.outputs(params, batch, teacher_params)]
+        weights = [MEDUSA_DECAY ** k for k in range(len(kls))]
+        loss = sum(w * kl for w, kl in zip(weights, kls)) / sum(weights)
+        return loss, {f"kl{k + 1}": kl for k, kl in enumerate(kls)}
+
+    def hits(self, params, batch, teacher_params):
+        return jnp.stack([_rank_hits(s, t) for s, t in self.outputs(params, batch, teacher_params)])
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleObjective(HeadsObjective):
+    def outputs(self, params, batch, teacher_params):
+        """(target features, target log-probabilities, predicted features from the target's,
+        predicted features from its own first-pass predictions)."""
+        features, t_logp = target_outputs(self.target_cfg, teacher_params, batch)
+        first = eagle_sequence(self.heads, teacher_params, params, features, batch)
+        second = eagle_sequence(self.heads, teacher_params, params, first, batch)
+        return features, t_logp, first, second
+
+    def loss(self, params, batch, teacher_params):
+        features, t_logp, first, second = self.outputs(params, batch, teacher_params)
+        head = lambda h: lm_head(self.target_cfg, teacher_params, h)
+        kl1, kl2 = _kl(t_logp, head(first)), _kl(t_logp[:, 1:], head(second[:, 1:]))
+        pull = jnp.mean(optax.huber_loss(first, features, delta=1.0))
+        return kl1 + kl2 + EAGLE_FEATURE_WEIGHT * pull, {"kl1": kl1, "kl2": kl2, "feature_l1": pull}
+
+    def hits(self, params, batch, teacher_params):
+        features, t_logp, first, second = self.outputs(params, batch, teacher_params)
+        head = lambda h: lm_head(self.target_cfg, teacher_params, h)
+        return jnp.stack([_rank_hits(head(first), t_logp), _rank_hits(head(second[:, 1:]), t_logp[:, 1:])])
+
+
+def held_out_accuracy(objective, params, teacher_params, windows: np.ndarray, batch_size: int) -> list:
+    """accuracy[d][r]: how often, over the held-out windows, the target's argmax at depth d + 1
+    is the draft's rank-r token."""
+    step = jax.jit(objective.hits)
+    hits, counts = 0, 0
+    for start in range(0, len(windows), batch_size):
+        chunk = jnp.asarray(windows[start:start + batch_size, :-1])
+        h = np.asarray(step(params, chunk, teacher_params), np.int64)
+        hits = hits + h
+        # depth d's positions: Medusa head d scores T - d of them, EAGLE's passes T and T - 1
+        T = chunk.shape[1]
+        per_depth = [T - (d + 1) if isinstance(objective, MedusaObjective) else T - d for d in range(h.shape[0])]
+        counts = counts + np.asarray(per_depth, np.int64)[:, None] * chunk.shape[0]
+    return (hits / counts).round(4).tolist()
+
+
+HEAD_DEFAULTS = {
+    "medusa": dict(steps=1000, batch_size=8, seq_len=512, lr=2e-3, warmup=50),
+    "eagle": dict(steps=1000, batch_size=8, seq_len=512, lr=2e-3, warmup=50),
+}
+
+
+def run_heads_stage(kind: str, args) -> dict:
+    """Trains (or resumes) and exports one set of heads; what `python -m jaxdec.train medusa|eagle` runs."""
+    import jaxdec
+    from jaxdec import train
+    workdir = Path(args.workdir)
+    train.prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
+    train_tokens, held_tokens, corpus = train._load_data(workdir)
+    teacher = jaxdec.load(args.teacher, dtype="float32")
+    if teacher.config.vocab_size != corpus["vocab_size"]:
+        raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != the corpus's {corpus['vocab_size']}")
+    if kind == "medusa":
+        objective = MedusaObjective(HeadsConfig.medusa(teacher.config, args.num_heads), teacher.config)
+    else:
+        objective = EagleObjective(HeadsConfig.eagle(teacher.config), teacher.config)
+    opts = train.RunOptions(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                            warmup=args.warmup, weight_decay=args.weight_decay, save_every=args.save_every,
+                            log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows)
+    run_dir = workdir / kind
+    if args.fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    params, info = train.train_run(run_dir, None, train_tokens, opts, teacher=teacher, progress=not args.no_progress,
+                                   objective=objective)
+    t0 = time.time()
+    windows = train.eval_windows(held_tokens, opts.seq_len, opts.eval_windows)
+    accuracy = held_out_accuracy(objective, params, teacher.params, windows, opts.eval_batch_size)
+    probe_windows = train.eval_windows(held_tokens, train.PROBE_LEN, train.PROBE_WINDOWS)
+    probe = held_out_accuracy(objective, params, teacher.params, probe_windows, train.PROBE_WINDOWS)
+    heads_cfg = dataclasses.replace(objective.heads, accuracy=tuple(map(tuple, accuracy)))
+    if kind == "medusa":
+        heads_cfg = dataclasses.replace(heads_cfg, tree=best_static_tree(accuracy, MEDUSA_TREE_NODES))
+    n_params = int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+    training = {
+        "command": "python -m jaxdec.train " + " ".join(sys.argv[1:]),
+        "kind": kind, "corpus": corpus, "teacher": args.teacher, "params": n_params,
+        "options": dataclasses.asdict(opts), "steps": info["step"], "schedule_changes": info["schedule_changes"],
+        "tokens_seen": info["step"] * opts.batch_size * opts.seq_len, "train_wall_seconds": info["wall_seconds"],
+        "final_train_metrics": info["history"][-1] if info["history"] else None,
+        "held_out": {"windows": int(len(windows)), "seq_len": opts.seq_len,
+                     "accuracy_by_depth_and_rank": accuracy,
+                     "what": ("accuracy[d][r]: share of held-out positions where the target's argmax at depth d + 1 "
+                              "is the draft's rank-r token" + (" (depth 2: from the layer's own predicted features)"
+                                                                if kind == "eagle" else ""))},
+        "probe": {"accuracy_by_depth_and_rank": probe, "seq_len": train.PROBE_LEN, "token_ids": probe_windows.tolist()},
+        "eval_seconds": round(time.time() - t0, 1),
+        "versions": {"jax": jax.__version__, "python": sys.version.split()[0]},
+        "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
+    }
+    print(f"held-out accuracy by depth (rank 0..{RANKS - 1}): {json.dumps(accuracy)}", flush=True)
+    if info["step"] < opts.steps:
+        print(f"stopped at step {info['step']} of {opts.steps}: not exported", flush=True)
+        return training
+    if args.out:
+        save_heads(Path(args.out), heads_cfg, params, training)
+        print(f"exported {args.out}", flush=True)
+    return training
+
+
+def add_commands(sub, common) -> None:
+    """The `medusa` and `eagle` subcommands of `python -m jaxdec.train`."""
+    for kind, defaults in HEAD_DEFAULTS.items():
+        p = sub.add_parser(kind, help=f"train {kind} draft heads on a frozen target")
+        common(p)
+        p.add_argument("--teacher", required=True, help="the target: anything jaxdec.load takes")
+        p.add_argument("--out", default=None, help="export folder (jaxdec.load_heads-able)")
+        if kind == "medusa":
+            p.add_argument("--num-heads", type=int, default=4, help="heads, for tree depths 1..K")
+        for name in ("steps", "batch_size", "seq_len", "warmup"):
+            p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
+        p.add_argument("--lr", type=float, default=defaults["lr"])
+        p.add_argument("--weight-decay", type=float, default=0.0)
+        p.add_argument("--save-every", type=int, default=50)
+        p.add_argument("--log-every", type=int, default=25)
+        p.add_argument("--eval-windows", type=int, default=64, help="held-out windows for the accuracies")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--fresh", action="store_true", help="discard this run's checkpoints first")
+        p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")

@@ -1,0 +1,254 @@
+"""Draft heads on the target's features (Medusa, EAGLE): lossless greedy decoding through
+their trees, the state they keep between rounds, their on-disk format, the tree Medusa
+ships, their training objectives, and bad input. (Sampling: test_speculative_sampling.py.)"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jaxdec
+from jaxdec import spec
+from jaxdec.heads import (Heads, HeadsConfig, best_static_tree, eagle_forward, init_heads, load_heads,
+                          save_heads)
+from jaxdec.loading import model_from_params
+from tests.test_speculative import HYPOTHESIS, ROUND_PROMPTS, _check_greedy_equal, greedy_cases, run_rounds
+
+
+def random_heads(model, kind, seed=0, num_heads=3, tree=(), scale=0.3):
+    """Heads with random weights for `model` (Medusa's residual blocks made non-zero, so each
+    head differs from the target's own next-token head)."""
+    cfg = HeadsConfig.medusa(model.config, num_heads, tree) if kind == "medusa" else HeadsConfig.eagle(model.config)
+    params = init_heads(cfg, jax.random.key(seed))
+    if kind == "medusa":
+        w = scale * jax.random.normal(jax.random.key(seed + 1), params["w"].shape) / np.sqrt(cfg.hidden_size)
+        params = {**params, "w": w}
+    return Heads(cfg, params)
+
+
+def trained_heads(model, kind, steps=100):
+    """Heads distilled for a few steps on the target's own greedy continuations of random
+    prompts (as `python -m jaxdec.train` does on a corpus): they agree with the target often
+    but not always, so rows accept ragged numbers of tokens."""
+    from jaxdec.train import make_optimizer, make_train_step
+    from jaxdec.train_heads import EagleObjective, MedusaObjective
+    rng = np.random.default_rng(2)
+    prompts = ROUND_PROMPTS + [rng.integers(0, model.config.vocab_size, 8).tolist() for _ in range(4)]
+    out = jaxdec.generate(model, prompts, max_new_tokens=40, stop_token_ids=[])
+    batch = jnp.asarray([(p + t)[:41] for p, t in zip(prompts, out.tokens)], jnp.int32)
+    heads = random_heads(model, kind, num_heads=4)
+    objective = (MedusaObjective if kind == "medusa" else EagleObjective)(heads.config, model.config)
+    optimizer, _ = make_optimizer(3e-3, steps, 1, 0.0)
+    step = make_train_step(objective, optimizer)
+    params, opt_state = heads.params, optimizer.init(heads.params)
+    for _ in range(steps):
+        params, opt_state, _ = step(params, opt_state, batch, model.params)
+    return Heads(heads.config, params)
+
+
+@pytest.fixture(scope="module")
+def medusa(llama):
+    return trained_heads(llama, "medusa")
+
+
+@pytest.fixture(scope="module")
+def eagle(llama):
+    return trained_heads(llama, "eagle")
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy: exactly the tokens of plain decoding
+
+# (batch bucket, paths): a wide shallow tree, a deep one with branches, a lone node.
+MEDUSA_COMBOS = [(8, ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0))),
+                 (4, ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0), (1,), (0, 1), (0, 0, 1))),
+                 (1, ((0,),))]
+# (batch bucket, max_nodes, depth, top_k)
+EAGLE_COMBOS = [(8, 6, 3, 2), (1, 4, 4, 1), (4, 12, 4, 3), (4, 1, 1, 1)]
+
+
+@HYPOTHESIS
+@given(case=greedy_cases(MEDUSA_COMBOS), data=st.data())
+def test_greedy_medusa_equals_plain(llama, medusa, case, data):
+    (_, paths), prompts, max_new_tokens = case
+    _check_greedy_equal(llama, prompts, max_new_tokens, spec.Medusa(medusa, paths), data)
+
+
+@HYPOTHESIS
+@given(case=greedy_cases(EAGLE_COMBOS), data=st.data())
+def test_greedy_eagle_equals_plain(llama, eagle, case, data):
+    (_, max_nodes, depth, top_k), prompts, max_new_tokens = case
+    _check_greedy_equal(llama, prompts, max_new_tokens, spec.Eagle(eagle, depth=depth, top_k=top_k,
+                                                                   max_nodes=max_nodes), data)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the drafters keep between rounds
+
+
+def _target_features(llama, tokens):
+    """The target's hidden states over whole rows (what its LM head reads), from no cache."""
+    from jaxdec.model import causal_mask, step_hidden
+    B, S = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    hidden, _ = step_hidden(llama.config, llama.params, tokens, positions, None, causal_mask(B, S), read_cache=False)
+    return np.asarray(hidden)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_medusa_keeps_the_feature_behind_the_pending_token(llama, medusa, temperature):
+    """After rounds, each row's feature is the target's hidden state at the token before the
+    pending one: the one whose logits gave the pending token."""
+    state, _, dstate, _ = run_rounds(llama, spec.Medusa(medusa, [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]), temperature)
+    lengths = np.asarray(state.lengths)
+    features = _target_features(llama, state.tokens)
+    want = features[np.arange(len(lengths)), lengths - 2]
+    np.testing.assert_allclose(np.asarray(dstate.features), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_eagle_cache_holds_pairs_of_true_features(llama, eagle, temperature):
+    """After rounds, the EAGLE layer's cache below `fed` is what the layer computes over the
+    committed tokens paired with the target's true features (no predicted feature stays in
+    it), and the kept features are the target's at positions fed - 1 .. lengths - 2."""
+    from jaxdec.cache import init_cache
+    from jaxdec.model import causal_mask
+
+    method = spec.Eagle(eagle, depth=4, top_k=2, max_nodes=8)
+    state, _, dstate, prompt_lengths = run_rounds(llama, method, temperature)
+    tokens, lengths, fed = state.tokens, np.asarray(state.lengths), np.asarray(dstate.fed)
+    features = _target_features(llama, tokens)
+    B, S = tokens.shape
+    shifted = jnp.concatenate([jnp.zeros_like(features[:, :1]), features[:, :-1]], axis=1)
+    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    _, want = eagle_forward(eagle.config, llama.params, eagle.params, shifted, tokens, positions,
+                            init_cache(eagle.config.layer, B, S, jnp.float32), causal_mask(B, S), read_cache=False)
+    for b in range(B):
+        for name, got, ref in (("k", dstate.cache.k[0], want.k[0]), ("v", dstate.cache.v[0], want.v[0])):
+            np.testing.assert_allclose(np.asarray(got[b, :, :fed[b]]), np.asarray(ref[b, :, :fed[b]]), atol=2e-5,
+                                       err_msg=f"{name} row {b}")
+        new = lengths[b] - fed[b]
+        np.testing.assert_allclose(np.asarray(dstate.features[b, :new]), features[b, fed[b] - 1:lengths[b] - 1],
+                                   atol=2e-5, err_msg=f"features row {b}")
+
+
+# ---------------------------------------------------------------------------------------------
+# On disk, and the tree Medusa ships
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_heads_round_trip_through_disk(llama, tmp_path, kind):
+    heads = random_heads(llama, kind, seed=4, tree=[(0,), (1,), (0, 0)])
+    save_heads(tmp_path / kind, heads.config, heads.params, {"note": "test"})
+    loaded = load_heads(tmp_path / kind)
+    assert loaded.config == heads.config
+    for a, b in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(heads.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not (tmp_path / f"{kind}.tmp").exists()
+    half = load_heads(tmp_path / kind, dtype="bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(half.params))
+
+
+def _expected_length(paths, accuracy):
+    """Expected accepted length of a static tree when depth d's rank-r token is right with
+    probability accuracy[d - 1][r], independently: the sum over nodes of their path's odds."""
+    return sum(np.prod([accuracy[d][r] for d, r in enumerate(p)]) for p in paths)
+
+
+def test_best_static_tree_beats_every_other_tree():
+    """Against brute force over all trees of n nodes inside a small grid of depths and ranks."""
+    rng = np.random.default_rng(0)
+    accuracy = np.sort(rng.uniform(0, 0.6, (3, 3)), axis=1)[:, ::-1]
+    universe = [p for d in range(1, 4) for p in itertools.product(range(3), repeat=d)]
+    for n in (1, 3, 5):
+        best = best_static_tree(accuracy, n)
+        assert len(best) == n and all(p[:-1] in best for p in best if len(p) > 1)
+        brute = max(_expected_length(c, accuracy) for c in itertools.combinations(universe, n)
+                    if all(p[:-1] in c for p in c if len(p) > 1))
+        assert _expected_length(best, accuracy) == pytest.approx(brute)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training objectives: a few steps on the tiny model lower the loss on a fixed batch
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_training_lowers_the_heads_loss(llama, kind):
+    from jaxdec.train import make_optimizer, make_train_step
+    from jaxdec.train_heads import EagleObjective, MedusaObjective, held_out_accuracy
+    cfg = HeadsConfig.medusa(llama.config, 2) if kind == "medusa" else HeadsConfig.eagle(llama.config)
+    objective = (MedusaObjective if kind == "medusa" else EagleObjective)(cfg, llama.config)
+    rng = np.random.default_rng(1)
+    batch = jnp.asarray(rng.integers(0, llama.config.vocab_size, (4, 33)), jnp.int32)
+    params = objective.init(jax.random.key(0))
+    optimizer, _ = make_optimizer(3e-3, 30, 1, 0.0)
+    step = make_train_step(objective, optimizer)
+    first, _ = objective.loss(params, batch, llama.params)
+    opt_state = optimizer.init(params)
+    for _ in range(30):
+        params, opt_state, metrics = step(params, opt_state, batch, llama.params)
+    last, _ = objective.loss(params, batch, llama.params)
+    assert float(last) < 0.8 * float(first)
+    accuracy = np.asarray(held_out_accuracy(objective, params, llama.params, np.asarray(batch), 2))
+    assert accuracy.shape == (2, 8) and (accuracy >= 0).all() and accuracy.sum(axis=1).max() <= 1 + 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_heads_must_be_heads_of_the_right_kind(llama, medusa, eagle):
+    with pytest.raises(ValueError, match="Medusa needs medusa heads.*eagle heads"):
+        spec.Medusa(eagle, [(0,)])
+    with pytest.raises(ValueError, match="Eagle needs eagle heads.*medusa heads"):
+        spec.Eagle(medusa)
+    with pytest.raises(ValueError, match="Eagle needs eagle heads"):
+        spec.Eagle(llama)
+
+
+def test_medusa_tree_must_fit_the_heads(medusa):
+    with pytest.raises(ValueError, match="5 deep but there are only 4 Medusa heads"):
+        spec.Medusa(medusa, [(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0, 0)])
+    with pytest.raises(ValueError, match="ship no tree"):
+        spec.Medusa(medusa)
+    with pytest.raises(ValueError, match="missing"):
+        spec.Medusa(medusa, [(0, 0)])
+
+
+@pytest.mark.parametrize("kwargs, pattern", [(dict(depth=0), "depth must be"), (dict(top_k=0), "top_k must be"),
+                                             (dict(depth=2, top_k=2, max_nodes=7), "max_nodes=7 exceeds the 6")])
+def test_bad_eagle_tree_options(eagle, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        spec.Eagle(eagle, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_heads_of_another_target_are_refused(llama, kind):
+    from jaxdec.config import ModelConfig
+    import dataclasses
+    other = model_from_params(dataclasses.replace(llama.config, hidden_size=llama.config.hidden_size * 2),
+                              llama.params)
+    heads = random_heads(other, kind, tree=[(0,)])
+    method = spec.Medusa(heads) if kind == "medusa" else spec.Eagle(heads)
+    with pytest.raises(ValueError, match=f"trained for a target with hidden_size={2 * llama.config.hidden_size}"):
+        jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=2, speculative=method)
+
+
+def test_load_tells_models_and_heads_apart(llama, tmp_path, converted_dirs):
+    heads = random_heads(llama, "eagle")
+    save_heads(tmp_path / "eagle", heads.config, heads.params)
+    with pytest.raises(ValueError, match="holds draft heads, not a model: load it with jaxdec.load_heads"):
+        jaxdec.load(tmp_path / "eagle")
+    with pytest.raises(ValueError, match="holds no draft heads.*it is a model: load it with jaxdec.load"):
+        load_heads(converted_dirs["llama"])
+    with pytest.raises(FileNotFoundError):
+        load_heads(tmp_path / "absent")
+    (tmp_path / "eagle" / "heads.json").write_text('{"format": 1, "config": {"kind": "hydra"}}')
+    with pytest.raises(ValueError, match="unreadable heads config"):
+        load_heads(tmp_path / "eagle")
