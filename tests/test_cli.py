@@ -65,3 +65,21 @@ def test_no_options_runs_the_demo_pair_speculatively(capsys, monkeypatch):
     assert out == cli.DEMO_PROMPT + expected + "\n"
     stats = re.search(r"\[draft\] \d+ new tokens in (\d+) target steps, mean accepted ([\d.]+)", err)
     assert stats and float(stats.group(2)) > 1.5  # the trained draft really gets accepted
+
+
+@pytest.mark.parametrize("method", ["medusa", "eagle"])
+def test_methods_with_the_shipped_heads(capsys, monkeypatch, method):
+    prompt = "def add(a, b):"
+    code, out, err = run(capsys, monkeypatch, ["generate", prompt, "--method", method, "--max-new-tokens", "16",
+                                               "--tree", "4x2x6"])
+    assert code == 0
+    expected = jaxdec.generate(jaxdec.load("demo-target"), [prompt], max_new_tokens=16).texts[0]
+    assert out == prompt + expected + "\n"
+    stats = re.search(rf"\[{method}\] \d+ new tokens in \d+ target steps, mean accepted ([\d.]+)", err)
+    assert stats and float(stats.group(1)) > 1.3
+
+
+def test_heads_of_the_wrong_kind_are_refused(capsys, monkeypatch):
+    code, out, err = run(capsys, monkeypatch, ["generate", "hi", "--method", "eagle", "--heads", "demo-medusa"])
+    assert code == 2 and out == ""
+    assert err.strip() == "jaxdec: error: Eagle needs eagle heads (from jaxdec.load_heads), got medusa heads"

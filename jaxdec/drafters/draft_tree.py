@@ -12,10 +12,14 @@ Each round, per row:
      parent (log-probabilities are <= 0) and comes after it, so a stable sort keeps parents
      first and the result is a tree in topological order.
 Greedy decoding takes the draft's top-k children, deterministic given the context (point
-masses). Sampling draws each expanded node's k children independently from the processed
-draft distribution q (SpecInfer): a target that samples at temperature 1 accepts a draw of a
-close draft far more often than a fixed top-k token. Either way the multi-draft rule keeps
-the output exactly the target's (DESIGN.md). After acceptance the draft-cache entries of the
+masses). Sampling draws each expanded node's k children from the processed draft
+distribution q without replacement (Gumbel-top-k): a target that samples at temperature 1
+accepts a draw of a close draft far more often than a fixed top-k token, and distinct
+siblings never waste a node on a repeat. The child drawn s-th was drawn from q with the s - 1
+before it removed and renormalised, and that is the q it carries into verification, where the
+multi-draft rule (each sibling against the residual the earlier ones left) becomes recursive
+rejection sampling (Jeon et al., 2024). Either way the output is exactly the target's
+(DESIGN.md). After acceptance the draft-cache entries of the
 accepted path move to the slots their positions name, so the next round's draft reads a
 prefix as if it had drafted that path as a chain.
 """
@@ -141,9 +145,9 @@ def grow_tree(depth: int, top_k: int, max_nodes: int, root_logits, root_carry, e
             frontier = first + best
 
     # Keep the best max_nodes. Top-k children (greedy) are ranked by their own score. Sampled
-    # children must stay i.i.d. draws of their parent's q, so no child may be kept or dropped
-    # for its own value: sibling groups are ranked by their parent's score, and a group cut
-    # short keeps its first draws. Either way parents come before children.
+    # children must stay draws of their parent's q in draw order, so no child may be kept or
+    # dropped for its own value: sibling groups are ranked by their parent's score, and a
+    # group cut short keeps its first draws. Either way parents come before children.
     parent_score = jnp.where(cand_parent >= 0, cand_score[rows, jnp.maximum(cand_parent, 0)], 0.0)
     rank_by = jnp.where(sampling.temperature > 0, parent_score, cand_score)
     order = jnp.argsort(-rank_by, axis=1, stable=True)[:, :max_nodes]
@@ -151,9 +155,12 @@ def grow_tree(depth: int, top_k: int, max_nodes: int, root_logits, root_carry, e
     parent = cand_parent[rows, order]
     parents = jnp.where(parent >= 0, rank[rows, jnp.maximum(parent, 0)], -1)
     tokens = cand_token[rows, order]
-    group = jnp.where(order < k, 0, 1 + (order - k) // k)                           # the node's sibling group
-    probs = jnp.where(sampling.temperature > 0, group_q[rows, group],
-                      jax.nn.one_hot(tokens, root_logits.shape[-1], dtype=jnp.float32))
+    # Candidates come in sibling groups of k (the root's children first), in draw order.
+    group, drawn = order // k, order % k
+    one_hot = jax.nn.one_hot(tokens, root_logits.shape[-1], dtype=jnp.float32)
+    probs = jnp.where(sampling.temperature > 0,
+                      _without_earlier_siblings(group_q[rows, group], cand_token.reshape(B, G, k)[rows, group], drawn,
+                                                one_hot), one_hot)
     draft = Draft(tokens=tokens, probs=probs, lengths=jnp.full((B,), max_nodes, jnp.int32), parents=parents)
     return draft, dcache, cand_slot[rows, order]
 
@@ -170,14 +177,25 @@ def keep_accepted_path(dstate: DraftTreeState, num_accepted, path) -> DraftTreeS
     return dstate.replace(cache=copy_slots(dstate.cache, source, dest))
 
 
+def _without_earlier_siblings(q, siblings, drawn, one_hot):
+    """The q each sampled node was drawn from: its group's q [B, N, V] without the siblings
+    [B, N, k] drawn before it (the first `drawn` [B, N]), renormalised; a point mass at the
+    node's own token once no mass is left (Gumbel-top-k then picks a zero-mass token, which
+    is a deterministic function of the earlier draws)."""
+    B, N, k = siblings.shape
+    earlier = jnp.where(jnp.arange(k)[None, None, :] < drawn[:, :, None], siblings, q.shape[-1])   # V: dropped
+    q = q.at[jnp.arange(B)[:, None, None], jnp.arange(N)[None, :, None], earlier].set(0.0, mode="drop")
+    mass = jnp.sum(q, axis=-1, keepdims=True)
+    return jnp.where(mass > 0, q / jnp.where(mass > 0, mass, 1.0), one_hot)
+
+
 def _children(logits, k: int, sampling, keys, level: int):
     """k children for each of G nodes from their draft logits [B, G, V]: (tokens [B, G, k],
     log-probability scores [B, G, k], the q they were drawn from [B, G, V]).
 
     Greedy: the top-k, point masses (q is unused: zeros), scored by the draft sharpened to
-    SCORE_TEMPERATURE_GREEDY. Sampling: k independent draws from the processed draft
-    distribution q (repeats allowed; the multi-draft rule needs independent draws, and a
-    repeat only wastes a node), scored by log q.
+    SCORE_TEMPERATURE_GREEDY. Sampling: k draws without replacement from the processed draft
+    distribution q (Gumbel-top-k, in draw order), scored by log q.
     """
     B, G, V = logits.shape
 
@@ -187,13 +205,9 @@ def _children(logits, k: int, sampling, keys, level: int):
 
     def sampled(logits):
         q = probabilities(logits, sampling)
-        # Inverse-CDF draws: the first token whose cumulative mass exceeds u * total. One
-        # cumsum serves all k draws (jax.random.categorical costs 3x more on XLA:CPU here),
-        # and a token of zero mass is never drawn.
-        cdf = jnp.cumsum(q, axis=-1)                                                   # [B, G, V]
-        u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, level), (G, k)))(keys)
-        below = cdf[:, :, None, :] <= (u * cdf[:, :, -1:])[..., None]                 # [B, G, k, V]
-        token = jnp.minimum(jnp.sum(below, axis=-1, dtype=jnp.int32), V - 1)
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(jax.random.fold_in(key, level), (G, V)))(keys)
+        _, token = jax.lax.top_k(jnp.where(q > 0, jnp.log(q) + gumbel, -jnp.inf), k)
+        token = token.astype(jnp.int32)
         return token, jnp.log(jnp.take_along_axis(q, token, axis=-1)), q
 
     return jax.lax.cond(sampling.temperature > 0, sampled, greedy, logits)
