@@ -13,10 +13,13 @@ Scores and softmax in float32; the output in q's dtype.
 
 Verified here, against the reference (tests/test_tree_attention.py): the Pallas interpreter
 on CPU, and the TPU interpreter (`interpret=pltpu.InterpretParams()`) at (8, 128)-tiled
-shapes. Not yet verified: compiling for a GPU or TPU (no device in this session). The loop
-reads the cache through `pl.ds` slices of a whole-row block, the shape the Triton lowering
-handles; Mosaic GPU and real TPUs may want explicit pipelining over cache blocks, and
-`lengths` in scalar memory (scalar prefetch) on TPU.
+shapes; and lowered for CUDA through Pallas's Triton lowering (on a machine without a GPU:
+`jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))`), at shapes up to a 65-node
+tree over 32k slots. Not yet verified: compiling and running it on a GPU or TPU (no device
+has been lent so far). The loop reads the cache through `pl.ds` slices of a whole-row block,
+the shape the Triton lowering handles (on a GPU it is the default here, see
+`gpu_compiler_params`); Mosaic GPU and real TPUs want explicit pipelining over cache blocks
+instead, and `lengths` in scalar memory (scalar prefetch) on TPU.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def reference(q, k_cache, v_cache, lengths, k_new, v_new, step_mask):
                                k_new, v_new, step_mask)
 
 
-def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s: int = 128, interpret=None):
+def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s: int = 128, interpret=None,
+                   compiler_params=None):
     """q: [B, T, H, D]; k_cache, v_cache: [B, Hkv, S, D]; lengths: int32 [B];
     k_new, v_new: [B, T, Hkv, D]; step_mask: bool [B, T, T]. Returns [B, T, H, D]."""
     B, T, H, D = q.shape
@@ -48,29 +52,53 @@ def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, blo
         raise ValueError(f"cache slots S={S} must be a multiple of block_s={block_s}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    # Query rows of one kv head: [B, Hkv, G*T, D], row g*T + t is head g of token t.
+    # Query rows of one kv head: [B, Hkv, G*T, D], row g*T + t is head g of token t. Rows and
+    # step tokens are padded to powers of two (the Triton lowering's rule; padded rows see
+    # no step token and are dropped, padded step tokens are masked for every row).
+    M, M_pad, T_pad = G * T, _power_of_two(G * T), _power_of_two(T)
     rows = lambda x: x.reshape(B, T, Hkv, -1, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, -1, D)
-    q_rows = rows(q) * jnp.asarray(D ** -0.5, q.dtype)
-    k_step, v_step = rows(k_new), rows(v_new)                                   # [B, Hkv, T, D]
-    mask_rows = jnp.broadcast_to(step_mask[:, None], (B, G, T, T)).reshape(B, G * T, T).astype(jnp.int32)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
+    q_rows = pad(rows(q) * jnp.asarray(D ** -0.5, q.dtype), M_pad)
+    k_step, v_step = pad(rows(k_new), T_pad), pad(rows(v_new), T_pad)           # [B, Hkv, T_pad, D]
+    mask_rows = jnp.broadcast_to(step_mask[:, None], (B, G, T, T)).reshape(B, M, T).astype(jnp.int32)
+    mask_rows = jnp.pad(mask_rows, ((0, 0), (0, M_pad - M), (0, T_pad - T)))
+    G_T, T = M_pad, T_pad  # the padded sizes, in the block shapes below
+    if compiler_params is None and jax.default_backend() == "gpu" and not interpret:
+        compiler_params = gpu_compiler_params(M_pad, D)
     kernel = functools.partial(_kernel, block_s=block_s)
     out = pl.pallas_call(
         kernel,
         grid=(B, Hkv),
         in_specs=[
             pl.BlockSpec((1,), lambda b, h: (b,)),                               # lengths
-            pl.BlockSpec((1, 1, G * T, D), lambda b, h: (b, h, 0, 0)),           # query rows
+            pl.BlockSpec((1, 1, G_T, D), lambda b, h: (b, h, 0, 0)),             # query rows
             pl.BlockSpec((1, 1, S, D), lambda b, h: (b, h, 0, 0)),               # the row's cache
             pl.BlockSpec((1, 1, S, D), lambda b, h: (b, h, 0, 0)),
             pl.BlockSpec((1, 1, T, D), lambda b, h: (b, h, 0, 0)),               # the step's keys
             pl.BlockSpec((1, 1, T, D), lambda b, h: (b, h, 0, 0)),
-            pl.BlockSpec((1, G * T, T), lambda b, h: (b, 0, 0)),                 # the tree mask
+            pl.BlockSpec((1, G_T, T), lambda b, h: (b, 0, 0)),                   # the tree mask
         ],
-        out_specs=pl.BlockSpec((1, 1, G * T, D), lambda b, h: (b, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, Hkv, G * T, D), q.dtype),
+        out_specs=pl.BlockSpec((1, 1, G_T, D), lambda b, h: (b, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, Hkv, G_T, D), q.dtype),
         interpret=interpret,
+        compiler_params=compiler_params,
     )(lengths.astype(jnp.int32), q_rows, k_cache, v_cache, k_step, v_step, mask_rows)
-    return out.reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+    T = M // G
+    return out[:, :, :M].reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def gpu_compiler_params(rows: int, head_dim: int):
+    """The GPU lowering: Triton. Its refs are pointers into device memory, so the kernel's
+    `pl.ds` slices load one cache block at a time; Mosaic GPU (JAX 0.11's default) would copy
+    the whole row's cache block into shared memory first, which does not fit (checked by
+    lowering: 572 KB for 1024 slots of head_dim 128 in bfloat16, against 227 KB). More warps
+    for more query rows: the float32 accumulator [rows, head_dim] lives in registers."""
+    from jax.experimental.pallas import triton as plt
+    return plt.CompilerParams(num_warps=4 if rows * head_dim <= 64 * 128 else 8, num_stages=2)
 
 
 def _kernel(lengths_ref, q_ref, k_ref, v_ref, k_step_ref, v_step_ref, mask_ref, out_ref, *, block_s: int):

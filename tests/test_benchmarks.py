@@ -39,3 +39,16 @@ def test_verify_cost_runs_and_writes_its_results(tmp_path):
 def test_verify_cost_refuses_a_bad_acceptance_rate():
     with pytest.raises(SystemExit):
         verify_cost.main(["--acceptance", "1.5"])
+
+
+def test_tree_attention_benchmark_runs_and_agrees(tmp_path):
+    """At a tiny shape (the kernel in interpret mode on CPU): both sides timed, and they agree."""
+    from benchmarks import tree_attention
+    out = tmp_path / "kernel.json"
+    rows = tree_attention.main(["--contexts", "128", "--nodes", "5", "--heads", "4", "--kv-heads", "2",
+                                "--head-dim", "16", "--dtype", "float32", "--iterations", "2", "--repeats", "1",
+                                "--batch-size", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert len(rows) == 1 and saved["results"][0]["context"] == 128 and saved["results"][0]["nodes"] == 5
+    assert rows[0]["max_abs_diff"] < 1e-4 and rows[0]["kernel_us"] > 0 and rows[0]["reference_us"] > 0
+    assert "machine" in saved and "versions" in saved and "command" in saved

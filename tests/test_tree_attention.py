@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,3 +114,20 @@ def test_tpu_interpreter_runs_the_kernel():
     args = _case(rng, 2, 8, 8, 2, 128, 256, lengths=[100, 256])
     got = tree_attention(*args, block_s=128, interpret=pltpu.InterpretParams())
     np.testing.assert_allclose(np.asarray(got), np.asarray(reference(*args)), atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 65, 32, 8, 128, 32768), (2, 5, 4, 2, 64, 256)],
+                         ids=["8b-65-nodes-32k", "small"])
+def test_kernel_lowers_for_a_gpu(shape):
+    """Lowering for CUDA (Pallas's Triton lowering) needs no GPU: the kernel's shapes and ops
+    must pass its rules (power-of-two arrays among them), here at an 8B shape with a 65-node
+    tree over 32k slots, and at a small ragged one. Compiling and running need a device."""
+    from pallas_kernels.tree_attention import gpu_compiler_params
+    B, T, H, Hkv, D, S = shape
+    spec = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    args = (spec(B, T, H, D), spec(B, Hkv, S, D), spec(B, Hkv, S, D), spec(B, dtype=jnp.int32),
+            spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
+    params = gpu_compiler_params(128, D)
+    run = jax.jit(lambda *a: tree_attention(*a, interpret=False, compiler_params=params))
+    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text

@@ -8,7 +8,8 @@ Each round, per row:
      prefix), and each proposes its top_k children, scored by cumulative log-probability; the
      best top_k of those children become the next frontier;
   3. of all candidates, the best `max_nodes` by score are the tree (sampled children: the
-     best sibling groups by their parent's score, see below). A child never outscores its
+     best sibling groups by their parent's score, see below; sampled children are scored
+     by draw order, see SAMPLED_ACCEPTANCE). A child never outscores its
      parent (log-probabilities are <= 0) and comes after it, so a stable sort keeps parents
      first and the result is a tree in topological order.
 Greedy decoding takes the draft's top-k children, deterministic given the context (point
@@ -47,6 +48,14 @@ from jaxdec.verify import Draft
 # On the demo pair (held-out code, 8x3x16 tree) mean tokens per step were 3.88 at 1.0, 4.86
 # at 0.5, 5.35 at 0.3, 5.43 at 0.2 and 5.29 at 0.1. Sampling scores use q itself.
 SCORE_TEMPERATURE_GREEDY = 0.25
+# Sampled children are scored by their draw order, not their value: a sample of a close draft
+# is accepted with about the same probability whatever token it is (sum_x min(p, q); 85% for
+# the demo pair at temperature 1), and the s-th draw is tried only after s rejections. So a
+# first draw scores log(a) and the s-th later one s * log(1 - a): trees grow deep along first
+# draws. Scoring by log q(x) instead spent nodes on shallow siblings: on held-out code at
+# temperature 1, a 6x2x12 tree gave 3.06 tokens per step that way, 4.50 this way (a chain of
+# 4: 3.42; the ranking was the same for a = 0.8 and 0.9).
+SAMPLED_ACCEPTANCE = 0.8
 
 
 @struct.dataclass
@@ -195,7 +204,7 @@ def _children(logits, k: int, sampling, keys, level: int):
 
     Greedy: the top-k, point masses (q is unused: zeros), scored by the draft sharpened to
     SCORE_TEMPERATURE_GREEDY. Sampling: k draws without replacement from the processed draft
-    distribution q (Gumbel-top-k, in draw order), scored by log q.
+    distribution q (Gumbel-top-k, in draw order), scored by draw order (SAMPLED_ACCEPTANCE).
     """
     B, G, V = logits.shape
 
@@ -208,6 +217,8 @@ def _children(logits, k: int, sampling, keys, level: int):
         gumbel = jax.vmap(lambda key: jax.random.gumbel(jax.random.fold_in(key, level), (G, V)))(keys)
         _, token = jax.lax.top_k(jnp.where(q > 0, jnp.log(q) + gumbel, -jnp.inf), k)
         token = token.astype(jnp.int32)
-        return token, jnp.log(jnp.take_along_axis(q, token, axis=-1)), q
+        drawn = jnp.arange(k, dtype=jnp.float32)
+        score = jnp.where(drawn == 0, jnp.log(SAMPLED_ACCEPTANCE), jnp.log(1 - SAMPLED_ACCEPTANCE) * drawn)
+        return token, jnp.broadcast_to(score, token.shape), q
 
     return jax.lax.cond(sampling.temperature > 0, sampled, greedy, logits)
