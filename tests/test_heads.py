@@ -230,7 +230,6 @@ def test_bad_eagle_tree_options(eagle, kwargs, pattern):
 
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])
 def test_heads_of_another_target_are_refused(llama, kind):
-    from jaxdec.config import ModelConfig
     import dataclasses
     other = model_from_params(dataclasses.replace(llama.config, hidden_size=llama.config.hidden_size * 2),
                               llama.params)
