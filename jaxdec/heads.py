@@ -154,10 +154,7 @@ def save_heads(directory, cfg: HeadsConfig, params, training: dict | None = None
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    import orbax.checkpoint as ocp
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        checkpointer.save((tmp / storage.PARAMS_DIR).absolute(), jax.device_get(params))
+    storage.write_params(tmp, jax.device_get(params))
     dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
     (tmp / HEADS_FILE).write_text(json.dumps({"format": storage.FORMAT_VERSION, "dtype": dtype,
                                               "config": cfg.to_dict()}, indent=2))

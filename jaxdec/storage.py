@@ -34,12 +34,17 @@ def parse_dtype(dtype) -> jnp.dtype | None:
     return jnp.dtype(DTYPES[name])
 
 
-def save(directory: Path, cfg: ModelConfig, params, dtype: str) -> None:
+def write_params(directory: Path, params) -> None:
+    """The parameter pytree into DIR/params (orbax); `read_params` reads it back."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save((directory / PARAMS_DIR).absolute(), params)
-    (directory / CONFIG_FILE).write_text(
+
+
+def save(directory: Path, cfg: ModelConfig, params, dtype: str) -> None:
+    write_params(directory, params)
+    (Path(directory) / CONFIG_FILE).write_text(
         json.dumps({"format": FORMAT_VERSION, "dtype": dtype, "config": cfg.to_dict()}, indent=2))
 
 

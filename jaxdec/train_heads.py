@@ -60,10 +60,11 @@ def _kl(t_logp, logits):
 
 
 def _rank_hits(logits, t_logp):
-    """int32 [RANKS]: at how many positions the teacher's argmax is the model's rank-r token."""
+    """int32 [RANKS + 1]: at how many positions the teacher's argmax is the model's rank-r
+    token, then how many positions were scored."""
     _, top = jax.lax.top_k(logits, RANKS)
-    hit = top == jnp.argmax(t_logp, axis=-1)[..., None]
-    return jnp.sum(hit.reshape(-1, RANKS), axis=0, dtype=jnp.int32)
+    hit = (top == jnp.argmax(t_logp, axis=-1)[..., None]).reshape(-1, RANKS)
+    return jnp.append(jnp.sum(hit, axis=0, dtype=jnp.int32), hit.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,16 +126,9 @@ def held_out_accuracy(objective, params, teacher_params, windows: np.ndarray, ba
     """accuracy[d][r]: how often, over the held-out windows, the target's argmax at depth d + 1
     is the draft's rank-r token."""
     step = jax.jit(objective.hits)
-    hits, counts = 0, 0
-    for start in range(0, len(windows), batch_size):
-        chunk = jnp.asarray(windows[start:start + batch_size, :-1])
-        h = np.asarray(step(params, chunk, teacher_params), np.int64)
-        hits = hits + h
-        # depth d's positions: Medusa head d scores T - d of them, EAGLE's passes T and T - 1
-        T = chunk.shape[1]
-        per_depth = [T - (d + 1) if isinstance(objective, MedusaObjective) else T - d for d in range(h.shape[0])]
-        counts = counts + np.asarray(per_depth, np.int64)[:, None] * chunk.shape[0]
-    return (hits / counts).round(4).tolist()
+    hits = sum(np.asarray(step(params, jnp.asarray(windows[i:i + batch_size, :-1]), teacher_params), np.int64)
+               for i in range(0, len(windows), batch_size))                       # [depths, RANKS + 1]
+    return (hits[:, :-1] / hits[:, -1:]).round(4).tolist()
 
 
 HEAD_DEFAULTS = {

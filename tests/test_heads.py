@@ -248,6 +248,10 @@ def test_load_tells_models_and_heads_apart(llama, tmp_path, converted_dirs):
         load_heads(converted_dirs["llama"])
     with pytest.raises(FileNotFoundError):
         load_heads(tmp_path / "absent")
+    shallow = HeadsConfig.medusa(llama.config, 2)
+    save_heads(tmp_path / "medusa", shallow, init_heads(HeadsConfig.medusa(llama.config, 3), jax.random.key(0)))
+    with pytest.raises(ValueError, match="do not match"):
+        load_heads(tmp_path / "medusa")
     (tmp_path / "eagle" / "heads.json").write_text('{"format": 1, "config": {"kind": "hydra"}}')
     with pytest.raises(ValueError, match="unreadable heads config"):
         load_heads(tmp_path / "eagle")
