@@ -1,28 +1,42 @@
-"""Decoding speed of every method side by side, on held-out prompts.
+"""Decoding speed of every method side by side: the benchmark table and its plots.
 
     python benchmarks/decode.py --target demo-target --draft demo-draft \
-        --methods ar,draft,layerskip,lookup --max-new-tokens 128 --num-prompts 8 \
-        [--batch-size 1] [--temperature 0] [--prompt-set code|rewrite] --out results.json
+        --methods ar,draft,layerskip,lookup,tree --max-new-tokens 128 --num-prompts 8 \
+        [--mesh data=1,model=8 ...] [--batch-size 1,8] [--context 256,1024] \
+        [--category code,rewrite,qa,free] [--temperature 0] --out results.json
 
-Prompts come from the held-out files of the demo corpus (the standard library's Python
-source, split as in `jaxdec.train`): `code` continues a file after a `def` line; `rewrite`
-shows a function and asks for it again with one change, so the output repeats its context.
-Each prompt batch runs every method in turn (the machine is shared and noisy, so methods are
-interleaved rather than timed one after another), `--repeats` rounds of turns, each method
-keeping its fastest run; compilation is excluded from the timings by an untimed warm-up pass over all
-prompt batches, and reported separately. Greedy runs also record whether every
-method gave exactly the plain-decoding tokens.
+Prompts come from benchmarks/data/prompts.json (built from text on the machine by
+benchmarks/data/build_prompts.py), in four Spec-Bench-like categories: `code` completion of
+held-out demo-corpus files, `rewrite` (a function asked for again: editing with long context),
+`qa` over a given passage, `free` prose. `--context N` keeps the last N tokens of each
+prompt's context before its task.
+
+Every combination of mesh, category, context length and batch size is one configuration.
+Within one, each prompt batch runs every method in turn (the machine is shared and noisy, so
+methods are interleaved rather than timed one after another), `--repeats` rounds of turns,
+each method keeping its fastest run; compilation is excluded by an untimed warm-up pass over
+all prompt batches and reported separately. Greedy runs also record whether every method gave
+exactly the first method's tokens. The JSON's `methods` holds one entry per method per
+configuration; plots are written next to it (tokens/s per method, and speedup against batch
+size, context length and devices where the sweep has more than one value).
+
+Multi-host: with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (or
+JAXDEC_DISTRIBUTED=1 on a cluster) every process runs this same command; process 0 writes.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import plots  # noqa: E402
+
+PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "prompts.json"
 
 METHODS = {
     "ar": "plain autoregressive decoding",
@@ -36,39 +50,6 @@ METHODS = {
     "lookup": "spec.PromptLookup(max_ngram=3, num_tokens=2*num_tokens); lookup:KxC drafts a tree of C matches",
 }
 NOT_YET = {"sparse": "spec.SparseSelf"}
-
-
-def held_out_functions(min_lines: int = 6, max_chars: int = 1200):
-    """(file, prefix text before a function, the function's text) from held-out corpus files."""
-    from jaxdec.train import corpus_files, is_held_out
-    files, _ = corpus_files()
-    out = []
-    for path, text in files:
-        if not is_held_out(path):
-            continue
-        lines = text.splitlines(keepends=True)
-        for i, line in enumerate(lines):
-            if not re.match(r"\s*def \w+\(.*\):\s*$", line):
-                continue
-            indent = len(line) - len(line.lstrip())
-            end = i + 1
-            while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
-                end += 1
-            body = "".join(lines[i:end])
-            if end - i >= min_lines and len(body) <= max_chars:
-                out.append((path, "".join(lines[max(0, i - 30):i]), body))
-    return out
-
-
-def make_prompts(kind: str, count: int):
-    functions = held_out_functions()
-    step = max(1, len(functions) // count)
-    chosen = functions[::step][:count]
-    if kind == "code":
-        return [prefix + body.splitlines(keepends=True)[0] for _, prefix, body in chosen]
-    # rewrite: the function, then its header again; a faithful continuation copies the body.
-    return [f"# Original version:\n{body}\n# The same function, with comments added:\n{body.splitlines(keepends=True)[0]}"
-            for _, _, body in chosen]
 
 
 def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, heads=None):
@@ -103,62 +84,42 @@ def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, h
     return spec.PromptLookup(max_ngram=3, num_tokens=int(k) if k else 2 * num_tokens)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="demo-target")
-    parser.add_argument("--draft", default="demo-draft")
-    parser.add_argument("--medusa", default="demo-medusa", help="Medusa heads (jaxdec.load_heads)")
-    parser.add_argument("--eagle", default="demo-eagle", help="an EAGLE layer (jaxdec.load_heads)")
-    parser.add_argument("--methods", default="ar,draft,layerskip,lookup",
-                        help="comma-separated; NAME:K sets that method's draft length, e.g. draft:6")
-    parser.add_argument("--num-tokens", type=int, default=4)
-    parser.add_argument("--skip-layers", default=None, help="comma-separated; default: every other inner layer")
-    parser.add_argument("--confidence-threshold", type=float, default=0.3, help="of draft-confidence")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed passes; each (method, prompt batch) keeps its fastest, which filters out "
-                             "the noise of a shared machine")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-prompts", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--prompt-set", choices=("code", "rewrite"), default="code")
-    parser.add_argument("--mesh", default=None, help="not implemented yet (sharding)")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
 
-    methods = args.methods.split(",")
-    for m in (m.partition(":")[0] for m in methods):
-        if m in NOT_YET:
-            parser.error(f"method {m!r} ({NOT_YET[m]}) is not implemented yet")
-        if m not in METHODS:
-            parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    if args.mesh is not None:
-        parser.error("--mesh: sharding is not implemented yet")
+def load_prompts(categories):
+    data = json.loads(PROMPTS_FILE.read_text())["categories"]
+    unknown = [c for c in categories if c not in data]
+    if unknown:
+        raise ValueError(f"unknown category {unknown[0]!r}; choose from {', '.join(data)}")
+    return {c: data[c] for c in categories}
 
-    from tqdm import tqdm
+
+def prompt_ids(tokenizer, prompt: dict, context: int) -> list[int]:
+    """The last `context` tokens of the prompt's context, then its task."""
+    ids = tokenizer.encode(prompt["context"]).ids
+    return (ids[-context:] if context > 0 else []) + tokenizer.encode(prompt["task"]).ids
+
+
+def parse_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < (0 if name == "--context" else 1):
+        raise ValueError(f"{name} must be a comma-separated list of integers, got {text!r}")
+    return values
+
+
+def run_configuration(target, specs, prompts, args, tqdm, label):
+    """Every method over the prompt batches, interleaved: {method: totals}."""
     import jaxdec
-    from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results
-
-    target = jaxdec.load(args.target)
-    draft = jaxdec.load(args.draft) if any(m.startswith("draft") for m in methods) else None
-    layers = target.config.num_hidden_layers
-    skip = ([int(i) for i in args.skip_layers.split(",")] if args.skip_layers
-            else list(range(1, layers - 1, 2)))
-    prompts = make_prompts(args.prompt_set, args.num_prompts)
-    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    heads = {kind: jaxdec.load_heads(getattr(args, kind)) for kind in ("medusa", "eagle")
-             if any(m.partition(":")[0] == kind for m in methods)}
-    specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold, heads)
-             for m in methods}
+    methods = list(specs)
+    batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
     run = lambda m, batch: jaxdec.generate(target, batch, max_new_tokens=args.max_new_tokens,
                                            temperature=args.temperature, seed=0, speculative=specs[m])
-
     # Warm-up: one untimed pass compiles every step function of every method at every shape
     # bucket the prompts fall into. Its time, minus the timed pass's, is reported as compilation.
     warmup_seconds = {m: 0.0 for m in methods}
-    for batch in tqdm(batches, desc="warm-up (compiling)"):
+    for batch in tqdm(batches, desc=f"{label}: warm-up (compiling)", disable=not args.progress):
         for m in methods:
             start = time.perf_counter()
             run(m, batch)
@@ -166,7 +127,7 @@ def main(argv=None):
 
     totals = {m: {"new_tokens": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0, "target_steps": 0,
                   "accepted_weighted": 0.0, "rows": 0, "identical": 0, "wall_seconds": 0.0} for m in methods}
-    for batch in tqdm(batches, desc="prompt batches"):
+    for batch in tqdm(batches, desc=f"{label}: timed", disable=not args.progress):
         # Methods take turns, repeat after repeat, so a slow spell of the machine falls on all
         # of them alike; each keeps its fastest run.
         outs = {m: [] for m in methods}
@@ -187,39 +148,133 @@ def main(argv=None):
             t["accepted_weighted"] += out.stats.mean_accepted * (out.stats.new_tokens - len(batch))
             t["rows"] += len(batch)
             t["identical"] += sum(a == b for a, b in zip(out.tokens, reference))
-
-    results = []
-    base = totals[methods[0]]["new_tokens"] / totals[methods[0]]["decode_seconds"]
     for m in methods:
-        t = totals[m]
-        tps = t["new_tokens"] / t["decode_seconds"]
+        totals[m]["compile_seconds"] = max(0.0, warmup_seconds[m] - totals[m]["wall_seconds"])
+    return totals
+
+
+def entries(totals, config: dict):
+    """The JSON entries of one configuration, speedups against its "ar" entry."""
+    out = []
+    tps = {m: t["new_tokens"] / t["decode_seconds"] for m, t in totals.items()}
+    for m, t in totals.items():
         emitted = t["new_tokens"] - t["rows"]
-        results.append({
+        out.append({
             "method": m,
-            "spec": METHODS[m.partition(":")[0]] + (f" with num_tokens={m.partition(':')[2]}" if ":" in m else ""),
-            "tokens_per_second": tps,
+            "spec": METHODS[m.partition(":")[0]] + (f" with {m.partition(':')[2]}" if ":" in m else ""),
+            **config,
+            "tokens_per_second": tps[m],
             "mean_accepted": t["accepted_weighted"] / emitted if emitted else 1.0,
-            "speedup_vs_ar": tps / base if methods[0] == "ar" else None,
+            "speedup_vs_ar": tps[m] / tps["ar"] if "ar" in tps else None,
             "new_tokens": t["new_tokens"],
             "decode_seconds": t["decode_seconds"],
             "prefill_seconds": t["prefill_seconds"],
             "target_steps": t["target_steps"],
-            "compile_seconds": max(0.0, warmup_seconds[m] - t["wall_seconds"]),
+            "compile_seconds": t["compile_seconds"],
             "rows_identical_to_first_method": t["identical"] / t["rows"],
         })
-        r = results[-1]
-        print(f"{m:17s} {tps:8.1f} tok/s  mean_accepted {r['mean_accepted']:.2f}  "
-              f"speedup {r['speedup_vs_ar'] or float('nan'):.2f}x  identical {r['rows_identical_to_first_method']:.0%}")
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="demo-target")
+    parser.add_argument("--draft", default="demo-draft")
+    parser.add_argument("--medusa", default="demo-medusa", help="Medusa heads (jaxdec.load_heads)")
+    parser.add_argument("--eagle", default="demo-eagle", help="an EAGLE layer (jaxdec.load_heads)")
+    parser.add_argument("--methods", default="ar,draft,layerskip,lookup",
+                        help="comma-separated; NAME:K sets that method's draft length, e.g. draft:6")
+    parser.add_argument("--num-tokens", type=int, default=4)
+    parser.add_argument("--skip-layers", default=None, help="comma-separated; default: every other inner layer")
+    parser.add_argument("--confidence-threshold", type=float, default=0.3, help="of draft-confidence")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed passes; each (method, prompt batch) keeps its fastest, which filters out "
+                             "the noise of a shared machine")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--num-prompts", type=int, default=8, help="prompts per category")
+    parser.add_argument("--batch-size", default="1", help="comma-separated batch sizes, e.g. 1,8")
+    parser.add_argument("--context", default="256", help="comma-separated context lengths in tokens, e.g. 256,1024")
+    parser.add_argument("--category", "--prompt-set", dest="category", default="code",
+                        help="comma-separated prompt categories: code, rewrite, qa, free (or all)")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--mesh", nargs="+", default=None,
+                        help="one or more meshes, e.g. data=1,model=8 data=2,model=4 (none: one device)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    methods = args.methods.split(",")
+    for m in (m.partition(":")[0] for m in methods):
+        if m in NOT_YET:
+            parser.error(f"method {m!r} ({NOT_YET[m]}) is not implemented yet")
+        if m not in METHODS:
+            parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    from jaxdec import sharding
+    try:
+        batch_sizes = parse_list(args.batch_size, "--batch-size")
+        contexts = parse_list(args.context, "--context")
+        categories = ["code", "rewrite", "qa", "free"] if args.category == "all" else args.category.split(",")
+        prompt_sets = load_prompts(categories)
+        meshes = [None if m == "none" else sharding.parse_mesh(m) for m in (args.mesh or ["none"])]
+    except ValueError as err:
+        parser.error(str(err))
+
+    sharding.initialize_distributed()
+    from tqdm import tqdm
+    import jax
+    import jaxdec
+    from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results
+
+    try:  # every mesh made before anything runs: a bad one fails at once
+        meshes = [(shape, None if shape is None else jaxdec.make_mesh(*shape)) for shape in meshes]
+    except ValueError as err:
+        parser.error(str(err))
+    results = []
+    for shape, mesh in meshes:
+        target = jaxdec.load(args.target, mesh=mesh)
+        if target.tokenizer is None:
+            parser.error(f"--target {args.target!r} has no tokenizer; the prompts are text")
+        draft = jaxdec.load(args.draft, mesh=mesh) if any(m.startswith(("draft", "tree")) for m in methods) else None
+        layers = target.config.num_hidden_layers
+        skip = ([int(i) for i in args.skip_layers.split(",")] if args.skip_layers
+                else list(range(1, layers - 1, 2)))
+        heads = {kind: jaxdec.load_heads(getattr(args, kind), mesh=mesh) for kind in ("medusa", "eagle")
+                 if any(m.partition(":")[0] == kind for m in methods)}
+        specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold, heads)
+                 for m in methods}
+        mesh_name = "one device" if shape is None else f"data={shape[0]},model={shape[1]}"
+        devices = 1 if shape is None else shape[0] * shape[1]
+        for category, texts in prompt_sets.items():
+            for context in contexts:
+                prompts = [prompt_ids(target.tokenizer, p, context) for p in texts[:args.num_prompts]]
+                for batch in batch_sizes:
+                    args.batch = batch
+                    label = f"{mesh_name} {category} context {context} batch {batch}"
+                    totals = run_configuration(target, specs, prompts, args, tqdm, label)
+                    config = {"mesh": mesh_name, "devices": devices, "category": category, "context": context,
+                              "batch_size": batch}
+                    results += entries(totals, config)
+                    for r in results[-len(methods):]:
+                        print(f"{label}: {r['method']:14s} {r['tokens_per_second']:8.1f} tok/s  mean_accepted "
+                              f"{r['mean_accepted']:.2f}  speedup {r['speedup_vs_ar'] or float('nan'):.2f}x  "
+                              f"identical {r['rows_identical_to_first_method']:.0%}")
+    if jax.process_index() != 0:
+        return results
     payload = {
         "benchmark": "decoding speed per method",
         "command": command_line(),
         "machine": machine_info(),
         "versions": versions(),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"skip_layers": skip},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "batch", "progress")} | {"skip_layers": skip},
         "methods": results,
     }
-    out = args.out or RESULTS_DIR / f"decode_{args.prompt_set}_b{args.batch_size}.json"
+    out = Path(args.out or RESULTS_DIR / f"decode_{'_'.join(categories)}_b{'-'.join(map(str, batch_sizes))}.json")
     print(f"wrote {write_results(out, payload)}")
+    for path in plots.write_plots(results, out):
+        print(f"wrote {path}")
+    return results
 
 
 if __name__ == "__main__":

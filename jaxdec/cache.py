@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxdec.config import ModelConfig
+from jaxdec.sharding import constrain_cache
 
 
 @struct.dataclass
@@ -39,7 +40,8 @@ class KVCache:
 def init_cache(cfg: ModelConfig, batch_size: int, num_slots: int, dtype) -> KVCache:
     shape = (batch_size, cfg.num_key_value_heads, num_slots, cfg.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
-    return KVCache(k=zeros(), v=zeros(), lengths=jnp.zeros((batch_size,), jnp.int32))
+    # On a mesh the zeros are created sharded: a long cache need never fit one device.
+    return constrain_cache(cfg, KVCache(k=zeros(), v=zeros(), lengths=jnp.zeros((batch_size,), jnp.int32)))
 
 
 def write(cache: KVCache, new_k, new_v, slots=None) -> KVCache:

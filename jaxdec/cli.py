@@ -3,15 +3,21 @@
     jaxdec generate ["PROMPT"] [--model demo-target] [--draft demo-draft] [--method draft]
                     [--num-tokens 4] [--tree 5x4x32] [--heads demo-medusa|demo-eagle]
                     [--max-new-tokens 128] [--temperature 0]
-                    [--top-p 1] [--top-k 0] [--seed 0]
+                    [--top-p 1] [--top-k 0] [--seed 0] [--mesh data=1,model=8]
 
 With no prompt argument the prompt is read from standard input when it is piped, else a demo
 prompt is used. The text is streamed as it is accepted; the stats follow on stderr.
+
+--mesh shards the models over a data x model mesh of devices. With JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or JAXDEC_DISTRIBUTED=1 on a SLURM / Open MPI /
+TPU pod cluster) every process runs the same command over all hosts' devices; process 0
+writes the output.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 METHODS = ("ar", "draft", "tree", "medusa", "eagle", "layerskip", "lookup")
@@ -20,14 +26,15 @@ DEMO_PROMPT = "def fibonacci(n):"
 
 def build_speculative(args, target):
     import jaxdec
+    mesh = target.config.mesh
     if args.method == "ar":
         return None
     if args.method == "draft":
-        return jaxdec.spec.DraftModel(jaxdec.load(args.draft), num_tokens=args.num_tokens)
+        return jaxdec.spec.DraftModel(jaxdec.load(args.draft, mesh=mesh), num_tokens=args.num_tokens)
     if args.method == "tree":
-        return jaxdec.spec.DraftTree(jaxdec.load(args.draft), *tree_shape(args.tree))
+        return jaxdec.spec.DraftTree(jaxdec.load(args.draft, mesh=mesh), *tree_shape(args.tree))
     if args.method in ("medusa", "eagle"):
-        heads = jaxdec.load_heads(args.heads or f"demo-{args.method}")
+        heads = jaxdec.load_heads(args.heads or f"demo-{args.method}", mesh=mesh)
         if args.method == "medusa":
             return jaxdec.spec.Medusa(heads)
         return jaxdec.spec.Eagle(heads, *tree_shape(args.tree))
@@ -52,7 +59,12 @@ def generate_command(args) -> int:
     if prompt is None:
         piped = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
         prompt = piped if piped.strip() else DEMO_PROMPT  # nothing piped in: the demo prompt
-    target = jaxdec.load(args.model)
+    from jaxdec import sharding
+    sharding.initialize_distributed()
+    mesh = None if args.mesh is None else jaxdec.make_mesh(*sharding.parse_mesh(args.mesh))
+    target = jaxdec.load(args.model, mesh=mesh)
+    # Every process computes; process 0 speaks for them.
+    out_stream, err_stream = (sys.stdout, sys.stderr) if jax_process_index() == 0 else (io.StringIO(), io.StringIO())
     if target.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; the command line needs text")
     speculative = build_speculative(args, target)
@@ -61,27 +73,32 @@ def generate_command(args) -> int:
     def stream(tokens):
         nonlocal shown
         if shown is None:  # first call: the input is valid and decoding has started
-            sys.stdout.write(prompt)
+            out_stream.write(prompt)
             shown = ""
         text = target.tokenizer.decode(tokens[0], skip_special_tokens=True)
         # Hold back a trailing replacement char: the next tokens may complete a UTF-8 sequence.
         text = text.rstrip("\ufffd")
         if text.startswith(shown):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
+            out_stream.write(text[len(shown):])
+            out_stream.flush()
             shown = text
 
     out = jaxdec.generate(target, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, speculative=speculative,
                           on_progress=stream)
     final = out.texts[0]
-    sys.stdout.write(final[len(shown):] if final.startswith(shown) else "\n" + final)
-    sys.stdout.write("\n")
+    out_stream.write(final[len(shown):] if final.startswith(shown) else "\n" + final)
+    out_stream.write("\n")
     s = out.stats
     print(f"[{args.method}] {s.new_tokens} new tokens in {s.target_steps} target steps, mean accepted "
           f"{s.mean_accepted:.2f}, prefill {s.prefill_seconds:.2f} s, decode {s.decode_seconds:.2f} s, "
-          f"{s.tokens_per_second:.1f} tokens/s (first run of a shape includes compilation)", file=sys.stderr)
+          f"{s.tokens_per_second:.1f} tokens/s (first run of a shape includes compilation)", file=err_stream)
     return 0
+
+
+def jax_process_index() -> int:
+    import jax
+    return jax.process_index()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--mesh", default=None,
+                     help="shard over a device mesh, e.g. data=1,model=8 (default: one device)")
     gen.set_defaults(run=generate_command)
     return top
 

@@ -11,6 +11,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+RUNTIME_FIELDS = ("attn_impl", "mesh")  # how a model runs, not what it is: never saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,9 @@ class ModelConfig:
     # `jaxdec.load`, never saved. It lives here because the config is the static argument
     # every step function already takes.
     attn_impl: str = "xla"
+    # Where the model lives (a jax.sharding.Mesh, or None for one device), likewise set by
+    # `jaxdec.load` and never saved: the step functions pin the cache to it.
+    mesh: Any = None
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -59,8 +63,7 @@ class ModelConfig:
         return self.layer_windows[layer] if self.layer_windows else None
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        del d["attn_impl"]
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS}
         d["rope_scaling"] = dict(self.rope_scaling) or None
         d["layer_windows"] = list(self.layer_windows)
         d["eos_token_id"] = list(self.eos_token_id)

@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from jaxdec import spec, speculative as spec_steps, steps
+from jaxdec import sharding, spec, speculative as spec_steps, steps
 from jaxdec.cache import init_cache
 from jaxdec.loading import Model
 from jaxdec.sampling import SamplingParams, row_keys
@@ -129,6 +129,12 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         prompt_lengths[b] = len(ids)
     row_valid = np.arange(batch) < len(rows)
     max_new = np.int32(max_new_tokens)
+    keys = row_keys(seed, batch)
+    if cfg.mesh is not None:  # every input placed explicitly: rows over "data", the rest replicated
+        tokens, prompt_lengths, row_valid, key_data = sharding.put_batch(
+            cfg.mesh, tokens, prompt_lengths, row_valid, jax.random.key_data(keys))
+        keys = jax.random.wrap_key_data(key_data)
+        sampling, stop_ids, max_new = sharding.put_replicated(cfg.mesh, (sampling, stop_ids, max_new))
 
     if speculative is not None:
         drafter, dparams, dstate = speculative.build(model, batch, slots)
@@ -137,17 +143,17 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     cache = init_cache(cfg, batch, slots, model.dtype)
     if speculative is None:
         state, cache = steps.prefill(cfg, model.params, cache, tokens, prompt_lengths, row_valid, sampling,
-                                     row_keys(seed, batch), stop_ids, max_new, prompt_bucket=prompt_bucket)
+                                     keys, stop_ids, max_new, prompt_bucket=prompt_bucket)
     else:
         state, cache, dstate = spec_steps.prefill(cfg, drafter, model.params, dparams, cache, dstate, tokens,
-                                                  prompt_lengths, row_valid, sampling, row_keys(seed, batch), stop_ids,
+                                                  prompt_lengths, row_valid, sampling, keys, stop_ids,
                                                   max_new, prompt_bucket=prompt_bucket)
     jax.block_until_ready((state, dstate) if speculative is not None else state)  # prefill ends here
-    done = np.asarray(state.done)
+    done = sharding.to_host(state.done)
     prefill_seconds = time.perf_counter() - start
 
     def new_tokens_of(state):
-        out_tokens, lengths = np.asarray(state.tokens), np.asarray(state.lengths)
+        out_tokens, lengths = sharding.to_host(state.tokens), sharding.to_host(state.lengths)
         return [out_tokens[b, len(ids):lengths[b]].tolist() for b, ids in enumerate(rows)]
 
     start = time.perf_counter()
@@ -161,17 +167,17 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
             state, cache, dstate = spec_steps.speculative_decode(
                 cfg, drafter, model.params, dparams, cache, dstate, state, sampling, stop_ids, max_new,
                 num_rounds=1 if on_progress else spec_steps.ROUNDS_PER_DISPATCH)
-        done = np.asarray(state.done)  # one host sync per dispatch of many steps
+        done = sharding.to_host(state.done)  # one host sync per dispatch of many steps
         if on_progress is not None:
             on_progress(new_tokens_of(state))
     decode_seconds = time.perf_counter() - start
 
     new = new_tokens_of(state)
     new_tokens = sum(len(t) for t in new)
-    active_row_steps = int(state.active_row_steps)
+    active_row_steps = int(sharding.to_host(state.active_row_steps))
     stats = Stats(
         new_tokens=new_tokens,
-        target_steps=int(state.target_steps),
+        target_steps=int(sharding.to_host(state.target_steps)),
         # The first token of each row comes from prefill; the others from target steps.
         mean_accepted=(new_tokens - len(rows)) / active_row_steps if active_row_steps else 1.0,
         prefill_seconds=prefill_seconds,
@@ -194,5 +200,7 @@ def logits(model: Model, token_ids) -> np.ndarray:
                          f"{model.config.max_position_embeddings}")
     padded = np.zeros((1, steps.bucket(len(ids), steps.MIN_PROMPT_BUCKET)), np.int32)
     padded[0, :len(ids)] = ids
+    if model.config.mesh is not None:
+        (padded,) = sharding.put_batch(model.config.mesh, padded)
     out = steps.score(model.config, model.params, padded)
-    return np.asarray(out[0, :len(ids)], np.float32)
+    return sharding.to_host(out)[0, :len(ids)].astype(np.float32)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec import storage
+from jaxdec import sharding, storage
 from jaxdec.config import ModelConfig
 from jaxdec.model import Decoder, forward_hidden, lm_head, random_like, step_hidden
 
@@ -90,6 +90,7 @@ class Heads:
     `jaxdec.spec.Eagle`)."""
     config: HeadsConfig
     params: Any
+    mesh: Any = None  # the jax.sharding.Mesh the parameters live on (None: one device)
 
     @property
     def kind(self) -> str:
@@ -165,9 +166,10 @@ def save_heads(directory, cfg: HeadsConfig, params, training: dict | None = None
     return directory
 
 
-def load_heads(path_or_name, *, dtype=None) -> Heads:
+def load_heads(path_or_name, *, dtype=None, mesh=None) -> Heads:
     """Loads draft heads saved by `save_heads` (or `python -m jaxdec.train medusa|eagle`), or a
-    shipped set by name ("demo-medusa", "demo-eagle"). dtype: None keeps the stored one."""
+    shipped set by name ("demo-medusa", "demo-eagle"). dtype: None keeps the stored one.
+    mesh: the target's mesh (`jaxdec.make_mesh`), to shard the heads like the target."""
     from jaxdec.loading import _resolve
     cast = storage.parse_dtype(dtype)
     directory = _resolve(path_or_name)
@@ -188,7 +190,13 @@ def load_heads(path_or_name, *, dtype=None) -> Heads:
     shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     if shapes(want) != shapes(params):
         raise ValueError(f"the parameters in {directory / storage.PARAMS_DIR} do not match {path}")
-    return Heads(cfg, params)
+    if mesh is None:
+        return Heads(cfg, params)
+    from jaxdec.loading import check_mesh
+    check_mesh(mesh)
+    if cfg.layer is not None:
+        cfg = dataclasses.replace(cfg, layer=dataclasses.replace(cfg.layer, mesh=mesh))
+    return Heads(cfg, sharding.place_params(mesh, params, cfg.layer.head_dim if cfg.layer else 1), mesh)
 
 
 def check_heads_fit(heads: Heads, target) -> None:
@@ -199,6 +207,15 @@ def check_heads_fit(heads: Heads, target) -> None:
         if mine != theirs:
             raise ValueError(f"the {cfg.kind} heads were trained for a target with {name}={mine}, "
                              f"this target has {name}={theirs}")
+    check_same_mesh(f"the {cfg.kind} heads", heads.mesh, target)
+
+
+def check_same_mesh(what: str, mesh, target) -> None:
+    """A drafter runs inside the target's jitted rounds, so it must live on the same devices."""
+    if mesh != target.config.mesh:
+        where = lambda m: "one device" if m is None else f"mesh {dict(m.shape)}"
+        raise ValueError(f"{what} are on {where(mesh)} but the target is on {where(target.config.mesh)}: "
+                         f"load both with the same mesh=")
 
 
 def cast_params(params, dtype):

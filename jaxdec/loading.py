@@ -8,7 +8,9 @@ from typing import Any
 
 import jax
 
-from jaxdec import storage
+from jax.sharding import Mesh
+
+from jaxdec import sharding, storage
 from jaxdec.config import ModelConfig
 
 SHIPPED_CHECKPOINTS = ("demo-target", "demo-draft", "demo-medusa", "demo-eagle")
@@ -80,6 +82,8 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
     """Loads a converted checkpoint (see `python -m jaxdec.convert`) or a shipped one by name.
 
     dtype: None keeps the stored dtype; "float32" or "bfloat16" casts on load.
+    mesh: a jax.sharding.Mesh from `jaxdec.make_mesh`: the parameters are sharded over it by
+    `jaxdec.sharding.RULES` and every step runs on it; None means one device.
     attn_impl: "xla" (the jax.numpy reference) or "pallas" (the Pallas tree-attention kernel for
     every full-attention layer that reads the cache; interpret mode on CPU, which is slow and
     meant for checking); None picks "xla".
@@ -89,7 +93,7 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS} or None, got {attn_impl!r}")
     if mesh is not None:
-        raise NotImplementedError("mesh=: sharding is not implemented yet; load on one device")
+        check_mesh(mesh)
     cast = storage.parse_dtype(dtype)
     directory = _resolve(path_or_name)
     if (directory / "heads.json").is_file():
@@ -97,8 +101,23 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
     cfg, _ = storage.read_config(directory)
     params = storage.read_params(directory, cast)
     storage.check_params(directory, cfg, params)
-    return Model(config=dataclasses.replace(cfg, attn_impl=attn_impl), params=params,
-                 tokenizer=_read_tokenizer(directory))
+    cfg = dataclasses.replace(cfg, attn_impl=attn_impl)
+    return on_mesh(Model(config=cfg, params=params, tokenizer=_read_tokenizer(directory)), mesh)
+
+
+def check_mesh(mesh) -> None:
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh (jaxdec.make_mesh) or None, got {mesh!r:.80}")
+    if tuple(mesh.axis_names) != sharding.AXES:
+        raise ValueError(f"mesh axes must be {sharding.AXES} (jaxdec.make_mesh), got {tuple(mesh.axis_names)}")
+
+
+def on_mesh(model: Model, mesh) -> Model:
+    """The model with its parameters sharded over `mesh` (None: as it is)."""
+    if mesh is None:
+        return model
+    params = sharding.place_params(mesh, model.params, model.config.head_dim)
+    return dataclasses.replace(model, config=dataclasses.replace(model.config, mesh=mesh), params=params)
 
 
 def model_from_params(cfg: ModelConfig, params, tokenizer=None) -> Model:

@@ -30,6 +30,7 @@ from jaxdec.attention import prefix_mask, reference_attention, step_visibility
 from jaxdec.cache import KVCache, init_cache, write, write_slots
 from jaxdec.config import ModelConfig
 from jaxdec.rope import apply_rope, rope_tables
+from jaxdec.sharding import attention_over_mesh, constrain_cache
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +69,7 @@ class Attention(nn.Module):
         if lengths is not None:
             # The cache mask is a plain prefix (slots < lengths): the kernel's case.
             from pallas_kernels.tree_attention import tree_attention
-            out = tree_attention(q, k_cache, v_cache, lengths, k, v, step_mask)
+            out = attention_over_mesh(cfg, tree_attention, q, k_cache, v_cache, lengths, k, v, step_mask)
         else:
             out = reference_attention(q, k_cache, v_cache, cache_mask, k, v, step_mask)
         out = nn.Dense(cfg.hidden_size, use_bias=False, name="o_proj")(out.reshape(B, T, -1))
@@ -174,10 +175,11 @@ def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask
     if not read_cache:
         hidden, new_kv = step_hidden(cfg, params, tokens, positions, cache, step_mask, skip_layers, read_cache=False,
                                      inputs=inputs)
-        return hidden, write(cache, *new_kv, slots=slots)
+        return hidden, constrain_cache(cfg, write(cache, *new_kv, slots=slots))
     hidden, (k, v) = Decoder(cfg, tuple(skip_layers), write_cache=True).apply(
         {"params": params}, tokens, positions, cache, step_mask, extra_visible, slots, inputs)
-    return hidden, cache.replace(k=k, v=v)
+    # Pinned to the cache's own sharding, so the donated input buffers are reused in place.
+    return hidden, constrain_cache(cfg, cache.replace(k=k, v=v))
 
 
 def forward(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=()):

@@ -22,7 +22,7 @@ from jaxdec.tree import StaticTree as TreeShape
 from jaxdec.drafters.prompt_lookup import PromptLookupDrafter
 from jaxdec.drafters.medusa import FeatureState, MedusaDrafter
 from jaxdec.drafters.eagle import EagleDrafter, EagleState
-from jaxdec.heads import Heads, cast_params, check_heads_fit
+from jaxdec.heads import Heads, cast_params, check_heads_fit, check_same_mesh
 from jaxdec.loading import Model
 
 
@@ -49,6 +49,7 @@ def _check_draft_model(method, model, target, num_slots):
     if num_slots > model.config.max_position_embeddings:
         raise ValueError(f"{num_slots} cache slots exceed the draft model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")
+    check_same_mesh("the draft model's parameters", model.config.mesh, target)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

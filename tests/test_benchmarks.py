@@ -52,3 +52,64 @@ def test_tree_attention_benchmark_runs_and_agrees(tmp_path):
     assert len(rows) == 1 and saved["results"][0]["context"] == 128 and saved["results"][0]["nodes"] == 5
     assert rows[0]["max_abs_diff"] < 1e-4 and rows[0]["kernel_us"] > 0 and rows[0]["reference_us"] > 0
     assert "machine" in saved and "versions" in saved and "command" in saved
+
+
+def _is_png(path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decode_benchmark_runs_end_to_end(tmp_path):
+    """The benchmark command on the demo pair, tiny settings, one device and a 1x2 mesh:
+    valid JSON with the contract's fields, lossless greedy rows, and its plots."""
+    from benchmarks import decode
+    out = tmp_path / "bench.json"
+    decode.main(["--methods", "ar,draft", "--num-prompts", "2", "--max-new-tokens", "6", "--context", "16",
+                 "--repeats", "1", "--mesh", "none", "data=1,model=2", "--no-progress", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert {"machine", "versions", "command", "settings", "methods"} <= set(saved)
+    assert {"jax", "jaxlib", "flax", "jaxdec"} <= set(saved["versions"])
+    entries = saved["methods"]
+    assert [(e["mesh"], e["method"]) for e in entries] == [
+        ("one device", "ar"), ("one device", "draft"), ("data=1,model=2", "ar"), ("data=1,model=2", "draft")]
+    for e in entries:
+        assert {"method", "tokens_per_second", "mean_accepted", "speedup_vs_ar", "new_tokens", "decode_seconds",
+                "compile_seconds", "category", "context", "batch_size", "devices"} <= set(e)
+        assert e["tokens_per_second"] > 0 and e["new_tokens"] == 2 * 6
+        assert e["rows_identical_to_first_method"] == 1.0
+    assert [e["speedup_vs_ar"] for e in entries if e["method"] == "ar"] == [1.0, 1.0]
+    assert [e["devices"] for e in entries] == [1, 1, 2, 2]
+    assert _is_png(tmp_path / "bench_tokens_per_second.png") and _is_png(tmp_path / "bench_scaling_vs_devices.png")
+    assert not (tmp_path / "bench_speedup_vs_batch.png").exists()  # one batch size: nothing to plot
+
+
+def test_plots_cover_every_swept_axis(tmp_path):
+    from benchmarks import plots
+    entries = [{"method": m, "mesh": mesh, "category": "code", "context": c, "batch_size": b,
+                "tokens_per_second": 100.0 * b * (2 if m == "draft" else 1), "speedup_vs_ar": 2.0 if m == "draft" else 1.0}
+               for mesh in ("one device", "data=1,model=2") for c in (16, 64) for b in (1, 4) for m in ("ar", "draft")]
+    written = plots.write_plots(entries, tmp_path / "r.json")
+    names = sorted(p.name for p in written)
+    assert names == sorted(f"r_{n}.png" for n in ("tokens_per_second", "speedup_vs_batch", "speedup_vs_context",
+                                                    "scaling_vs_devices"))
+    assert all(_is_png(p) for p in written)
+
+
+def test_prompt_set_has_every_category_and_honours_the_context():
+    from benchmarks import decode
+    import jaxdec
+    prompts = decode.load_prompts(["code", "rewrite", "qa", "free"])
+    assert all(len(v) >= 8 for v in prompts.values())
+    tokenizer = jaxdec.load("demo-target").tokenizer
+    for category, items in prompts.items():
+        task = len(tokenizer.encode(items[0]["task"]).ids)
+        assert len(decode.prompt_ids(tokenizer, items[0], 100)) == 100 + task, category
+        assert len(decode.prompt_ids(tokenizer, items[0], 0)) == task
+
+
+@pytest.mark.parametrize("args", [["--context", "16,x"], ["--batch-size", "0"], ["--category", "poetry"],
+                                  ["--mesh", "data=64,model=2"], ["--methods", "ar,telepathy"]])
+def test_decode_benchmark_refuses_bad_settings(args, capsys):
+    from benchmarks import decode
+    with pytest.raises(SystemExit):
+        decode.main(args + ["--no-progress", "--out", "/nonexistent/never-written.json"])
+    assert "error" in capsys.readouterr().err

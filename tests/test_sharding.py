@@ -1,0 +1,196 @@
+"""Sharding over a ("data", "model") mesh of 8 CPU devices (conftest sets XLA_FLAGS): every
+method's greedy output on a mesh equals one device's plain decoding; parameters and the cache
+are really split where the shapes divide and replicated where they don't; the Pallas kernel
+runs under shard_map; two processes (jax.distributed over gloo) run the CLI as one program."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jaxdec
+from jaxdec import sharding, steps
+from jaxdec.cache import init_cache
+from jaxdec.sampling import SamplingParams, row_keys
+
+# Ragged text prompts: five rows pad to a batch of 8, which every data axis divides.
+PROMPTS = ["def add(a, b):", "import os\nimport sys\n\ndef main():", "class Stack:\n    def __init__(self):",
+           "for i in range(10):", "    return"]
+MAX_NEW = 16
+MESHES = {"1x8": (1, 8), "2x4": (2, 4), "8x1": (8, 1)}
+METHODS = {
+    "ar": lambda draft, medusa, eagle: None,
+    "draft": lambda draft, medusa, eagle: jaxdec.spec.DraftModel(draft, num_tokens=4),
+    "tree": lambda draft, medusa, eagle: jaxdec.spec.DraftTree(draft, depth=4, top_k=2, max_nodes=8),
+    "static_tree": lambda draft, medusa, eagle: jaxdec.spec.StaticTree(draft, [(0,), (1,), (0, 0), (0, 0, 0)]),
+    "medusa": lambda draft, medusa, eagle: jaxdec.spec.Medusa(medusa),
+    "eagle": lambda draft, medusa, eagle: jaxdec.spec.Eagle(eagle, depth=4, top_k=2, max_nodes=8),
+    "layerskip": lambda draft, medusa, eagle: jaxdec.spec.LayerSkip([1, 3], num_tokens=3),
+    "lookup": lambda draft, medusa, eagle: jaxdec.spec.PromptLookup(num_tokens=4, num_candidates=2),
+}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Plain greedy decoding on one device."""
+    target = jaxdec.load("demo-target")
+    return {"batch": jaxdec.generate(target, PROMPTS, max_new_tokens=MAX_NEW).tokens,
+            "single": jaxdec.generate(target, PROMPTS[:1], max_new_tokens=MAX_NEW).tokens}
+
+
+# Every method on the mixed mesh; a chain, a dynamic tree and a draft-free method on the two
+# one-axis meshes (each case compiles its own sharded programs: the cost of this module).
+CASES = [("2x4", m) for m in METHODS] + [(mesh, m) for mesh in ("1x8", "8x1") for m in ("ar", "draft", "eagle", "lookup")]
+
+
+@pytest.fixture(scope="module")
+def on_mesh():
+    """mesh name -> (target, draft, medusa heads, eagle heads), all on that mesh; loaded once."""
+    loaded = {}
+
+    def get(name):
+        if name not in loaded:
+            mesh = jaxdec.make_mesh(*MESHES[name])
+            loaded[name] = (jaxdec.load("demo-target", mesh=mesh), jaxdec.load("demo-draft", mesh=mesh),
+                            jaxdec.load_heads("demo-medusa", mesh=mesh), jaxdec.load_heads("demo-eagle", mesh=mesh))
+        return loaded[name]
+    return get
+
+
+@pytest.mark.parametrize("mesh, method", CASES)
+def test_greedy_on_a_mesh_equals_one_device(on_mesh, reference, mesh, method):
+    target, draft, medusa, eagle = on_mesh(mesh)
+    out = jaxdec.generate(target, PROMPTS, max_new_tokens=MAX_NEW, speculative=METHODS[method](draft, medusa, eagle))
+    assert out.tokens == reference["batch"]
+
+
+def test_one_row_on_eight_data_devices(reference):
+    """A batch of one does not divide the data axis: the row is replicated, same answer."""
+    mesh = jaxdec.make_mesh(data=8, model=1)
+    target, draft = jaxdec.load("demo-target", mesh=mesh), jaxdec.load("demo-draft", mesh=mesh)
+    for method in (None, jaxdec.spec.DraftModel(draft)):
+        assert jaxdec.generate(target, PROMPTS[:1], max_new_tokens=MAX_NEW, speculative=method).tokens == reference["single"]
+
+
+def test_logits_on_a_mesh_match_one_device():
+    ids = jaxdec.load("demo-target").tokenizer.encode(PROMPTS[1]).ids
+    one = jaxdec.logits(jaxdec.load("demo-target"), ids)
+    sharded = jaxdec.logits(jaxdec.load("demo-target", mesh=jaxdec.make_mesh(data=2, model=4)), ids)
+    np.testing.assert_allclose(sharded, one, atol=2e-4, rtol=1e-4)
+
+
+def _shard_shape(x):
+    return x.addressable_shards[0].data.shape
+
+
+def test_params_are_split_where_the_shapes_divide():
+    """The demo target: 6 heads, 2 kv heads of 64, MLP 1024, vocabulary 4096, hidden 384."""
+    wide = jaxdec.load("demo-target", mesh=jaxdec.make_mesh(data=4, model=2)).params
+    layer = wide["layers_0"]
+    assert _shard_shape(layer["self_attn"]["q_proj"]["kernel"]) == (384, 192)   # 3 heads per device
+    assert _shard_shape(layer["self_attn"]["k_proj"]["kernel"]) == (384, 64)    # 1 kv head per device
+    assert _shard_shape(layer["self_attn"]["o_proj"]["kernel"]) == (192, 384)
+    assert _shard_shape(layer["mlp"]["down_proj"]["kernel"]) == (512, 384)
+    assert _shard_shape(wide["lm_head"]["kernel"]) == (384, 2048)
+    assert _shard_shape(wide["embed_tokens"]["embedding"]) == (2048, 384)
+    assert _shard_shape(layer["input_layernorm"]["scale"]) == (384,)
+
+    narrow = jaxdec.load("demo-target", mesh=jaxdec.make_mesh(data=1, model=8)).params["layers_0"]
+    # 6 heads and 2 kv heads do not divide 8 devices: replicated, never split inside a head.
+    assert narrow["self_attn"]["q_proj"]["kernel"].sharding.spec == P(None, None)
+    assert _shard_shape(narrow["self_attn"]["k_proj"]["kernel"]) == (384, 128)
+    assert _shard_shape(narrow["mlp"]["gate_proj"]["kernel"]) == (384, 128)
+
+
+def test_rules_replicate_what_does_not_divide():
+    mesh = jaxdec.make_mesh(data=2, model=4)
+    rules = sharding.RULES
+    assert rules.spec(mesh, [("batch", 8), ("kv_heads", 8), (None, 1)]) == P("data", "model", None)
+    assert rules.spec(mesh, [("batch", 3), ("kv_heads", 2), (None, 1)]) == P(None, None, None)
+    assert rules.spec(mesh, [("heads", 8), ("mlp", 8)]) == P("model", None)  # one mesh axis per array
+    assert sharding.ShardingRules(vocab=None).spec(mesh, [("vocab", 4096)]) == P(None)
+
+
+def test_cache_stays_sharded_and_donated_through_prefill_and_decode():
+    mesh = jaxdec.make_mesh(data=4, model=2)
+    target = jaxdec.load("demo-target", mesh=mesh)
+    cfg, B, S = target.config, 4, 64
+    cache = init_cache(cfg, B, S, target.dtype)
+    sharded = NamedSharding(mesh, P("data", "model", None, None))
+    assert cache.k[0].sharding.is_equivalent_to(sharded, 4)
+    assert _shard_shape(cache.k[0]) == (1, 1, S, 64)
+    tokens = np.zeros((B, S), np.int32)
+    tokens[:, :3] = [[1, 5, 9], [1, 7, 7], [1, 2, 3], [1, 4, 4]]
+    inputs = sharding.put_batch(mesh, tokens, np.full((B,), 3, np.int32), np.ones((B,), bool))
+    keys = jax.random.wrap_key_data(sharding.put_batch(mesh, jax.random.key_data(row_keys(0, B)))[0])
+    stop = np.full((16,), -1, np.int32)
+    donated = jax.tree_util.tree_leaves(cache)
+    state, cache = steps.prefill(cfg, target.params, cache, *inputs, SamplingParams.create(), keys, stop,
+                                 np.int32(8), prompt_bucket=16)
+    assert all(x.is_deleted() for x in donated)
+    donated = jax.tree_util.tree_leaves(cache)
+    state, cache = steps.decode(cfg, target.params, cache, state, SamplingParams.create(), stop, np.int32(8))
+    assert all(x.is_deleted() for x in donated)
+    for layer in cache.k + cache.v:
+        assert layer.sharding.is_equivalent_to(sharded, 4)
+
+
+def test_pallas_kernel_runs_under_shard_map(reference):
+    """Kv heads split over "model" (4x2): each device's kernel sees its own rows and heads."""
+    mesh = jaxdec.make_mesh(data=4, model=2)
+    target = jaxdec.load("demo-target", mesh=mesh, attn_impl="pallas")
+    draft = jaxdec.load("demo-draft", mesh=mesh, attn_impl="pallas")
+    for method in (None, jaxdec.spec.DraftTree(draft, depth=3, top_k=2, max_nodes=6)):
+        out = jaxdec.generate(target, PROMPTS, max_new_tokens=6, speculative=method).tokens
+        assert out == [row[:6] for row in reference["batch"]]
+
+
+def test_mesh_errors():
+    with pytest.raises(ValueError, match="data=3 x model=3"):
+        jaxdec.make_mesh(data=3, model=3)
+    with pytest.raises(ValueError, match="model must be an integer"):
+        jaxdec.make_mesh(data=8, model=0)
+    with pytest.raises(ValueError, match="data=N,model=M"):
+        sharding.parse_mesh("data=2,pipe=4")
+    assert sharding.parse_mesh("model=8") == (1, 8)
+    with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
+        jaxdec.load("demo-target", mesh="1x8")
+    other = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4), ("x", "y"))
+    with pytest.raises(ValueError, match="mesh axes must be"):
+        jaxdec.load("demo-target", mesh=other)
+    target = jaxdec.load("demo-target", mesh=jaxdec.make_mesh(data=2, model=4))
+    with pytest.raises(ValueError, match="the draft model's parameters are on one device but the target is on mesh"):
+        jaxdec.generate(target, PROMPTS, max_new_tokens=4, speculative=jaxdec.spec.DraftModel(jaxdec.load("demo-draft")))
+    with pytest.raises(ValueError, match="the eagle heads are on one device"):
+        jaxdec.generate(target, PROMPTS, max_new_tokens=4, speculative=jaxdec.spec.Eagle(jaxdec.load_heads("demo-eagle")))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_run_the_cli_as_one_program(reference):
+    """jax.distributed over two CPU processes of 4 devices each (gloo collectives): the
+    documented multi-host command, on a 2x4 mesh spanning both, prints plain decoding's text."""
+    port, root = _free_port(), Path(__file__).resolve().parent.parent
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", PYTHONPATH=str(root))
+    command = [sys.executable, "-m", "jaxdec.cli", "generate", PROMPTS[0], "--method", "draft",
+               "--mesh", "data=2,model=4", "--max-new-tokens", str(MAX_NEW)]
+    procs = [subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=root) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    text = jaxdec.load("demo-target").tokenizer.decode(reference["single"][0], skip_special_tokens=True)
+    assert PROMPTS[0] + text in outs[0][0]
+    assert "[draft]" in outs[0][1] and "[draft]" not in outs[1][1]  # process 0 speaks for both
