@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ METHODS = {
     "draft": "spec.DraftModel(draft, num_tokens)",
     "draft-confidence": "spec.DraftModel(draft, num_tokens, confidence_threshold)",
     "draft-schedule": "spec.DraftModel(draft, num_tokens, adaptive_schedule=True)",
+    "pearl": "spec.Pearl(draft on a spare device, num_tokens): drafts the next chain while the target verifies",
+    "pearl-seq": "spec.Pearl(draft on a spare device, num_tokens, overlap=False): the same schedule, sequential",
     "tree": "spec.DraftTree(draft, depth, top_k, max_nodes); tree:DxKxN sets them (default 5x4x32)",
     "medusa": "spec.Medusa(heads) with the heads' tree; medusa:N a tree of N nodes from their held-out accuracies",
     "eagle": "spec.Eagle(heads, depth, top_k, max_nodes); eagle:DxKxN sets them (default 5x4x32)",
@@ -52,7 +55,7 @@ METHODS = {
 NOT_YET = {"sparse": "spec.SparseSelf"}
 
 
-def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, heads=None):
+def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, heads=None, pearl_draft=None):
     """A method name, optionally with its own draft length: "draft:6", "lookup:10", or a
     tree's shape: "tree:5x4x32" (depth x top_k x max_nodes), "lookup:8x4" (length x matches),
     "eagle:5x4x32", "medusa:24" (nodes). `heads`: {"medusa": Heads, "eagle": Heads}."""
@@ -75,6 +78,8 @@ def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, h
         return None
     if name == "draft":
         return spec.DraftModel(draft, num_tokens)
+    if name in ("pearl", "pearl-seq"):
+        return spec.Pearl(pearl_draft, num_tokens, overlap=name == "pearl")
     if name == "draft-confidence":
         return spec.DraftModel(draft, num_tokens, confidence_threshold=confidence)
     if name == "draft-schedule":
@@ -126,7 +131,8 @@ def run_configuration(target, specs, prompts, args, tqdm, label):
             warmup_seconds[m] += time.perf_counter() - start
 
     totals = {m: {"new_tokens": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0, "target_steps": 0,
-                  "accepted_weighted": 0.0, "rows": 0, "identical": 0, "wall_seconds": 0.0} for m in methods}
+                  "accepted_weighted": 0.0, "rows": 0, "identical": 0, "wall_seconds": 0.0,
+                  "rounds_drafted_ahead": 0} for m in methods}
     for batch in tqdm(batches, desc=f"{label}: timed", disable=not args.progress):
         # Methods take turns, repeat after repeat, so a slow spell of the machine falls on all
         # of them alike; each keeps its fastest run.
@@ -145,6 +151,7 @@ def run_configuration(target, specs, prompts, args, tqdm, label):
             t["decode_seconds"] += out.stats.decode_seconds
             t["prefill_seconds"] += out.stats.prefill_seconds
             t["target_steps"] += out.stats.target_steps
+            t["rounds_drafted_ahead"] += out.stats.rounds_drafted_ahead
             t["accepted_weighted"] += out.stats.mean_accepted * (out.stats.new_tokens - len(batch))
             t["rows"] += len(batch)
             t["identical"] += sum(a == b for a, b in zip(out.tokens, reference))
@@ -170,6 +177,7 @@ def entries(totals, config: dict):
             "decode_seconds": t["decode_seconds"],
             "prefill_seconds": t["prefill_seconds"],
             "target_steps": t["target_steps"],
+            "rounds_drafted_ahead": t["rounds_drafted_ahead"],
             "compile_seconds": t["compile_seconds"],
             "rows_identical_to_first_method": t["identical"] / t["rows"],
         })
@@ -199,6 +207,8 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--mesh", nargs="+", default=None,
                         help="one or more meshes, e.g. data=1,model=8 data=2,model=4 (none: one device)")
+    parser.add_argument("--cpu-devices", type=int, default=None,
+                        help="on a CPU host, split it into N devices (for --mesh and pearl); sets XLA_FLAGS")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -221,6 +231,9 @@ def main(argv=None):
     except ValueError as err:
         parser.error(str(err))
 
+    if args.cpu_devices:  # read when JAX starts its backends, which nothing has done yet
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.cpu_devices}")
     sharding.initialize_distributed()
     from tqdm import tqdm
     import jax
@@ -242,7 +255,12 @@ def main(argv=None):
                 else list(range(1, layers - 1, 2)))
         heads = {kind: jaxdec.load_heads(getattr(args, kind), mesh=mesh) for kind in ("medusa", "eagle")
                  if any(m.partition(":")[0] == kind for m in methods)}
-        specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold, heads)
+        pearl_draft = None
+        if any(m.startswith("pearl") for m in methods):  # the draft on a device the target does not use
+            used = set(mesh.devices.flat) if mesh is not None else {jax.devices()[0]}
+            spare = [d for d in jax.devices() if d not in used] or jax.devices()[-1:]
+            pearl_draft = jaxdec.load(args.draft, mesh=jaxdec.make_mesh(devices=spare[:1]))
+        specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold, heads, pearl_draft)
                  for m in methods}
         mesh_name = "one device" if shape is None else f"data={shape[0]},model={shape[1]}"
         devices = 1 if shape is None else shape[0] * shape[1]

@@ -34,6 +34,7 @@ class Stats:
     prefill_seconds: float
     decode_seconds: float
     tokens_per_second: float   # new_tokens / decode_seconds
+    rounds_drafted_ahead: int = 0  # spec.Pearl: rounds whose chain was drafted while the last one verified
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,14 +142,18 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
 
     start = time.perf_counter()
     cache = init_cache(cfg, batch, slots, model.dtype)
+    overlapped = isinstance(speculative, spec.Pearl)  # its own host loop (jaxdec.overlap)
     if speculative is None:
         state, cache = steps.prefill(cfg, model.params, cache, tokens, prompt_lengths, row_valid, sampling,
                                      keys, stop_ids, max_new, prompt_bucket=prompt_bucket)
+    elif overlapped:
+        state, cache, dstate = drafter.prefill(cache, dstate, tokens, prompt_lengths, row_valid, sampling, keys,
+                                               stop_ids, max_new, prompt_bucket)
     else:
         state, cache, dstate = spec_steps.prefill(cfg, drafter, model.params, dparams, cache, dstate, tokens,
                                                   prompt_lengths, row_valid, sampling, keys, stop_ids,
                                                   max_new, prompt_bucket=prompt_bucket)
-    jax.block_until_ready((state, dstate) if speculative is not None else state)  # prefill ends here
+    jax.block_until_ready((state, dstate) if speculative is not None and not overlapped else state)  # prefill ends here
     done = sharding.to_host(state.done)
     prefill_seconds = time.perf_counter() - start
 
@@ -163,6 +168,9 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         if speculative is None:
             state, cache = steps.decode(cfg, model.params, cache, state, sampling, stop_ids, max_new,
                                         num_steps=STREAM_STEPS if on_progress else steps.DECODE_STEPS_PER_DISPATCH)
+        elif overlapped:
+            state, cache, dstate = drafter.decode(cache, dstate, state, sampling, stop_ids, max_new,
+                                                  num_rounds=1 if on_progress else spec_steps.ROUNDS_PER_DISPATCH)
         else:
             state, cache, dstate = spec_steps.speculative_decode(
                 cfg, drafter, model.params, dparams, cache, dstate, state, sampling, stop_ids, max_new,
@@ -183,6 +191,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         tokens_per_second=new_tokens / decode_seconds if decode_seconds > 0 else 0.0,
+        rounds_drafted_ahead=dstate.hits if overlapped else 0,
     )
     texts = None
     if model.tokenizer is not None:

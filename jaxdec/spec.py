@@ -35,7 +35,7 @@ def _check_num_tokens(num_tokens):
     _check_positive("num_tokens", num_tokens, "draft tokens per step")
 
 
-def _check_draft_model(method, model, target, num_slots):
+def _check_draft_model(method, model, target, num_slots, same_devices=True):
     """The checks every separate draft model needs: a jaxdec.Model, the target's vocabulary,
     and room for the cache."""
     if not isinstance(model, Model):
@@ -49,7 +49,8 @@ def _check_draft_model(method, model, target, num_slots):
     if num_slots > model.config.max_position_embeddings:
         raise ValueError(f"{num_slots} cache slots exceed the draft model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")
-    check_same_mesh("the draft model's parameters", model.config.mesh, target)
+    if same_devices:
+        check_same_mesh("the draft model's parameters", model.config.mesh, target)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -84,6 +85,32 @@ class DraftModel:
         state = DraftModelState(cache=init_cache(self.model.config, batch_size, num_slots, self.model.dtype),
                                 num_tokens=jnp.full((batch_size,), self.num_tokens, jnp.int32))
         return drafter, None if same else self.model.params, state
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pearl:
+    """A draft model on devices of its own drafts the next chain while the target verifies
+    this one (PEARL's post-verify, over JAX's asynchronous dispatch): when the target accepts
+    all `num_tokens` and its next token is the one the draft guessed, the next round starts
+    at once. Load the draft on other devices than the target, e.g.
+    `jaxdec.load(draft, mesh=jaxdec.make_mesh(devices=[jax.devices()[-1]]))`; on the same
+    devices it still works, without the overlap. `overlap=False` runs the same schedule
+    sequentially (the baseline it is measured against). Runs a host round trip per round."""
+    model: Model
+    num_tokens: int = 4
+    overlap: bool = True
+
+    def __post_init__(self):
+        _check_num_tokens(self.num_tokens)
+        _check_draft_model("Pearl", self.model, None, 0)
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {self.overlap!r}")
+
+    def build(self, target: Model, batch_size: int, num_slots: int):
+        from jaxdec.overlap import Overlapped, OverlapState
+        _check_draft_model("Pearl", self.model, target, num_slots, same_devices=False)
+        cache = init_cache(self.model.config, batch_size, num_slots, self.model.dtype)
+        return Overlapped(target, self.model, int(self.num_tokens), self.overlap), None, OverlapState(cache)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -271,6 +298,6 @@ class PromptLookup:
         return drafter, None, None
 
 
-METHODS = (DraftModel, DraftTree, StaticTree, Medusa, Eagle, LayerSkip, PromptLookup)
+METHODS = (DraftModel, Pearl, DraftTree, StaticTree, Medusa, Eagle, LayerSkip, PromptLookup)
 
-__all__ = ["DraftModel", "DraftTree", "StaticTree", "Medusa", "Eagle", "LayerSkip", "PromptLookup"]
+__all__ = ["DraftModel", "Pearl", "DraftTree", "StaticTree", "Medusa", "Eagle", "LayerSkip", "PromptLookup"]

@@ -52,6 +52,29 @@ def commit(state: DecodeState, draft_tokens, num_accepted, next_token, stop_ids,
     return state, count
 
 
+def round_keys(state: DecodeState):
+    """[B, 3] keys of a row's round: draft, accept, next token. Fresh per row and round, since
+    a row's length only grows between its rounds."""
+    keys = jax.vmap(jax.random.fold_in)(state.keys, state.lengths)
+    return jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+
+
+def verify_and_commit(cfg: ModelConfig, params, cache, state: DecodeState, draft, sampling, stop_ids, max_new_tokens):
+    """The target's half of a round: verify the draft in one forward, accept, commit.
+    Returns (state, cache, (num_accepted [B], next_token [B], path, the verify step's hidden
+    states)), with cache.lengths == state.lengths - 1 again."""
+    keys = round_keys(state)
+    rows = jnp.arange(state.lengths.shape[0])
+    pending = state.tokens[rows, state.lengths - 1]
+    logits, hidden, new_kv = verify_forward(cfg, params, cache, pending, draft, ~state.done)
+    num_accepted, next_token, path = accept(logits, draft, sampling, keys[:, 1], keys[:, 2])
+    state, _ = commit(state, path_tokens(draft, path), num_accepted, next_token, stop_ids, max_new_tokens)
+    # The pending token's entries and the accepted path's land in contiguous slots; the rest
+    # (rejected drafts) lie past the new length, out of view.
+    cache = write(cache, *commit_entries(draft, new_kv, path))
+    return state, cache.replace(lengths=state.lengths - 1), (num_accepted, next_token, path, hidden)
+
+
 # keep_unused: see steps.prefill.
 @functools.partial(jax.jit, static_argnames=("cfg", "drafter", "prompt_bucket"), donate_argnames=("cache", "dstate"),
                    keep_unused=True)
@@ -75,23 +98,14 @@ def speculative_decode(cfg: ModelConfig, drafter, params, dparams, cache, dstate
     Invariant between rounds: cache.lengths == state.lengths - 1 (the pending token, last of
     state.tokens, is not in the cache yet).
     """
-    rows = jnp.arange(state.lengths.shape[0])
-
     def one_round(carry):
         i, cache, dstate, state = carry
-        # Fresh randomness per row and round: a row's length only grows between its rounds.
-        round_keys = jax.vmap(jax.random.fold_in)(state.keys, state.lengths)
-        keys = jax.vmap(lambda k: jax.random.split(k, 3))(round_keys)
-        draft, cache, dstate = drafter.propose(cfg, params, cache, dparams, dstate, state, sampling, keys[:, 0])
-        pending = state.tokens[rows, state.lengths - 1]
-        logits, hidden, new_kv = verify_forward(cfg, params, cache, pending, draft, ~state.done)
-        num_accepted, next_token, path = accept(logits, draft, sampling, keys[:, 1], keys[:, 2])
+        draft, cache, dstate = drafter.propose(cfg, params, cache, dparams, dstate, state, sampling,
+                                               round_keys(state)[:, 0])
+        state, cache, (num_accepted, _, path, hidden) = verify_and_commit(cfg, params, cache, state, draft, sampling,
+                                                                          stop_ids, max_new_tokens)
         dstate = drafter.update(dstate, draft, num_accepted, path, hidden)
-        state, _ = commit(state, path_tokens(draft, path), num_accepted, next_token, stop_ids, max_new_tokens)
-        # The pending token's entries and the accepted path's land in contiguous slots; the
-        # rest (rejected drafts) lie past the new length, out of view.
-        cache = write(cache, *commit_entries(draft, new_kv, path))
-        return i + 1, cache.replace(lengths=state.lengths - 1), dstate, state
+        return i + 1, cache, dstate, state
 
     def keep_going(carry):
         i, _, _, state = carry

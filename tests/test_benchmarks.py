@@ -113,3 +113,19 @@ def test_decode_benchmark_refuses_bad_settings(args, capsys):
     with pytest.raises(SystemExit):
         decode.main(args + ["--no-progress", "--out", "/nonexistent/never-written.json"])
     assert "error" in capsys.readouterr().err
+
+
+def test_vs_hf_runs_every_pair_on_identical_weights(tmp_path):
+    """HF generate (plain, assistant_model, prompt lookup) against jaxdec's equivalents on the
+    exported demo pair, tiny settings: both sides greedy on the same weights, so the same tokens."""
+    from benchmarks import vs_hf
+    out = tmp_path / "vs.json"
+    payload = vs_hf.main(["--num-prompts", "1", "--max-new-tokens", "6", "--batch-sizes", "1", "--repeats", "1",
+                          "--context", "32", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(payload["results"]))
+    assert [r["method"] for r in saved["results"]] == ["plain", "assisted", "lookup"]
+    for r in saved["results"]:
+        assert r["rows_identical_to_hf"] == 1.0 and r["hf_tokens_per_second"] > 0 and r["jaxdec_tokens_per_second"] > 0
+        assert "jaxdec_speedup_vs_plain" in r and "hf_speedup_vs_plain" in r
+    assert {"torch", "transformers"} <= set(saved["versions"])

@@ -338,6 +338,8 @@ SAMPLED = {
                              dict(temperature=1.0, top_k=4, top_p=0.95)),
     "draft_model_adaptive": (lambda m: spec.DraftModel(m["draft"], num_tokens=3, confidence_threshold=0.4,
                                                        adaptive_schedule=True), dict(temperature=1.2)),
+    # The overlapped schedule (draft and target here on one device: the logic, not the speed).
+    "pearl": (lambda m: spec.Pearl(m["draft"], num_tokens=2), dict(temperature=1.0)),
     "layer_skip": (lambda m: spec.LayerSkip([1], num_tokens=2), dict(temperature=1.0)),
     "prompt_lookup": (lambda m: spec.PromptLookup(max_ngram=2, num_tokens=3), dict(temperature=1.0)),
     # Point-mass drafts and top-k: drafted tokens outside the kept set are always rejected.
@@ -383,7 +385,7 @@ def test_sampled_tokens_follow_the_target_distribution(tiny, name):
         # clearly wrong answer.
         wrong = joint3([target_logits] * 3, {**sampling, "temperature": 1.6}, exact=False)
     else:
-        draft_logits = (_prefix_logits(tiny["draft"]) if isinstance(method, (spec.DraftModel, spec.DraftTree))
+        draft_logits = (_prefix_logits(tiny["draft"]) if isinstance(method, (spec.DraftModel, spec.Pearl, spec.DraftTree))
                         else _prefix_logits(tiny["target"], skip_layers=tuple(method.skip_layers)))
         wrong = joint3([target_logits, draft_logits, draft_logits], sampling, exact=False)
     assert rejects(counts, wrong), f"{name}: no power against the draft's own distribution"

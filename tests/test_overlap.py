@@ -1,0 +1,85 @@
+"""spec.Pearl: the draft model on its own devices drafts the next chain while the target
+verifies (jaxdec/overlap.py). Greedy output equals plain decoding; the overlapped schedule
+gives exactly the sequential schedule's samples (and the fused DraftModel's); a perfect draft
+has every round after the first drafted ahead. (The chi-square test of its sampling is in
+test_speculative_sampling.py with the other methods.)"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+import jaxdec
+from jaxdec import spec
+
+PROMPTS = ["def add(a, b):", "import os\nimport sys\n\ndef main():", "class Stack:\n    def __init__(self):",
+           "for i in range(10):", "    return", "x = [", "# Copyright", "def __init__(self, name):"]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The target on device 0 (and on a 2x2 mesh), the draft and a perfect draft (the target
+    itself) on the last device."""
+    last = jaxdec.make_mesh(devices=jax.devices()[-1:])
+    return {"target": jaxdec.load("demo-target"),
+            "target_2x2": jaxdec.load("demo-target", mesh=jaxdec.make_mesh(2, 2)),
+            "draft": jaxdec.load("demo-draft", mesh=last),
+            "perfect": jaxdec.load("demo-target", mesh=last)}
+
+
+@pytest.fixture(scope="module")
+def plain(models):
+    return jaxdec.generate(models["target"], PROMPTS, max_new_tokens=MAX_NEW).tokens
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("overlap", [True, False])
+def test_greedy_equals_plain_decoding(models, plain, batch, overlap):
+    out = jaxdec.generate(models["target"], PROMPTS[:batch], max_new_tokens=MAX_NEW,
+                          speculative=spec.Pearl(models["draft"], num_tokens=4, overlap=overlap))
+    assert out.tokens == plain[:batch]
+    assert out.stats.mean_accepted > 1.5
+    if not overlap:
+        assert out.stats.rounds_drafted_ahead == 0
+
+
+def test_greedy_with_the_target_sharded(models, plain):
+    out = jaxdec.generate(models["target_2x2"], PROMPTS[:3], max_new_tokens=MAX_NEW,
+                          speculative=spec.Pearl(models["draft"], num_tokens=3))
+    assert out.tokens == plain[:3]
+
+
+def test_a_perfect_draft_is_always_drafted_ahead(models, plain):
+    """The target drafting for itself: every chain is accepted and its guess of the next token
+    is right, so every round but the first verifies a chain drafted during the last verify."""
+    out = jaxdec.generate(models["target"], PROMPTS[:2], max_new_tokens=MAX_NEW,
+                          speculative=spec.Pearl(models["perfect"], num_tokens=4))
+    assert out.tokens == plain[:2]
+    assert out.stats.rounds_drafted_ahead == out.stats.target_steps - 1 > 0
+
+
+def test_overlap_changes_when_drafts_are_made_not_what_they_are(models):
+    """Sampling: the chain drafted ahead is the one the sequential schedule drafts after the
+    same tokens (same keys, same cache entries), so the samples are identical, and identical
+    to DraftModel's in one program; some rounds must really have been drafted ahead."""
+    same_device_draft = jaxdec.load("demo-draft")
+    drafted_ahead = 0
+    for seed in range(3):
+        for batch in (PROMPTS[:1], PROMPTS[1:3]):
+            run = lambda method: jaxdec.generate(models["target"], batch, max_new_tokens=MAX_NEW, temperature=1.0,
+                                                 seed=seed, speculative=method)
+            ahead = run(spec.Pearl(models["draft"], num_tokens=3))
+            assert ahead.tokens == run(spec.Pearl(models["draft"], num_tokens=3, overlap=False)).tokens
+            assert ahead.tokens == run(spec.DraftModel(same_device_draft, num_tokens=3)).tokens
+            drafted_ahead += ahead.stats.rounds_drafted_ahead
+    assert drafted_ahead > 0
+
+
+def test_bad_pearl_options(models):
+    with pytest.raises(ValueError, match="num_tokens"):
+        spec.Pearl(models["draft"], num_tokens=0)
+    with pytest.raises(ValueError, match="overlap must be True or False"):
+        spec.Pearl(models["draft"], overlap="yes")
+    with pytest.raises(ValueError, match="needs a jaxdec.Model"):
+        spec.Pearl("demo-draft")
