@@ -29,7 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
 
 from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results
 

@@ -33,8 +33,7 @@ def plain(models):
     return jaxdec.generate(models["target"], PROMPTS, max_new_tokens=MAX_NEW).tokens
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8])
-@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("batch, overlap", [(1, True), (3, True), (8, True), (3, False)])
 def test_greedy_equals_plain_decoding(models, plain, batch, overlap):
     out = jaxdec.generate(models["target"], PROMPTS[:batch], max_new_tokens=MAX_NEW,
                           speculative=spec.Pearl(models["draft"], num_tokens=4, overlap=overlap))
@@ -83,3 +82,13 @@ def test_bad_pearl_options(models):
         spec.Pearl(models["draft"], overlap="yes")
     with pytest.raises(ValueError, match="needs a jaxdec.Model"):
         spec.Pearl("demo-draft")
+
+
+def test_steady_state_compiles_nothing(models):
+    from tests.test_steps import compilations
+    method = spec.Pearl(models["draft"], num_tokens=4)
+    jaxdec.generate(models["target"], PROMPTS[:2], max_new_tokens=MAX_NEW, speculative=method)
+    with compilations() as steady:  # same buckets; other prompts, sampling, seed and length
+        jaxdec.generate(models["target"], PROMPTS[2:4], max_new_tokens=MAX_NEW - 4, temperature=0.8, seed=3,
+                        speculative=method)
+    assert steady == [], steady

@@ -72,6 +72,18 @@ def test_greedy_on_a_mesh_equals_one_device(on_mesh, reference, mesh, method):
     assert out.tokens == reference["batch"]
 
 
+def test_steady_state_on_a_mesh_compiles_nothing(on_mesh):
+    from tests.test_steps import compilations
+    target, draft, _, _ = on_mesh("2x4")
+    method = jaxdec.spec.DraftModel(draft, num_tokens=4)
+    jaxdec.generate(target, PROMPTS, max_new_tokens=MAX_NEW, speculative=method)
+    jaxdec.generate(target, PROMPTS, max_new_tokens=MAX_NEW)
+    with compilations() as steady:  # same buckets; other prompts, sampling and seed
+        jaxdec.generate(target, PROMPTS[::-1], max_new_tokens=MAX_NEW - 4, temperature=0.7, seed=5, speculative=method)
+        jaxdec.generate(target, PROMPTS[1:] + PROMPTS[:1], max_new_tokens=MAX_NEW, temperature=1.0, top_k=20)
+    assert steady == [], [n for e, n in steady if "backend" in e]
+
+
 def test_one_row_on_eight_data_devices(reference):
     """A batch of one does not divide the data axis: the row is replicated, same answer."""
     mesh = jaxdec.make_mesh(data=8, model=1)
