@@ -95,7 +95,8 @@ class Pearl:
     at once. Load the draft on other devices than the target, e.g.
     `jaxdec.load(draft, mesh=jaxdec.make_mesh(devices=[jax.devices()[-1]]))`; on the same
     devices it still works, without the overlap. `overlap=False` runs the same schedule
-    sequentially (the baseline it is measured against). Runs a host round trip per round."""
+    sequentially (the baseline it is measured against). Runs a host round trip per round;
+    tested on one host (a multi-host mesh for the target is untested here)."""
     model: Model
     num_tokens: int = 4
     overlap: bool = True

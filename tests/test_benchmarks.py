@@ -129,3 +129,22 @@ def test_vs_hf_runs_every_pair_on_identical_weights(tmp_path):
         assert r["rows_identical_to_hf"] == 1.0 and r["hf_tokens_per_second"] > 0 and r["jaxdec_tokens_per_second"] > 0
         assert "jaxdec_speedup_vs_plain" in r and "hf_speedup_vs_plain" in r
     assert {"torch", "transformers"} <= set(saved["versions"])
+
+
+def test_scaling_model_adds_up(tmp_path):
+    """One device: no communication, the step is the time to read the weights and the cache.
+    More model devices: less memory time each, more communication; the JSON says it is a model."""
+    from benchmarks import scaling_model
+    from benchmarks.bandwidth import SHAPES
+    shape, device = SHAPES["llama3-8b"], scaling_model.DEVICES["h100-nvlink"]
+    one = scaling_model.step_seconds(shape, device, model=1, data=1, batch=1, context=0, tokens=1, efficiency=1.0)
+    streamed = scaling_model.weight_count(shape) - shape["vocab_size"] * shape["hidden_size"]
+    assert one["comms"] == 0 and one["step"] == pytest.approx(2 * streamed / device["hbm"])
+    parts = [scaling_model.step_seconds(shape, device, model=m, data=1, batch=1, context=4096, tokens=1)
+             for m in (1, 2, 4, 8)]
+    assert all(a["memory"] > b["memory"] and a["comms"] <= b["comms"] for a, b in zip(parts, parts[1:]))
+    out = tmp_path / "model.json"
+    rows = scaling_model.main(["--model-sizes", "1", "2", "--tokens", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert "MODEL, not a measurement" in saved["benchmark"] and len(rows) == 2 == len(saved["rows"])
+    assert saved["rows"][0]["speedup_vs_one_device"] == 1.0
