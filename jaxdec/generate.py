@@ -153,7 +153,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         state, cache, dstate = spec_steps.prefill(cfg, drafter, model.params, dparams, cache, dstate, tokens,
                                                   prompt_lengths, row_valid, sampling, keys, stop_ids,
                                                   max_new, prompt_bucket=prompt_bucket)
-    jax.block_until_ready((state, dstate) if speculative is not None and not overlapped else state)  # prefill ends here
+    # Prefill ends here: the target's, and the drafter's (Pearl's first chain, on its own devices).
+    jax.block_until_ready(state if speculative is None else (state, dstate.draft if overlapped else dstate))
     done = sharding.to_host(state.done)
     prefill_seconds = time.perf_counter() - start
 

@@ -190,13 +190,19 @@ def load_heads(path_or_name, *, dtype=None, mesh=None) -> Heads:
     shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     if shapes(want) != shapes(params):
         raise ValueError(f"the parameters in {directory / storage.PARAMS_DIR} do not match {path}")
+    return heads_on_mesh(Heads(cfg, params), mesh)
+
+
+def heads_on_mesh(heads: Heads, mesh) -> Heads:
+    """The heads with their parameters sharded over `mesh` like the target's (None: as they are)."""
     if mesh is None:
-        return Heads(cfg, params)
+        return heads
     from jaxdec.loading import check_mesh
     check_mesh(mesh)
+    cfg = heads.config
     if cfg.layer is not None:
         cfg = dataclasses.replace(cfg, layer=dataclasses.replace(cfg.layer, mesh=mesh))
-    return Heads(cfg, sharding.place_params(mesh, params, cfg.layer.head_dim if cfg.layer else 1), mesh)
+    return Heads(cfg, sharding.place_params(mesh, heads.params, cfg.layer.head_dim if cfg.layer else 1), mesh)
 
 
 def check_heads_fit(heads: Heads, target) -> None:

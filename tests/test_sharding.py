@@ -19,77 +19,96 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jaxdec
 from jaxdec import sharding, steps
 from jaxdec.cache import init_cache
+from jaxdec.heads import heads_on_mesh
+from jaxdec.loading import model_from_params, on_mesh as on_mesh_
 from jaxdec.sampling import SamplingParams, row_keys
 
-# Ragged text prompts: five rows pad to a batch of 8, which every data axis divides.
+# Ragged text prompts for the demo models: five rows pad to a batch of 8, which every data
+# axis divides.
 PROMPTS = ["def add(a, b):", "import os\nimport sys\n\ndef main():", "class Stack:\n    def __init__(self):",
            "for i in range(10):", "    return"]
 MAX_NEW = 16
 MESHES = {"1x8": (1, 8), "2x4": (2, 4), "8x1": (8, 1)}
+# The method sweep runs on the tiny random Llama (2 layers: each case compiles its own
+# sharded programs, the cost of this module), with ragged token-id rows. Its greedy choices
+# are clear (top-two logit gaps >= 4.7e-4, sharding moves logits by ~1e-6).
+ROWS = [[5, 17, 33, 2, 90, 41, 7], [9, 9, 9, 12], list(range(60, 76)), [3], [100, 101, 7, 7, 50, 51]]
 METHODS = {
     "ar": lambda draft, medusa, eagle: None,
-    "draft": lambda draft, medusa, eagle: jaxdec.spec.DraftModel(draft, num_tokens=4),
-    "tree": lambda draft, medusa, eagle: jaxdec.spec.DraftTree(draft, depth=4, top_k=2, max_nodes=8),
+    "draft": lambda draft, medusa, eagle: jaxdec.spec.DraftModel(draft, num_tokens=3),
+    "tree": lambda draft, medusa, eagle: jaxdec.spec.DraftTree(draft, depth=3, top_k=2, max_nodes=6),
     "static_tree": lambda draft, medusa, eagle: jaxdec.spec.StaticTree(draft, [(0,), (1,), (0, 0), (0, 0, 0)]),
-    "medusa": lambda draft, medusa, eagle: jaxdec.spec.Medusa(medusa),
-    "eagle": lambda draft, medusa, eagle: jaxdec.spec.Eagle(eagle, depth=4, top_k=2, max_nodes=8),
-    "layerskip": lambda draft, medusa, eagle: jaxdec.spec.LayerSkip([1, 3], num_tokens=3),
+    "medusa": lambda draft, medusa, eagle: jaxdec.spec.Medusa(medusa, [(0,), (1,), (0, 0)]),
+    "eagle": lambda draft, medusa, eagle: jaxdec.spec.Eagle(eagle, depth=3, top_k=2, max_nodes=6),
+    "layerskip": lambda draft, medusa, eagle: jaxdec.spec.LayerSkip([1], num_tokens=3),
     "lookup": lambda draft, medusa, eagle: jaxdec.spec.PromptLookup(num_tokens=4, num_candidates=2),
 }
+# Every method on the mixed mesh; a chain, a tree or heads on the two one-axis meshes.
+CASES = ([("2x4", m) for m in METHODS] + [("1x8", m) for m in ("ar", "draft", "eagle")]
+         + [("8x1", m) for m in ("ar", "tree", "lookup")])
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """Plain greedy decoding on one device."""
+    """Plain greedy decoding on one device: the demo target's text rows, the tiny Llama's ids."""
     target = jaxdec.load("demo-target")
     return {"batch": jaxdec.generate(target, PROMPTS, max_new_tokens=MAX_NEW).tokens,
             "single": jaxdec.generate(target, PROMPTS[:1], max_new_tokens=MAX_NEW).tokens}
 
 
-# Every method on the mixed mesh; a chain, a dynamic tree and a draft-free method on the two
-# one-axis meshes (each case compiles its own sharded programs: the cost of this module).
-CASES = [("2x4", m) for m in METHODS] + [(mesh, m) for mesh in ("1x8", "8x1") for m in ("ar", "draft", "eagle", "lookup")]
+@pytest.fixture(scope="module")
+def tiny(llama):
+    """The tiny Llama, a noisy copy of it as the draft (it agrees often, not always), random
+    Medusa and EAGLE heads, and its plain greedy output on ROWS."""
+    from tests.test_heads import random_heads
+    rng = np.random.default_rng(0)
+    noisy = jax.tree_util.tree_map(
+        lambda x: np.asarray(x) + 0.1 * np.std(np.asarray(x)) * rng.standard_normal(x.shape).astype(np.float32),
+        llama.params)
+    return {"target": llama, "draft": model_from_params(llama.config, noisy),
+            "medusa": random_heads(llama, "medusa", num_heads=2), "eagle": random_heads(llama, "eagle"),
+            "plain": jaxdec.generate(llama, ROWS, max_new_tokens=MAX_NEW, stop_token_ids=[]).tokens}
 
 
 @pytest.fixture(scope="module")
-def on_mesh():
-    """mesh name -> (target, draft, medusa heads, eagle heads), all on that mesh; loaded once."""
+def on_mesh(tiny):
+    """mesh name -> (target, draft, medusa heads, eagle heads) of the tiny set on that mesh."""
     loaded = {}
 
     def get(name):
         if name not in loaded:
             mesh = jaxdec.make_mesh(*MESHES[name])
-            loaded[name] = (jaxdec.load("demo-target", mesh=mesh), jaxdec.load("demo-draft", mesh=mesh),
-                            jaxdec.load_heads("demo-medusa", mesh=mesh), jaxdec.load_heads("demo-eagle", mesh=mesh))
+            loaded[name] = (on_mesh_(tiny["target"], mesh), on_mesh_(tiny["draft"], mesh),
+                            heads_on_mesh(tiny["medusa"], mesh), heads_on_mesh(tiny["eagle"], mesh))
         return loaded[name]
     return get
 
 
 @pytest.mark.parametrize("mesh, method", CASES)
-def test_greedy_on_a_mesh_equals_one_device(on_mesh, reference, mesh, method):
+def test_greedy_on_a_mesh_equals_one_device(on_mesh, tiny, mesh, method):
     target, draft, medusa, eagle = on_mesh(mesh)
-    out = jaxdec.generate(target, PROMPTS, max_new_tokens=MAX_NEW, speculative=METHODS[method](draft, medusa, eagle))
-    assert out.tokens == reference["batch"]
+    out = jaxdec.generate(target, ROWS, max_new_tokens=MAX_NEW, stop_token_ids=[],
+                          speculative=METHODS[method](draft, medusa, eagle))
+    assert out.tokens == tiny["plain"]
 
 
 def test_steady_state_on_a_mesh_compiles_nothing(on_mesh):
     from tests.test_steps import compilations
     target, draft, _, _ = on_mesh("2x4")
-    method = jaxdec.spec.DraftModel(draft, num_tokens=4)
-    jaxdec.generate(target, PROMPTS, max_new_tokens=MAX_NEW, speculative=method)
-    jaxdec.generate(target, PROMPTS, max_new_tokens=MAX_NEW)
+    method = jaxdec.spec.DraftModel(draft, num_tokens=3)
+    jaxdec.generate(target, ROWS, max_new_tokens=MAX_NEW, speculative=method)
+    jaxdec.generate(target, ROWS, max_new_tokens=MAX_NEW)
     with compilations() as steady:  # same buckets; other prompts, sampling and seed
-        jaxdec.generate(target, PROMPTS[::-1], max_new_tokens=MAX_NEW - 4, temperature=0.7, seed=5, speculative=method)
-        jaxdec.generate(target, PROMPTS[1:] + PROMPTS[:1], max_new_tokens=MAX_NEW, temperature=1.0, top_k=20)
+        jaxdec.generate(target, ROWS[::-1], max_new_tokens=MAX_NEW - 4, temperature=0.7, seed=5, speculative=method)
+        jaxdec.generate(target, ROWS[1:] + ROWS[:1], max_new_tokens=MAX_NEW, temperature=1.0, top_k=20)
     assert steady == [], [n for e, n in steady if "backend" in e]
 
 
 def test_one_row_on_eight_data_devices(reference):
     """A batch of one does not divide the data axis: the row is replicated, same answer."""
     mesh = jaxdec.make_mesh(data=8, model=1)
-    target, draft = jaxdec.load("demo-target", mesh=mesh), jaxdec.load("demo-draft", mesh=mesh)
-    for method in (None, jaxdec.spec.DraftModel(draft)):
-        assert jaxdec.generate(target, PROMPTS[:1], max_new_tokens=MAX_NEW, speculative=method).tokens == reference["single"]
+    target = jaxdec.load("demo-target", mesh=mesh)
+    assert jaxdec.generate(target, PROMPTS[:1], max_new_tokens=MAX_NEW).tokens == reference["single"]
 
 
 def test_logits_on_a_mesh_match_one_device():
@@ -160,9 +179,9 @@ def test_pallas_kernel_runs_under_shard_map(reference):
     mesh = jaxdec.make_mesh(data=4, model=2)
     target = jaxdec.load("demo-target", mesh=mesh, attn_impl="pallas")
     draft = jaxdec.load("demo-draft", mesh=mesh, attn_impl="pallas")
-    for method in (None, jaxdec.spec.DraftTree(draft, depth=3, top_k=2, max_nodes=6)):
-        out = jaxdec.generate(target, PROMPTS, max_new_tokens=6, speculative=method).tokens
-        assert out == [row[:6] for row in reference["batch"]]
+    method = jaxdec.spec.DraftTree(draft, depth=3, top_k=2, max_nodes=6)  # plain steps and tree verifies
+    out = jaxdec.generate(target, PROMPTS, max_new_tokens=6, speculative=method).tokens
+    assert out == [row[:6] for row in reference["batch"]]
 
 
 def test_mesh_errors():
