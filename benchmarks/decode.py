@@ -114,11 +114,11 @@ def parse_list(text: str, name: str) -> list[int]:
     return values
 
 
-def run_configuration(target, specs, prompts, args, tqdm, label):
+def run_configuration(target, specs, prompts, batch_size, args, tqdm, label):
     """Every method over the prompt batches, interleaved: {method: totals}."""
     import jaxdec
     methods = list(specs)
-    batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     run = lambda m, batch: jaxdec.generate(target, batch, max_new_tokens=args.max_new_tokens,
                                            temperature=args.temperature, seed=0, speculative=specs[m])
     # Warm-up: one untimed pass compiles every step function of every method at every shape
@@ -221,6 +221,8 @@ def main(argv=None):
             parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        parser.error(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
     from jaxdec import sharding
     try:
         batch_sizes = parse_list(args.batch_size, "--batch-size")
@@ -268,9 +270,8 @@ def main(argv=None):
             for context in contexts:
                 prompts = [prompt_ids(target.tokenizer, p, context) for p in texts[:args.num_prompts]]
                 for batch in batch_sizes:
-                    args.batch = batch
                     label = f"{mesh_name} {category} context {context} batch {batch}"
-                    totals = run_configuration(target, specs, prompts, args, tqdm, label)
+                    totals = run_configuration(target, specs, prompts, batch, args, tqdm, label)
                     config = {"mesh": mesh_name, "devices": devices, "category": category, "context": context,
                               "batch_size": batch}
                     results += entries(totals, config)
@@ -285,7 +286,7 @@ def main(argv=None):
         "command": command_line(),
         "machine": machine_info(),
         "versions": versions(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "batch", "progress")} | {"skip_layers": skip},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "progress")} | {"skip_layers": skip},
         "methods": results,
     }
     out = Path(args.out or RESULTS_DIR / f"decode_{'_'.join(categories)}_b{'-'.join(map(str, batch_sizes))}.json")

@@ -107,7 +107,8 @@ def test_prompt_set_has_every_category_and_honours_the_context():
 
 
 @pytest.mark.parametrize("args", [["--context", "16,x"], ["--batch-size", "0"], ["--category", "poetry"],
-                                  ["--mesh", "data=64,model=2"], ["--methods", "ar,telepathy"]])
+                                  ["--mesh", "data=64,model=2"], ["--methods", "ar,telepathy"],
+                                  ["--cpu-devices", "0"]])
 def test_decode_benchmark_refuses_bad_settings(args, capsys):
     from benchmarks import decode
     with pytest.raises(SystemExit):
