@@ -1,0 +1,90 @@
+"""Page summaries of a layer's keys and top-k page selection (Quest's bound).
+
+The cache's slots are cut into pages of `page_size`. A page's summary is the per-channel
+minimum and maximum of its valid keys, `[batch, kv_heads, pages, head_dim]`; an empty page
+holds (+inf, -inf), so it can never be chosen. Summaries are updated with each write (a
+scatter-min and scatter-max), never recomputed from the whole cache.
+
+A page's score for queries q is sum_d max(q_d * min_d, q_d * max_d), an upper bound on
+q . k for every key k in it; the query heads sharing a kv head add their bounds, so one
+choice serves the whole group. The first page (attention sinks) and the pages holding the
+most recent tokens are always kept. A drafter that attends only to the chosen pages stays
+lossless because the dense target verifies (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def empty_summaries(batch_size: int, kv_heads: int, num_slots: int, head_dim: int, page_size: int):
+    """(kmin, kmax) of a cache with no valid entries: +inf and -inf."""
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, got {page_size}")
+    pages = -(-num_slots // page_size)
+    shape = (batch_size, kv_heads, pages, head_dim)
+    return jnp.full(shape, jnp.inf, jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32)
+
+
+def update_summaries(kmin, kmax, new_k, slots, page_size: int):
+    """The summaries after writing new_k [B, T, kv_heads, D] at slots [B, T] (slots past the
+    end dropped, as cache.write_slots drops them)."""
+    B, T, H, _ = new_k.shape
+    rows = jnp.arange(B)[:, None, None]
+    heads = jnp.arange(H)[None, :, None]
+    pages = (slots // page_size)[:, None, :]
+    keys = jnp.swapaxes(new_k, 1, 2).astype(jnp.float32)
+    return (kmin.at[rows, heads, pages].min(keys, mode="drop"),
+            kmax.at[rows, heads, pages].max(keys, mode="drop"))
+
+
+def summarize(layer_k, lengths, page_size: int):
+    """Summaries recomputed from a layer's keys [B, kv_heads, S, D] and valid lengths [B]."""
+    B, H, S, D = layer_k.shape
+    kmin, kmax = empty_summaries(B, H, S, D, page_size)
+    slots = jnp.broadcast_to(jnp.arange(S), (B, S))
+    valid = slots < lengths[:, None]
+    # Invalid slots are sent past the end, so they are dropped.
+    slots = jnp.where(valid, slots, kmin.shape[2] * page_size)
+    return update_summaries(kmin, kmax, jnp.swapaxes(layer_k, 1, 2), slots, page_size)
+
+
+def page_scores(q, kmin, kmax):
+    """Quest's upper bound per kv head and page: q [B, q_heads, D] -> [B, kv_heads, pages]."""
+    B, Hq, D = q.shape
+    H = kmin.shape[1]
+    if Hq % H:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({H})")
+    q = q.reshape(B, H, Hq // H, 1, D).astype(jnp.float32)
+    lo, hi = kmin[:, :, None], kmax[:, :, None]
+    bound = jnp.maximum(q * lo, q * hi)
+    # Empty pages (inf summaries) give nan or inf terms: they score -inf.
+    empty = jnp.isinf(kmin[..., 0])
+    return jnp.where(empty, -jnp.inf, jnp.nansum(bound, axis=-1).sum(axis=2))
+
+
+def select_pages(q, kmin, kmax, lengths, page_size: int, budget: int, recent: int | None = None):
+    """Which pages each kv head reads: bool [B, kv_heads, pages].
+
+    At most budget // page_size pages: the first page, the pages holding the last `recent`
+    tokens (default one page) and then the best scoring others. Pages past a row's length are
+    never chosen.
+    """
+    if budget < page_size:
+        raise ValueError(f"budget ({budget}) must hold at least one page of {page_size} tokens")
+    recent = page_size if recent is None else recent
+    if recent < 0:
+        raise ValueError(f"recent must be non-negative, got {recent}")
+    num_pages = kmin.shape[2]
+    keep = min(budget // page_size, num_pages)
+    page = jnp.arange(num_pages)[None, :]
+    filled = page * page_size < lengths[:, None]
+    first_recent = (page == 0) | ((page + 1) * page_size > lengths[:, None] - recent)
+    forced = (filled & first_recent)[:, None, :]
+    scores = page_scores(q, kmin, kmax)
+    scores = jnp.where(forced, jnp.inf, jnp.where(filled[:, None, :], scores, -jnp.inf))
+    _, top = jax.lax.top_k(scores, keep)
+    chosen = jnp.zeros(scores.shape, bool).at[
+        jnp.arange(scores.shape[0])[:, None, None], jnp.arange(scores.shape[1])[None, :, None], top].set(True)
+    return chosen & filled[:, None, :]
