@@ -46,7 +46,8 @@ def reference_attention(q, k_cache, v_cache, cache_mask, k_new, v_new, step_mask
 
     q, k_new, v_new: [B, T, H or Hkv, D] the step's queries, keys and values;
     k_cache, v_cache: [B, Hkv, S, D] (the cache layout), or None for a step that reads no
-    prefix (prefill from an empty cache); cache_mask: bool [B, T, S]; step_mask: bool [B, T, T].
+    prefix (prefill from an empty cache); cache_mask: bool [B, T, S], or [B, Hkv, T, S] when
+    each kv head sees its own slots (sparse attention); step_mask: bool [B, T, T].
     Returns [B, T, H, D]. Scores and softmax in float32; the output has q's dtype.
 
     The G = H / Hkv query heads sharing a kv head and the T in-step tokens are merged into one
@@ -57,7 +58,9 @@ def reference_attention(q, k_cache, v_cache, cache_mask, k_new, v_new, step_mask
     kv_heads = k_new.shape[2]
     groups = H // kv_heads
     rows = lambda x: x.reshape(B, T, kv_heads, -1, D).transpose(0, 2, 3, 1, 4).reshape(B, kv_heads, -1, D)
-    merge_mask = lambda m: jnp.broadcast_to(m[:, None, None], (B, 1, groups, T, m.shape[-1])).reshape(B, 1, groups * T, -1)
+    def merge_mask(m):  # [B, T, S] or [B, Hkv, T, S] -> [B, 1 or Hkv, G*T, S]
+        m = m[:, None] if m.ndim == 3 else m
+        return jnp.broadcast_to(m[:, :, None], (B, m.shape[1], groups, T, m.shape[-1])).reshape(B, m.shape[1], groups * T, -1)
     q = rows(q) * jnp.asarray(D ** -0.5, q.dtype)                      # [B, Hkv, G*T, D]
     k_new, v_new = rows(k_new), rows(v_new)                             # [B, Hkv, T, D]
     new_scores = jnp.einsum("bkmd,bktd->bkmt", q, k_new, preferred_element_type=jnp.float32)

@@ -31,6 +31,7 @@ from jaxdec.cache import KVCache, init_cache, write, write_slots
 from jaxdec.config import ModelConfig
 from jaxdec.rope import apply_rope, rope_tables
 from jaxdec.sharding import attention_over_mesh, constrain_cache
+from jaxdec.sparse import sparse_attention
 
 
 class RMSNorm(nn.Module):
@@ -48,13 +49,17 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask, slots=None, lengths=None):
-        """Returns (output, the step's keys, values [B, T, Hkv, D]) and leaves the cache alone;
+    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask, slots=None, lengths=None, pages=None):
+        """Returns (output, the step's keys, values [B, T, Hkv, D], page ids) and leaves the cache alone;
         with `slots`, writes the step's keys and values there first and returns the updated
         cache instead. Writing first lets XLA update the cache in place: a step that reads the
         old buffer and writes it afterwards makes XLA copy the whole cache. The cache mask hides
         the written slots (>= lengths), so the result is the same. Given `lengths` (the cache
-        mask is then exactly slots < lengths), the Pallas tree-attention kernel computes it."""
+        mask is then exactly slots < lengths), the Pallas tree-attention kernel computes it.
+        `pages` (with `lengths`): sparse attention over chosen cache pages, (SparsePages, this
+        layer's index, page ids [B, Hkv, N] an earlier layer chose): the layer chooses its own
+        pages from its queries when it has summaries, else reuses the earlier choice. The page
+        ids used are returned (else None)."""
         cfg = self.cfg
         B, T, _ = x.shape
         dense = lambda n, name, bias: nn.Dense(n * cfg.head_dim, use_bias=bias, name=name)
@@ -66,14 +71,20 @@ class Attention(nn.Module):
         v = v.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
         if slots is not None:
             k_cache, v_cache = write_slots(k_cache, k, slots), write_slots(v_cache, v, slots)
-        if lengths is not None:
+        page_ids = None
+        if pages is not None:
+            sparse, layer, page_ids = pages
+            if sparse.kmin[layer] is not None:
+                page_ids = sparse.choose(layer, q, lengths)
+            out = sparse_attention(cfg, q, k_cache, v_cache, page_ids, lengths, k, v, step_mask, sparse.page_size)
+        elif lengths is not None:
             # The cache mask is a plain prefix (slots < lengths): the kernel's case.
             from pallas_kernels.tree_attention import tree_attention
             out = attention_over_mesh(cfg, tree_attention, q, k_cache, v_cache, lengths, k, v, step_mask)
         else:
             out = reference_attention(q, k_cache, v_cache, cache_mask, k, v, step_mask)
         out = nn.Dense(cfg.hidden_size, use_bias=False, name="o_proj")(out.reshape(B, T, -1))
-        return (out, k_cache, v_cache) if slots is not None else (out, k, v)
+        return (out, k_cache, v_cache, page_ids) if slots is not None else (out, k, v, page_ids)
 
 
 class MLP(nn.Module):
@@ -90,13 +101,13 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask, slots=None, lengths=None):
-        h, k, v = Attention(self.cfg, name="self_attn")(
+    def __call__(self, x, cos, sin, k_cache, v_cache, cache_mask, step_mask, slots=None, lengths=None, pages=None):
+        h, k, v, page_ids = Attention(self.cfg, name="self_attn")(
             RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x),
-            cos, sin, k_cache, v_cache, cache_mask, step_mask, slots, lengths)
+            cos, sin, k_cache, v_cache, cache_mask, step_mask, slots, lengths, pages)
         x = x + h
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x))
-        return x, k, v
+        return x, k, v, page_ids
 
 
 class Decoder(nn.Module):
@@ -108,7 +119,8 @@ class Decoder(nn.Module):
     entries into its cache first and the per-layer caches are returned instead (skipped
     layers' unchanged). The layers are a Python loop (not a scan) so each layer's cache is
     its own buffer, updated in place under donation, and so a drafter can skip a static set
-    of layers.
+    of layers. With `sparse` (a `jaxdec.sparse.SparsePages`), full-attention layers read only
+    the cache pages chosen for them.
     """
     cfg: ModelConfig
     skip_layers: tuple[int, ...] = ()
@@ -116,7 +128,8 @@ class Decoder(nn.Module):
     write_cache: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: KVCache, step_mask, extra_visible=None, slots=None, inputs=None):
+    def __call__(self, tokens, positions, cache: KVCache, step_mask, extra_visible=None, slots=None, inputs=None,
+                 sparse=None):
         """extra_visible: optional bool [B, T, S], cache slots each token sees besides the
         prefix below `lengths` (a draft tree's ancestors, kept in slots past it). slots:
         optional int32 [B, T], where `write_cache` writes the step (default: from `lengths` on).
@@ -131,6 +144,7 @@ class Decoder(nn.Module):
             slots = cache.lengths[:, None] + jnp.arange(positions.shape[1])[None, :]
         slots = slots if writes else None
         new_k, new_v = (list(cache.k), list(cache.v)) if writes else ([None] * cfg.num_hidden_layers, [None] * cfg.num_hidden_layers)
+        page_ids = None  # the pages the last choosing layer took
         for i in range(cfg.num_hidden_layers):
             window = cfg.window(i)
             if window not in masks:
@@ -145,8 +159,14 @@ class Decoder(nn.Module):
             # The kernel takes full-attention layers reading a plain prefix; sliding windows and
             # a draft tree's extra visible slots stay on the reference.
             kernel = (cfg.attn_impl == "pallas" and self.read_cache and window is None and extra_visible is None)
-            x, new_k[i], new_v[i] = layer(x, cos, sin, k_cache, v_cache, *masks[window], slots,
-                                          cache.lengths if kernel else None)
+            # Sparse: the layers from the first choosing one on (full attention, a plain prefix).
+            pages = None
+            if (sparse is not None and self.read_cache and window is None and extra_visible is None
+                    and (sparse.kmin[i] is not None or page_ids is not None)):
+                pages = (sparse, i, page_ids)
+            x, new_k[i], new_v[i], chosen = layer(x, cos, sin, k_cache, v_cache, *masks[window], slots,
+                                                  cache.lengths if kernel or pages is not None else None, pages)
+            page_ids = page_ids if chosen is None else chosen
         x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
         return x, (tuple(new_k), tuple(new_v))
 
@@ -161,15 +181,15 @@ def lm_head(cfg: ModelConfig, params, hidden):
 
 
 def step_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True,
-                extra_visible=None, inputs=None):
+                extra_visible=None, inputs=None, sparse=None):
     """The decoder without the LM head, reading the cache but not writing it:
     (hidden [B,T,D], (new keys, new values) per layer, for `jaxdec.cache.write`)."""
     return Decoder(cfg, tuple(skip_layers), read_cache).apply({"params": params}, tokens, positions, cache, step_mask,
-                                                              extra_visible, inputs=inputs)
+                                                              extra_visible, inputs=inputs, sparse=sparse)
 
 
 def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), read_cache=True,
-                   extra_visible=None, slots=None, inputs=None):
+                   extra_visible=None, slots=None, inputs=None, sparse=None):
     """The decoder without the LM head: (hidden [B,T,D], cache with the new entries written
     at `slots` [B, T], by default from cache.lengths on)."""
     if not read_cache:
@@ -177,14 +197,15 @@ def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask
                                      inputs=inputs)
         return hidden, constrain_cache(cfg, write(cache, *new_kv, slots=slots))
     hidden, (k, v) = Decoder(cfg, tuple(skip_layers), write_cache=True).apply(
-        {"params": params}, tokens, positions, cache, step_mask, extra_visible, slots, inputs)
+        {"params": params}, tokens, positions, cache, step_mask, extra_visible, slots, inputs, sparse)
     # Pinned to the cache's own sharding, so the donated input buffers are reused in place.
     return hidden, constrain_cache(cfg, cache.replace(k=k, v=v))
 
 
-def forward(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=()):
-    """The general forward: (logits [B,T,V] float32, hidden [B,T,D], cache)."""
-    hidden, cache = forward_hidden(cfg, params, tokens, positions, cache, step_mask, skip_layers)
+def forward(cfg: ModelConfig, params, tokens, positions, cache, step_mask, skip_layers=(), sparse=None):
+    """The general forward: (logits [B,T,V] float32, hidden [B,T,D], cache). With `sparse`
+    (jaxdec.sparse.SparsePages), full-attention layers read only chosen cache pages."""
+    hidden, cache = forward_hidden(cfg, params, tokens, positions, cache, step_mask, skip_layers, sparse=sparse)
     return lm_head(cfg, params, hidden), hidden, cache
 
 

@@ -51,7 +51,10 @@ def summarize(layer_k, lengths, page_size: int):
 
 
 def page_scores(q, kmin, kmax):
-    """Quest's upper bound per kv head and page: q [B, q_heads, D] -> [B, kv_heads, pages]."""
+    """Quest's upper bound per kv head and page: q [B, q_heads, D] -> [B, kv_heads, pages].
+    Queries of several step tokens, [B, T, q_heads, D], add their bounds (one choice per step)."""
+    if q.ndim == 4:
+        return jax.vmap(page_scores, in_axes=(1, None, None))(q, kmin, kmax).sum(axis=0)
     B, Hq, D = q.shape
     H = kmin.shape[1]
     if Hq % H:
@@ -64,12 +67,13 @@ def page_scores(q, kmin, kmax):
     return jnp.where(empty, -jnp.inf, jnp.nansum(bound, axis=-1).sum(axis=2))
 
 
-def select_pages(q, kmin, kmax, lengths, page_size: int, budget: int, recent: int | None = None):
-    """Which pages each kv head reads: bool [B, kv_heads, pages].
+def select_page_ids(q, kmin, kmax, lengths, page_size: int, budget: int, recent: int | None = None):
+    """The pages each kv head reads: int32 [B, kv_heads, budget // page_size] page indices,
+    -1 where a row has fewer filled pages than that.
 
-    At most budget // page_size pages: the first page, the pages holding the last `recent`
-    tokens (default one page) and then the best scoring others. Pages past a row's length are
-    never chosen.
+    The first page, the pages holding the last `recent` tokens (default one page) and then
+    the best scoring others. Pages past a row's length are never chosen. q: the step's
+    queries, [B, q_heads, D] or [B, T, q_heads, D].
     """
     if budget < page_size:
         raise ValueError(f"budget ({budget}) must hold at least one page of {page_size} tokens")
@@ -84,7 +88,11 @@ def select_pages(q, kmin, kmax, lengths, page_size: int, budget: int, recent: in
     forced = (filled & first_recent)[:, None, :]
     scores = page_scores(q, kmin, kmax)
     scores = jnp.where(forced, jnp.inf, jnp.where(filled[:, None, :], scores, -jnp.inf))
-    _, top = jax.lax.top_k(scores, keep)
-    chosen = jnp.zeros(scores.shape, bool).at[
-        jnp.arange(scores.shape[0])[:, None, None], jnp.arange(scores.shape[1])[None, :, None], top].set(True)
-    return chosen & filled[:, None, :]
+    best, top = jax.lax.top_k(scores, keep)
+    return jnp.where(best > -jnp.inf, top, -1).astype(jnp.int32)
+
+
+def select_pages(q, kmin, kmax, lengths, page_size: int, budget: int, recent: int | None = None):
+    """`select_page_ids` as a mask: bool [B, kv_heads, pages]."""
+    ids = select_page_ids(q, kmin, kmax, lengths, page_size, budget, recent)
+    return jnp.any(ids[..., None] == jnp.arange(kmin.shape[2]), axis=2)

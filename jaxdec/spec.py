@@ -17,6 +17,7 @@ from jaxdec.cache import init_cache
 from jaxdec.drafters.draft_model import DraftModelDrafter, DraftModelState
 from jaxdec.drafters.draft_tree import DraftTreeDrafter, DraftTreeState, num_candidates
 from jaxdec.drafters.layer_skip import LayerSkipDrafter
+from jaxdec.drafters.sparse_self import SparseSelfDrafter
 from jaxdec.drafters.static_tree import StaticTreeDrafter
 from jaxdec.tree import StaticTree as TreeShape
 from jaxdec.drafters.prompt_lookup import PromptLookupDrafter
@@ -24,6 +25,7 @@ from jaxdec.drafters.medusa import FeatureState, MedusaDrafter
 from jaxdec.drafters.eagle import EagleDrafter, EagleState
 from jaxdec.heads import Heads, cast_params, check_heads_fit, check_same_mesh
 from jaxdec.loading import Model
+from jaxdec.sparse import init_pages
 
 
 def _check_positive(name, value, meaning):
@@ -279,6 +281,40 @@ class LayerSkip:
 
 
 @dataclasses.dataclass(frozen=True)
+class SparseSelf:
+    """The target itself drafts `num_tokens` tokens attending only to `budget` tokens of its
+    KV cache (TriForce / MagicDec self-speculation), then verifies them with full attention.
+    The cache is cut into pages of `page_size` slots; each full-attention layer and kv head
+    reads the first page, the pages holding the last `recent` tokens (default one page, and
+    always every token since the last verify) and the pages with the best Quest bound
+    (per-page min/max keys against the layer's query), up to `budget` tokens. Pays off at long
+    context, where decoding reads mostly the cache; a budget covering the context drafts
+    exactly what the target would."""
+    budget: int = 1024
+    num_tokens: int = 4
+    page_size: int = 16
+    recent: int | None = None
+
+    def __post_init__(self):
+        _check_num_tokens(self.num_tokens)
+        _check_positive("page_size", self.page_size, "cache slots per page")
+        _check_positive("budget", self.budget, "cache tokens the draft reads")
+        if self.budget < self.page_size:
+            raise ValueError(f"budget={self.budget} must hold at least one page of page_size={self.page_size} tokens")
+        if self.recent is not None and (not isinstance(self.recent, numbers.Integral) or isinstance(self.recent, bool)
+                                        or self.recent < 0):
+            raise ValueError(f"recent must be None or an integer >= 0 (most recent tokens always read), "
+                             f"got {self.recent!r}")
+
+    def build(self, target: Model, batch_size: int, num_slots: int):
+        cfg = target.config
+        recent = max(self.page_size if self.recent is None else int(self.recent), int(self.num_tokens) + 1)
+        choosing = [i for i in range(cfg.num_hidden_layers) if cfg.window(i) is None]
+        state = init_pages(cfg, batch_size, num_slots, int(self.page_size), int(self.budget), recent, choosing)
+        return SparseSelfDrafter(int(self.num_tokens)), None, state
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptLookup:
     """Drafts up to `num_tokens` tokens that followed an earlier match of the last n-gram
     (n = max_ngram down to 1) in the prompt and output so far. Needs no draft model.
@@ -299,6 +335,7 @@ class PromptLookup:
         return drafter, None, None
 
 
-METHODS = (DraftModel, Pearl, DraftTree, StaticTree, Medusa, Eagle, LayerSkip, PromptLookup)
+METHODS = (DraftModel, Pearl, DraftTree, StaticTree, Medusa, Eagle, LayerSkip, SparseSelf, PromptLookup)
 
-__all__ = ["DraftModel", "Pearl", "DraftTree", "StaticTree", "Medusa", "Eagle", "LayerSkip", "PromptLookup"]
+__all__ = ["DraftModel", "Pearl", "DraftTree", "StaticTree", "Medusa", "Eagle", "LayerSkip", "SparseSelf",
+           "PromptLookup"]

@@ -12,7 +12,7 @@ from jaxdec.verify import Draft
 
 
 def draft_chain(cfg, params, cache, first_tokens, first_positions, num_tokens, sampling, keys,
-                skip_layers=(), max_lengths=None, confidence_threshold: float = 0.0):
+                skip_layers=(), max_lengths=None, confidence_threshold: float = 0.0, sparse=None):
     """Drafts up to `num_tokens` tokens per row.
 
     first_tokens / first_positions [B, T0]: what the drafting model must read before the first
@@ -24,12 +24,13 @@ def draft_chain(cfg, params, cache, first_tokens, first_positions, num_tokens, s
     stops after a token whose draft confidence (top probability of the raw draft distribution)
     is below confidence_threshold (SpecDec++ / AdaEDL style: a rejection is likely next). The
     loop ends as soon as no row drafts any more, and no token is run through the model unless
-    some row needs its output. Returns (Draft, cache).
+    some row needs its output. `sparse` (jaxdec.sparse.SparsePages): the drafting model reads
+    only chosen pages of its cache. Returns (Draft, cache).
     """
     B, T0 = first_tokens.shape
     K = num_tokens
     logits, _, cache = forward(cfg, params, first_tokens, first_positions, cache, causal_mask(B, T0),
-                               skip_layers)
+                               skip_layers, sparse)
     cache = cache.replace(lengths=cache.lengths + T0)
     max_lengths = jnp.full((B,), K, jnp.int32) if max_lengths is None else jnp.minimum(max_lengths, K)
     single = jnp.ones((B, 1, 1), bool)
@@ -49,7 +50,8 @@ def draft_chain(cfg, params, cache, first_tokens, first_positions, num_tokens, s
         # Runs the previous token through the model only when some row drafts another one
         # (the loop condition), so no forward is wasted and no lax.cond holds the cache.
         i, cache, tokens, probs, lengths, live = carry
-        logits, _, cache = forward(cfg, params, jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1), cache.lengths[:, None], cache, single, skip_layers)
+        logits, _, cache = forward(cfg, params, jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1), cache.lengths[:, None], cache, single, skip_layers,
+                                   sparse)
         cache = cache.replace(lengths=cache.lengths + 1)
         return (i + 1, cache, *draw(i, logits[:, 0], tokens, probs, lengths, live))
 

@@ -1,0 +1,139 @@
+"""The Pallas split-K decode-attention kernel (interpret mode on CPU) against its XLA reference
+and against the tree-attention kernel, the TPU interpreter, and lowering for CUDA."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdec.tree import ancestor_mask, chain_parents
+from pallas_kernels import decode_attention as kernel
+from pallas_kernels.decode_attention import default_num_splits
+from pallas_kernels.tree_attention import gpu_compiler_params, tree_attention
+
+# Jitted whole: one compilation per shape and setting (eager dispatch compiles each small op).
+decode_attention = jax.jit(kernel.decode_attention, static_argnames=("num_splits", "block_s", "interpret"))
+reference = jax.jit(kernel.reference)
+
+
+def _case(rng, T, H, Hkv, D, S, lengths, dtype=jnp.float32, chain=False):
+    B = len(lengths)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
+    parents = (chain_parents(B, T - 1) if chain else
+               jnp.asarray(np.array([[rng.integers(-1, i) for i in range(T - 1)] for _ in range(B)], np.int32)
+                           .reshape(B, T - 1)))
+    return (normal(B, T, H, D), normal(B, Hkv, S, D), normal(B, Hkv, S, D), jnp.asarray(lengths, jnp.int32),
+            normal(B, T, Hkv, D), normal(B, T, Hkv, D), ancestor_mask(parents))
+
+
+@pytest.mark.parametrize("T, H, Hkv, D, S, block_s, lengths, splits", [
+    # A decode token, no GQA: an empty row, a full one, lengths off the block edges; 8 splits of
+    # one block leave most splits of the short rows wholly past their length.
+    (1, 4, 4, 16, 64, 8, [0, 13, 64, 40], [8, None]),
+    # A random tree of 5 nodes, GQA 2.
+    (5, 4, 2, 16, 64, 16, [1, 17, 64], [2, 4]),
+    # A chain of 4, GQA 4 (16 query rows per kv head), one split and one per block.
+    (4, 8, 2, 32, 128, 16, [33, 0], [1, 8]),
+], ids=["decode-gqa1", "tree-gqa2", "chain-gqa4"])
+def test_kernel_matches_reference(T, H, Hkv, D, S, block_s, lengths, splits):
+    rng = np.random.default_rng(T * 7 + S)
+    args = _case(rng, T, H, Hkv, D, S, lengths, chain=T == 4)
+    want = np.asarray(reference(*args))
+    for num_splits in splits:
+        got = decode_attention(*args, num_splits=num_splits, block_s=block_s)
+        assert got.shape == want.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, err_msg=f"num_splits={num_splits}")
+
+
+def test_equals_tree_attention():
+    """The drop-in: the same arguments give the tree kernel's result."""
+    rng = np.random.default_rng(1)
+    args = _case(rng, 5, 4, 2, 16, 64, [1, 17, 64])
+    np.testing.assert_allclose(np.asarray(decode_attention(*args, num_splits=4, block_s=16)),
+                               np.asarray(tree_attention(*args, block_s=16)), atol=1e-6)
+
+
+def test_the_kernel_sees_only_the_prefix_and_the_step_mask():
+    """Poisoning what must stay invisible (slots past the length, in a split that holds visible
+    slots and in splits wholly past it; a later token of the chain) changes nothing; poisoning
+    a row's last visible slot, or a token's own value, does."""
+    rng = np.random.default_rng(3)
+    q, kc, vc, lengths, kn, vn, mask = _case(rng, 3, 4, 4, 16, 64, [0, 13, 64, 40], chain=True)
+    run = lambda kc=kc, vc=vc, vn=vn: np.asarray(
+        decode_attention(q, kc, vc, lengths, kn, vn, mask, num_splits=8, block_s=8))
+    base = run()
+    past = jnp.arange(64)[None, None, :, None] >= lengths[:, None, None, None]
+    np.testing.assert_allclose(run(jnp.where(past, 1e4, kc), jnp.where(past, 1e4, vc)), base, atol=1e-5)
+    seen = run(vc=vc.at[1, :, 12].set(1e4))                     # row 1's last visible slot
+    assert np.abs(seen[1] - base[1]).min() > 1
+    np.testing.assert_allclose(np.delete(seen, 1, axis=0), np.delete(base, 1, axis=0), atol=1e-6)
+    last = run(vn=vn.at[:, 2].set(1e4))                         # the chain's last token: seen only by itself
+    np.testing.assert_allclose(last[:, :2], base[:, :2], atol=1e-6)
+    assert np.abs(last[:, 2] - base[:, 2]).min() > 1
+
+
+def test_bfloat16_inputs():
+    rng = np.random.default_rng(2)
+    args = _case(rng, 3, 4, 2, 32, 64, [5, 64], dtype=jnp.bfloat16)
+    got = decode_attention(*args, num_splits=4, block_s=16)
+    assert got.dtype == jnp.bfloat16
+    f32 = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(reference(*f32)), atol=3e-2)
+
+
+def test_tpu_interpreter_runs_the_kernel():
+    """The TPU interpreter checks TPU semantics on CPU, at shapes that respect the (8, 128)
+    tiling: 8 query rows (GQA 8) of head_dim 128, chunks of one 128-slot block; row 0's second
+    split lies wholly past its length."""
+    from jax.experimental.pallas import tpu as pltpu
+    rng = np.random.default_rng(5)
+    args = _case(rng, 1, 8, 1, 128, 256, [100, 256])
+    got = kernel.decode_attention(*args, num_splits=2, block_s=128, interpret=pltpu.InterpretParams())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(reference(*args)), atol=2e-5)
+
+
+@pytest.mark.parametrize("shape, num_splits", [((1, 1, 32, 8, 128, 32768), 16), ((2, 5, 4, 2, 64, 1024), 2)],
+                         ids=["8b-decode-32k", "small-tree"])
+def test_kernel_lowers_for_a_gpu(shape, num_splits):
+    """Lowering for CUDA (Pallas's Triton lowering) needs no GPU: one decode token of an 8B
+    model (32 query heads, 8 kv heads) over 32k bfloat16 slots gets a grid of 8 kv heads x 16
+    splits by default; a small tree with 10 query rows (padded to 16) lowers too. Compiling
+    and running need a device."""
+    B, T, H, Hkv, D, S = shape
+    assert default_num_splits(B, Hkv, S) == num_splits
+    spec = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    args = (spec(B, T, H, D), spec(B, Hkv, S, D), spec(B, Hkv, S, D), spec(B, dtype=jnp.int32),
+            spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
+    params = gpu_compiler_params(16, D)
+    run = jax.jit(lambda *a: kernel.decode_attention(*a, interpret=False, compiler_params=params))
+    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
+    grid = re.search(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32", text).groups()
+    assert tuple(map(int, grid)) == (B, Hkv, num_splits)
+
+
+def test_default_num_splits():
+    assert default_num_splits(1, 8, 32768) == 16        # 8 kv heads x 16 splits of 16 blocks
+    assert default_num_splits(1, 1, 32768) == 64        # capped by 4 blocks a split
+    assert default_num_splits(64, 8, 32768) == 1        # the batch fills the GPU already
+    assert default_num_splits(1, 8, 7 * 128) == 1       # 7 blocks: no divisor up to 7 // 4
+    assert default_num_splits(1, 2, 12 * 128) == 3      # a divisor of the 12 blocks
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(S=48, block_s=32), r"S=48.*block_s=32"),
+    (dict(num_splits=0), r"num_splits=0"),
+    (dict(num_splits=3), r"num_splits=3.*=4"),
+    (dict(num_splits=8), r"num_splits=8.*=4"),
+    (dict(H=3), r"H=3.*Hkv=2"),
+])
+def test_bad_arguments_raise(kwargs, message):
+    shape = dict(T=1, H=4, Hkv=2, D=16, S=64, block_s=16) | kwargs
+    rng = np.random.default_rng(4)
+    args = _case(rng, shape["T"], shape["H"], shape["Hkv"], shape["D"], shape["S"], [3])
+    with pytest.raises(ValueError, match=message):
+        kernel.decode_attention(*args, block_s=shape["block_s"], num_splits=kwargs.get("num_splits"))

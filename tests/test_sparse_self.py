@@ -1,0 +1,192 @@
+"""spec.SparseSelf: the target drafts over a chosen budget of its KV cache and verifies with
+full attention (TriForce / MagicDec). Greedy equality with plain decoding on prompts of
+thousands of tokens, the summaries it keeps, what the sparse draft reads, the exact sampled
+distribution (in test_speculative_sampling.py's machinery, with a long prompt), bad settings."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec import pages, spec
+from jaxdec.convert import convert
+from tests.hf_models import VOCAB_SIZE, build_hf_model
+from tests.test_speculative import _check_stats, _diverges_at_near_tie, run_rounds
+from tests.test_steps import _truncate_at_stop
+
+pytestmark = pytest.mark.filterwarnings("error:Some donated buffers were not usable")
+
+
+@pytest.fixture(scope="module")
+def long_llama(tmp_path_factory):
+    """A tiny random Llama with a 4096-token context (the shared one has 256)."""
+    root = tmp_path_factory.mktemp("long_llama")
+    hf = build_hf_model(root / "hf", "llama", seed=2, max_position_embeddings=4096)
+    return jaxdec.load(convert(hf, root / "converted", progress=False))
+
+
+def _long_prompts(lengths, seed):
+    """Random prompts with repeated stretches (so attention has something to find far back)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in lengths:
+        motif = rng.integers(3, VOCAB_SIZE, 64).tolist()
+        row = rng.integers(3, VOCAB_SIZE, n).tolist()
+        for start in rng.integers(0, max(1, n - 64), 6):
+            row[start:start + 64] = motif[:n - start]
+        rows.append(row[:n])
+    return rows
+
+
+def _late_stop(row):
+    """A token of `row` that first occurs as late as possible (but not last), so a run stopped
+    on it still decodes for a while."""
+    first = {}
+    for i, t in enumerate(row[:-1]):
+        first.setdefault(t, i)
+    return max(first, key=first.get)
+
+
+def _check_long_greedy(target, prompts, method, max_new=40):
+    unstopped = jaxdec.generate(target, prompts, max_new_tokens=max_new, stop_token_ids=[]).tokens
+    stops = [_late_stop(unstopped[0])]  # row 0 ends early, the others run on
+    expected = [_truncate_at_stop(row, stops) for row in unstopped]
+    out = jaxdec.generate(target, prompts, max_new_tokens=max_new, stop_token_ids=stops, speculative=method)
+    if out.tokens != expected:
+        assert _diverges_at_near_tie(target, prompts, expected, out.tokens), "not a float32 near-tie"
+    _check_stats(out, len(prompts), method.num_tokens)
+    assert out.stats.mean_accepted > 1, "no draft token accepted"
+    return out
+
+
+def test_greedy_demo_target_on_a_3000_token_prompt():
+    """The demo target (a trained model: its attention is peaked, so a small budget drafts
+    well) on 3000 tokens of held-out code, cache 4096."""
+    import inspect
+    target = jaxdec.load("demo-target")
+    ids = target.tokenizer.encode(open(inspect.getsourcefile(inspect)).read()).ids
+    out = _check_long_greedy(target, [ids[:3000]], spec.SparseSelf(budget=256, num_tokens=4))
+    assert out.stats.mean_accepted > 2.5, out.stats
+
+
+@pytest.mark.parametrize("lengths, method", [
+    ((1900, 700, 1200), spec.SparseSelf(budget=128, num_tokens=3, page_size=32)),  # batch 4, ragged
+    ((2000, 33, 1500, 1024, 800), spec.SparseSelf(budget=64, num_tokens=5, page_size=8, recent=24)),  # batch 8
+], ids=["b3", "b5"])
+def test_greedy_equals_plain_on_long_prompts(long_llama, lengths, method):
+    """A random model: its attention is spread out, so the sparse draft is often wrong and
+    rows accept ragged numbers of tokens."""
+    _check_long_greedy(long_llama, _long_prompts(lengths, seed=len(lengths)), method)
+
+
+def test_budget_covering_the_context_drafts_what_the_target_decodes(long_llama):
+    """Every page chosen: the draft is the dense target, so every round is accepted whole;
+    a small budget is not (the draft really reads less)."""
+    prompts = _long_prompts((900, 400), seed=7)
+    plain = jaxdec.generate(long_llama, prompts, max_new_tokens=33, stop_token_ids=[]).tokens
+    full = jaxdec.generate(long_llama, prompts, max_new_tokens=33, stop_token_ids=[],
+                           speculative=spec.SparseSelf(budget=1024, num_tokens=3))
+    assert full.tokens == plain
+    assert full.stats.mean_accepted == 4 and full.stats.target_steps == 8
+    small = jaxdec.generate(long_llama, prompts, max_new_tokens=33, stop_token_ids=[],
+                            speculative=spec.SparseSelf(budget=32, num_tokens=3))
+    assert small.tokens == plain
+    assert small.stats.mean_accepted < 4
+
+
+def test_sparse_forward_reads_only_the_chosen_pages(long_llama):
+    """A step over SparsePages gives the same logits when every slot outside the chosen pages
+    is poisoned, and different ones when a chosen slot is: the layers read only the pages
+    their Quest bound picked (plus the first and most recent)."""
+    from jaxdec.cache import init_cache
+    from jaxdec.model import causal_mask, forward, forward_hidden
+    from jaxdec.sparse import fold_committed, init_pages
+
+    cfg, params = long_llama.config, long_llama.params
+    B, S, P, budget, n = 2, 512, 16, 64, 300
+    tokens = jnp.asarray(_long_prompts((n, n), seed=3), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))
+    _, cache = forward_hidden(cfg, params, tokens, positions, init_cache(cfg, B, S, jnp.float32), causal_mask(B, n),
+                              read_cache=False)
+    cache = cache.replace(lengths=jnp.array([n, n - 37], jnp.int32))
+    sparse = fold_committed(init_pages(cfg, B, S, P, budget, P, range(cfg.num_hidden_layers)), cache, 64)
+    step = jax.jit(lambda c: forward(cfg, params, jnp.array([[5], [9]]), c.lengths[:, None], c,
+                                     jnp.ones((B, 1, 1), bool), sparse=sparse)[0])
+    base = np.asarray(step(cache))
+
+    # The pages each layer chose, recomputed from its query: poison everything else.
+    chosen = np.zeros((cfg.num_hidden_layers, B, cfg.num_key_value_heads, S), bool)
+    from jaxdec.model import Decoder
+    _, inter = Decoder(cfg, write_cache=True).apply({"params": params}, jnp.array([[5], [9]]),
+                                                    cache.lengths[:, None], cache, jnp.ones((B, 1, 1), bool),
+                                                    sparse=sparse, capture_intermediates=True, mutable=["intermediates"])
+    for layer in range(cfg.num_hidden_layers):
+        ids = np.asarray(inter["intermediates"][f"layers_{layer}"]["self_attn"]["__call__"][0][3])
+        assert ids.shape == (B, cfg.num_key_value_heads, budget // P)
+        for b in range(B):
+            for h in range(cfg.num_key_value_heads):
+                for page in ids[b, h][ids[b, h] >= 0]:
+                    chosen[layer, b, h, page * P:(page + 1) * P] = True
+    assert 0 < chosen.mean() < 0.5
+    poison = lambda x, mask: jnp.where(jnp.asarray(mask)[..., None], x, 1e3)
+    poisoned = cache.replace(k=tuple(poison(k, chosen[i]) for i, k in enumerate(cache.k)),
+                             v=tuple(poison(v, chosen[i]) for i, v in enumerate(cache.v)))
+    np.testing.assert_allclose(np.asarray(step(poisoned)), base, atol=1e-4)
+    b, h, slot = 0, 0, int(np.flatnonzero(chosen[0, 0, 0])[3])
+    touched = cache.replace(v=(cache.v[0].at[b, h, slot].set(1e3),) + cache.v[1:])
+    assert np.abs(np.asarray(step(touched)) - base).max() > 1e-2
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_summaries_after_rounds_equal_recomputed(llama, temperature):
+    """After prefill and several rounds the drafter's page summaries are exactly those of the
+    committed cache (the draft's own writes past the length are never in them), and the cache
+    is plain decoding's."""
+    from jaxdec.cache import init_cache
+    from jaxdec.model import causal_mask, forward_hidden
+
+    method = spec.SparseSelf(budget=16, num_tokens=3, page_size=4)
+    state, cache, dstate, _ = run_rounds(llama, method, temperature)
+    # The summaries trail the cache by the last round's commit; fold it in, as the next round does.
+    from jaxdec.sparse import fold_committed
+    dstate = fold_committed(dstate, cache, 8)
+    np.testing.assert_array_equal(np.asarray(dstate.summarized), np.asarray(cache.lengths))
+    for layer in range(llama.config.num_hidden_layers):
+        want_min, want_max = pages.summarize(cache.k[layer], cache.lengths, 4)
+        np.testing.assert_array_equal(np.asarray(dstate.kmin[layer]), np.asarray(want_min))
+        np.testing.assert_array_equal(np.asarray(dstate.kmax[layer]), np.asarray(want_max))
+    B, S = state.tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    _, ref = forward_hidden(llama.config, llama.params, state.tokens, positions,
+                            init_cache(llama.config, B, S, jnp.float32), causal_mask(B, S), read_cache=False)
+    for layer in range(llama.config.num_hidden_layers):
+        for b, n in enumerate(np.asarray(cache.lengths)):
+            np.testing.assert_allclose(np.asarray(cache.k[layer][b, :, :n]), np.asarray(ref.k[layer][b, :, :n]),
+                                       atol=2e-5)
+
+
+def test_other_families(models):
+    """Mistral: sliding-window layers stay dense (they choose nothing); Qwen2: biases and tied
+    embeddings. Both give plain decoding's tokens."""
+    prompts = [list(range(3, 120)), [9, 9, 9, 12] * 20]
+    for family in ("mistral", "qwen2"):
+        plain = jaxdec.generate(models[family], prompts, max_new_tokens=30, stop_token_ids=[]).tokens
+        out = jaxdec.generate(models[family], prompts, max_new_tokens=30, stop_token_ids=[],
+                              speculative=spec.SparseSelf(budget=32, num_tokens=3, page_size=8))
+        assert out.tokens == plain, family
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(budget=8, page_size=16), "budget=8"),
+    (dict(page_size=0), "page_size"),
+    (dict(budget=0), "budget"),
+    (dict(num_tokens=0), "num_tokens"),
+    (dict(recent=-1), "recent"),
+    (dict(recent=2.5), "recent"),
+])
+def test_bad_settings_raise(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        spec.SparseSelf(**kwargs)
