@@ -305,10 +305,23 @@ class SparseSelf:
                                         or self.recent < 0):
             raise ValueError(f"recent must be None or an integer >= 0 (most recent tokens always read), "
                              f"got {self.recent!r}")
+        # The first page and the pages of the recent tokens (up to one more than they fill,
+        # when they straddle a page edge) must fit, or the selection would drop some of them.
+        forced = 2 + -(-self.recent_tokens // self.page_size)
+        if self.budget < forced * self.page_size:
+            raise ValueError(f"budget={self.budget} is too small: the first page and the last {self.recent_tokens} "
+                             f"tokens can take {forced} pages of {self.page_size}, a budget of at least "
+                             f"{forced * self.page_size}")
+
+    @property
+    def recent_tokens(self) -> int:
+        """The most recent tokens always read: `recent` (default one page), and at least every
+        token since the last verify step (the drafts are not in the summaries)."""
+        return max(self.page_size if self.recent is None else int(self.recent), int(self.num_tokens) + 1)
 
     def build(self, target: Model, batch_size: int, num_slots: int):
         cfg = target.config
-        recent = max(self.page_size if self.recent is None else int(self.recent), int(self.num_tokens) + 1)
+        recent = self.recent_tokens
         choosing = [i for i in range(cfg.num_hidden_layers) if cfg.window(i) is None]
         state = init_pages(cfg, batch_size, num_slots, int(self.page_size), int(self.budget), recent, choosing)
         return SparseSelfDrafter(int(self.num_tokens)), None, state

@@ -15,6 +15,7 @@ from jaxdec import pages, spec
 from jaxdec.convert import convert
 from tests.hf_models import VOCAB_SIZE, build_hf_model
 from tests.test_speculative import _check_stats, _diverges_at_near_tie, run_rounds
+from tests.test_speculative_sampling import _prefix_logits, check_fit, draw3, joint3, rejects, tiny  # noqa: F401 (fixture)
 from tests.test_steps import _truncate_at_stop
 
 pytestmark = pytest.mark.filterwarnings("error:Some donated buffers were not usable")
@@ -92,7 +93,7 @@ def test_budget_covering_the_context_drafts_what_the_target_decodes(long_llama):
     assert full.tokens == plain
     assert full.stats.mean_accepted == 4 and full.stats.target_steps == 8
     small = jaxdec.generate(long_llama, prompts, max_new_tokens=33, stop_token_ids=[],
-                            speculative=spec.SparseSelf(budget=32, num_tokens=3))
+                            speculative=spec.SparseSelf(budget=48, num_tokens=3))
     assert small.tokens == plain
     assert small.stats.mean_accepted < 4
 
@@ -179,8 +180,27 @@ def test_other_families(models):
         assert out.tokens == plain, family
 
 
+# The exact sampled distribution, with test_speculative_sampling's machinery (vocabulary-8
+# models, the joint law of the first 3 new tokens enumerated exactly) and a prompt of 120
+# tokens of which the draft reads at most 32.
+LONG_PROMPT = np.random.default_rng(11).integers(0, 8, 120).tolist()
+
+
+def test_sampled_tokens_follow_the_target_distribution(tiny):
+    sampling = dict(temperature=1.0)
+    method = spec.SparseSelf(budget=32, num_tokens=2, page_size=8)
+    target_logits = _prefix_logits(tiny["target"], prompt=LONG_PROMPT)
+    counts, mean_accepted = draw3(tiny["target"], method, sampling, prompt=LONG_PROMPT)
+    check_fit(counts, joint3([target_logits] * 3, sampling), "sparse_self")
+    assert 1.0 < mean_accepted < 3, mean_accepted  # drafts accepted and rejected
+    # Power: the same draws refute a clearly different distribution.
+    assert rejects(counts, joint3([target_logits] * 3, {**sampling, "temperature": 1.6}, exact=False))
+
+
 @pytest.mark.parametrize("kwargs, word", [
     (dict(budget=8, page_size=16), "budget=8"),
+    (dict(budget=32, page_size=16), "budget=32 is too small.*3 pages"),
+    (dict(budget=64, page_size=16, recent=40), "budget=64 is too small.*last 40 tokens.*5 pages"),
     (dict(page_size=0), "page_size"),
     (dict(budget=0), "budget"),
     (dict(num_tokens=0), "num_tokens"),

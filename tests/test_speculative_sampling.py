@@ -284,11 +284,11 @@ def tiny(tmp_path_factory):
 _sequence_logits = jax.jit(sequence_logits, static_argnames=("cfg", "skip_layers"))
 
 
-def _prefix_logits(model, skip_layers=None):
-    """logits [V, V, 3, V]: the next-token logits after PROMPT + [t1, t2] at the positions of
+def _prefix_logits(model, skip_layers=None, prompt=PROMPT):
+    """logits [V, V, 3, V]: the next-token logits after prompt + [t1, t2] at the positions of
     t1, t2 and t3, for every t1, t2."""
     out = np.zeros((VOCAB, VOCAB, 3, VOCAB))
-    seqs = np.array([PROMPT + [t1, t2] for t1 in range(VOCAB) for t2 in range(VOCAB)], np.int32)
+    seqs = np.array([prompt + [t1, t2] for t1 in range(VOCAB) for t2 in range(VOCAB)], np.int32)
     if skip_layers is None:
         rows = [jaxdec.logits(model, s.tolist()) for s in seqs]
     else:
@@ -315,13 +315,13 @@ def joint3(logits_per_token, sampling, exact=True):
     return joint
 
 
-def draw3(target, method, sampling):
+def draw3(target, method, sampling, prompt=PROMPT):
     """Counts [V, V, V] of the first 3 new tokens over ROWS x len(SEEDS) independent rows, and
     the runs' mean_accepted."""
     counts = np.zeros(VOCAB ** 3, np.int64)
     accepted = []
     for seed in SEEDS:
-        out = jaxdec.generate(target, [PROMPT] * ROWS, max_new_tokens=3, seed=seed, stop_token_ids=[],
+        out = jaxdec.generate(target, [prompt] * ROWS, max_new_tokens=3, seed=seed, stop_token_ids=[],
                               speculative=method, **sampling)
         tokens = np.array(out.tokens)
         assert tokens.shape == (ROWS, 3)
