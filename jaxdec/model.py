@@ -78,13 +78,28 @@ class Attention(nn.Module):
                 page_ids = sparse.choose(layer, q, lengths)
             out = sparse_attention(cfg, q, k_cache, v_cache, page_ids, lengths, k, v, step_mask, sparse.page_size)
         elif lengths is not None:
-            # The cache mask is a plain prefix (slots < lengths): the kernel's case.
-            from pallas_kernels.tree_attention import tree_attention
-            out = attention_over_mesh(cfg, tree_attention, q, k_cache, v_cache, lengths, k, v, step_mask)
+            # The cache mask is a plain prefix (slots < lengths): the kernels' case.
+            out = attention_over_mesh(cfg, dense_kernel(T, k_cache.shape[2]), q, k_cache, v_cache, lengths, k, v,
+                                      step_mask)
         else:
             out = reference_attention(q, k_cache, v_cache, cache_mask, k, v, step_mask)
         out = nn.Dense(cfg.hidden_size, use_bias=False, name="o_proj")(out.reshape(B, T, -1))
         return (out, k_cache, v_cache, page_ids) if slots is not None else (out, k, v, page_ids)
+
+
+SPLIT_K_MIN_SLOTS = 1024  # from here on a plain decoding step splits the cache across programs
+
+
+def dense_kernel(num_tokens: int, num_slots: int):
+    """The Pallas kernel for a step of `num_tokens` over a plain prefix: split-K decode
+    attention (FlashDecoding) for one token over a long cache, where one program per (row, kv
+    head) would leave most of a GPU idle; the tree kernel otherwise (a wider step gives each
+    program G * T query rows to work on)."""
+    from pallas_kernels.decode_attention import decode_attention
+    from pallas_kernels.tree_attention import tree_attention
+    if num_tokens == 1 and num_slots >= SPLIT_K_MIN_SLOTS and num_slots % 128 == 0:
+        return decode_attention
+    return tree_attention
 
 
 class MLP(nn.Module):

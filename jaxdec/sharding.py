@@ -151,19 +151,21 @@ def constrain_cache(cfg, cache):
     return cache.replace(k=pin(cache.k), v=pin(cache.v), lengths=constrain(cfg, cache.lengths, P(spec[0])))
 
 
-def attention_over_mesh(cfg, kernel, q, k_cache, v_cache, lengths, k_new, v_new, step_mask):
+def attention_over_mesh(cfg, kernel, q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *per_kv_head):
     """An attention kernel (pallas_kernels) run per shard under shard_map: each device attends
     its own rows and kv heads (with their query heads), which is all attention ever needs, so
-    no data moves. Without a mesh the kernel runs as it is."""
+    no data moves. `per_kv_head`: more arguments [B, Hkv, ...] (a sparse kernel's page ids),
+    passed last. Without a mesh the kernel runs as it is."""
     if cfg.mesh is None:
-        return kernel(q, k_cache, v_cache, lengths, k_new, v_new, step_mask)
+        return kernel(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *per_kv_head)
     cache = cache_spec(cfg, q.shape[0])
     rows, kv_heads = cache[0], cache[1]
     heads = P(rows, None, kv_heads, None)  # q [B, T, H, D] and the step's k, v [B, T, Hkv, D]
+    extra = tuple(P(rows, kv_heads, *(None,) * (x.ndim - 2)) for x in per_kv_head)
     # Query heads shard with their kv heads: H = G * Hkv, so contiguous chunks stay aligned.
     sharded = jax.shard_map(kernel, mesh=cfg.mesh, out_specs=heads, check_vma=False,
-                            in_specs=(heads, cache, cache, P(rows), heads, heads, P(rows, None, None)))
-    return sharded(q, k_cache, v_cache, lengths, k_new, v_new, step_mask)
+                            in_specs=(heads, cache, cache, P(rows), heads, heads, P(rows, None, None), *extra))
+    return sharded(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *per_kv_head)
 
 
 def put(value, sharding: NamedSharding):

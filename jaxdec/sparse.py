@@ -21,6 +21,7 @@ from flax import struct
 from jaxdec import pages
 from jaxdec.cache import KVCache
 from jaxdec.config import ModelConfig
+from jaxdec.sharding import attention_over_mesh
 
 
 @struct.dataclass
@@ -40,9 +41,17 @@ class SparsePages:
 
 def sparse_attention(cfg: ModelConfig, q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask,
                      page_size: int):
-    """Attention over the chosen pages and the step's own tokens (pallas_kernels/sparse_attention.py)."""
+    """Attention over the chosen pages and the step's own tokens: the Pallas kernel with
+    attn_impl="pallas" (per shard on a mesh), else its XLA reference, which gathers the
+    pages (pallas_kernels/sparse_attention.py)."""
     from pallas_kernels import sparse_attention as kernels
-    return kernels.reference(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask, page_size=page_size)
+    if cfg.attn_impl != "pallas":
+        return kernels.reference(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask, page_size=page_size)
+
+    def kernel(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, page_ids):
+        return kernels.sparse_attention(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask,
+                                        page_size=page_size)
+    return attention_over_mesh(cfg, kernel, q, k_cache, v_cache, lengths, k_new, v_new, step_mask, page_ids)
 
 
 def init_pages(cfg: ModelConfig, batch_size: int, num_slots: int, page_size: int, budget: int, recent: int,

@@ -321,6 +321,9 @@ class SparseSelf:
 
     def build(self, target: Model, batch_size: int, num_slots: int):
         cfg = target.config
+        if cfg.attn_impl == "pallas" and num_slots % self.page_size:
+            raise ValueError(f"the Pallas sparse kernel needs the cache ({num_slots} slots) to be whole pages: "
+                             f"page_size={self.page_size} must divide it")
         recent = self.recent_tokens
         choosing = [i for i in range(cfg.num_hidden_layers) if cfg.window(i) is None]
         state = init_pages(cfg, batch_size, num_slots, int(self.page_size), int(self.budget), recent, choosing)

@@ -137,3 +137,30 @@ def test_bad_arguments_raise(kwargs, message):
     args = _case(rng, shape["T"], shape["H"], shape["Hkv"], shape["D"], shape["S"], [3])
     with pytest.raises(ValueError, match=message):
         kernel.decode_attention(*args, block_s=shape["block_s"], num_splits=kwargs.get("num_splits"))
+
+
+def test_plain_decoding_at_long_context_runs_split_k_and_equals_xla(llama):
+    """attn_impl="pallas": a decoding step over 1024 cache slots or more goes through the
+    split-K kernel (its program is in the step), and plain decoding gives the XLA path's tokens."""
+    import dataclasses
+
+    import jaxdec
+    from jaxdec import steps
+    from jaxdec.cache import init_cache
+    from jaxdec.loading import model_from_params
+    from jaxdec.sampling import SamplingParams
+
+    cfg = dataclasses.replace(llama.config, max_position_embeddings=2048)
+    xla = model_from_params(cfg, llama.params)
+    pallas = model_from_params(dataclasses.replace(cfg, attn_impl="pallas"), llama.params)
+    prompts = [(list(range(3, 100)) * 11)[:1000], [5, 17, 33]]  # cache bucket 1024
+    want = jaxdec.generate(xla, prompts, max_new_tokens=6, stop_token_ids=[]).tokens
+    assert jaxdec.generate(pallas, prompts, max_new_tokens=6, stop_token_ids=[]).tokens == want
+
+    state, cache = steps.prefill(pallas.config, pallas.params, init_cache(pallas.config, 2, 1024, jnp.float32),
+                                 np.zeros((2, 1024), np.int32), np.array([3, 5], np.int32), np.ones(2, bool),
+                                 SamplingParams.create(0.0), jax.random.split(jax.random.key(0), 2),
+                                 np.full((16,), -1, np.int32), np.int32(4), prompt_bucket=16)
+    jaxpr = str(jax.make_jaxpr(lambda c, s: steps.decode(pallas.config, pallas.params, c, s, SamplingParams.create(0.0),
+                                                         np.full((16,), -1, np.int32), np.int32(4), num_steps=2))(cache, state))
+    assert "decode_attention_splits" in jaxpr

@@ -42,6 +42,7 @@ METHODS = {
     "eagle": lambda draft, medusa, eagle: jaxdec.spec.Eagle(eagle, depth=3, top_k=2, max_nodes=6),
     "layerskip": lambda draft, medusa, eagle: jaxdec.spec.LayerSkip([1], num_tokens=3),
     "lookup": lambda draft, medusa, eagle: jaxdec.spec.PromptLookup(num_tokens=4, num_candidates=2),
+    "sparse": lambda draft, medusa, eagle: jaxdec.spec.SparseSelf(budget=12, num_tokens=3, page_size=4),
 }
 # Every method on the mixed mesh; a chain, a tree or heads on the two one-axis meshes.
 CASES = ([("2x4", m) for m in METHODS] + [("1x8", m) for m in ("ar", "draft", "eagle")]

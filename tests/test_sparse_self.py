@@ -98,24 +98,38 @@ def test_budget_covering_the_context_drafts_what_the_target_decodes(long_llama):
     assert small.stats.mean_accepted < 4
 
 
-def test_sparse_forward_reads_only_the_chosen_pages(long_llama):
-    """A step over SparsePages gives the same logits when every slot outside the chosen pages
-    is poisoned, and different ones when a chosen slot is: the layers read only the pages
-    their Quest bound picked (plus the first and most recent)."""
+def _prefilled(model, B=2, S=512, n=300, page_size=16, budget=64):
+    """A cache of S slots holding two prompts of n and n - 37 tokens, and SparsePages over it."""
     from jaxdec.cache import init_cache
-    from jaxdec.model import causal_mask, forward, forward_hidden
+    from jaxdec.model import causal_mask, forward_hidden
     from jaxdec.sparse import fold_committed, init_pages
 
-    cfg, params = long_llama.config, long_llama.params
-    B, S, P, budget, n = 2, 512, 16, 64, 300
+    cfg, params = model.config, model.params
     tokens = jnp.asarray(_long_prompts((n, n), seed=3), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))
     _, cache = forward_hidden(cfg, params, tokens, positions, init_cache(cfg, B, S, jnp.float32), causal_mask(B, n),
                               read_cache=False)
     cache = cache.replace(lengths=jnp.array([n, n - 37], jnp.int32))
-    sparse = fold_committed(init_pages(cfg, B, S, P, budget, P, range(cfg.num_hidden_layers)), cache, 64)
-    step = jax.jit(lambda c: forward(cfg, params, jnp.array([[5], [9]]), c.lengths[:, None], c,
-                                     jnp.ones((B, 1, 1), bool), sparse=sparse)[0])
+    sparse = init_pages(cfg, B, S, page_size, budget, page_size, range(cfg.num_hidden_layers))
+    return cache, fold_committed(sparse, cache, 64)
+
+
+def _sparse_step(cfg, params, sparse, T=1):
+    """The jitted logits of a T-token chain step over the cache, attending sparsely."""
+    from jaxdec.model import causal_mask, forward
+    tokens = jnp.array([[5, 8, 13], [9, 2, 7]])[:, :T]
+    return jax.jit(lambda c: forward(cfg, params, tokens, c.lengths[:, None] + jnp.arange(T), c, causal_mask(2, T),
+                                     sparse=sparse)[0])
+
+
+def test_sparse_forward_reads_only_the_chosen_pages(long_llama):
+    """A step over SparsePages gives the same logits when every slot outside the chosen pages
+    is poisoned, and different ones when a chosen slot is: the layers read only the pages
+    their Quest bound picked (plus the first and most recent)."""
+    cfg, params = long_llama.config, long_llama.params
+    B, S, P, budget = 2, 512, 16, 64
+    cache, sparse = _prefilled(long_llama, B, S, page_size=P, budget=budget)
+    step = _sparse_step(cfg, params, sparse)
     base = np.asarray(step(cache))
 
     # The pages each layer chose, recomputed from its query: poison everything else.
@@ -139,6 +153,19 @@ def test_sparse_forward_reads_only_the_chosen_pages(long_llama):
     b, h, slot = 0, 0, int(np.flatnonzero(chosen[0, 0, 0])[3])
     touched = cache.replace(v=(cache.v[0].at[b, h, slot].set(1e3),) + cache.v[1:])
     assert np.abs(np.asarray(step(touched)) - base).max() > 1e-2
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_pallas_sparse_kernel_in_the_model_equals_the_reference(long_llama, T):
+    """attn_impl="pallas" runs pallas_kernels/sparse_attention.py's kernel (interpreted here)
+    in the sparse layers: a decoding step and a chain step give the reference's logits. (Not
+    the whole speculative loop: interpreted kernels make that program huge on XLA:CPU.)"""
+    import dataclasses
+    cache, sparse = _prefilled(long_llama)
+    pallas = dataclasses.replace(long_llama.config, attn_impl="pallas")
+    got = np.asarray(_sparse_step(pallas, long_llama.params, sparse, T)(cache))
+    want = np.asarray(_sparse_step(long_llama.config, long_llama.params, sparse, T)(cache))
+    np.testing.assert_allclose(got, want, atol=2e-4)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
