@@ -96,7 +96,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     temperature 0 is greedy; otherwise tokens are drawn from the distribution after
     temperature, top-k, top-p and min-p. Each row ends after a stop token (included) or
     after max_new_tokens. `stop_token_ids=None` uses the checkpoint's EOS ids, [] never stops.
-    `speculative`: None (plain decoding) or a `jaxdec.spec` method; the output is the same.
+    `speculative`: None (plain decoding) or a `jaxdec.spec` method; the output is the same
+    (except for spec.LossySparseDecode, an explicitly lossy opt-in).
     `on_progress(tokens)`, if given, is called with each row's new tokens so far after every
     dispatch (dispatches are then kept short, for streaming).
     """
@@ -143,7 +144,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     start = time.perf_counter()
     cache = init_cache(cfg, batch, slots, model.dtype)
     overlapped = isinstance(speculative, spec.Pearl)  # its own host loop (jaxdec.overlap)
-    if speculative is None:
+    lossy = isinstance(speculative, spec.LossySparseDecode)  # plain decoding over sparse attention
+    if speculative is None or lossy:
         state, cache = steps.prefill(cfg, model.params, cache, tokens, prompt_lengths, row_valid, sampling,
                                      keys, stop_ids, max_new, prompt_bucket=prompt_bucket)
     elif overlapped:
@@ -154,7 +156,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
                                                   prompt_lengths, row_valid, sampling, keys, stop_ids,
                                                   max_new, prompt_bucket=prompt_bucket)
     # Prefill ends here: the target's, and the drafter's (Pearl's first chain, on its own devices).
-    jax.block_until_ready(state if speculative is None else (state, dstate.draft if overlapped else dstate))
+    jax.block_until_ready(state if speculative is None or lossy else (state, dstate.draft if overlapped else dstate))
     done = sharding.to_host(state.done)
     prefill_seconds = time.perf_counter() - start
 
@@ -166,9 +168,13 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     if on_progress is not None:
         on_progress(new_tokens_of(state))
     while not done.all():
+        plain_steps = STREAM_STEPS if on_progress else steps.DECODE_STEPS_PER_DISPATCH
         if speculative is None:
             state, cache = steps.decode(cfg, model.params, cache, state, sampling, stop_ids, max_new,
-                                        num_steps=STREAM_STEPS if on_progress else steps.DECODE_STEPS_PER_DISPATCH)
+                                        num_steps=plain_steps)
+        elif lossy:
+            state, cache, dstate = steps.sparse_decode(cfg, model.params, cache, state, dstate, sampling, stop_ids,
+                                                       max_new, num_steps=plain_steps)
         elif overlapped:
             state, cache, dstate = drafter.decode(cache, dstate, state, sampling, stop_ids, max_new,
                                                   num_rounds=1 if on_progress else spec_steps.ROUNDS_PER_DISPATCH)

@@ -67,13 +67,15 @@ def page_scores(q, kmin, kmax):
     return jnp.where(empty, -jnp.inf, jnp.nansum(bound, axis=-1).sum(axis=2))
 
 
-def select_page_ids(q, kmin, kmax, lengths, page_size: int, budget: int, recent: int | None = None):
+def select_page_ids(q, kmin, kmax, lengths, page_size: int, budget: int, recent: int | None = None,
+                    shared: bool = False):
     """The pages each kv head reads: int32 [B, kv_heads, budget // page_size] page indices,
     -1 where a row has fewer filled pages than that.
 
     The first page, the pages holding the last `recent` tokens (default one page) and then
     the best scoring others. Pages past a row's length are never chosen. q: the step's
-    queries, [B, q_heads, D] or [B, T, q_heads, D].
+    queries, [B, q_heads, D] or [B, T, q_heads, D]. shared: one choice for all kv heads (by
+    their summed bounds), for pages reused by other layers, whose heads are not these.
     """
     if budget < page_size:
         raise ValueError(f"budget ({budget}) must hold at least one page of {page_size} tokens")
@@ -87,9 +89,12 @@ def select_page_ids(q, kmin, kmax, lengths, page_size: int, budget: int, recent:
     first_recent = (page == 0) | ((page + 1) * page_size > lengths[:, None] - recent)
     forced = (filled & first_recent)[:, None, :]
     scores = page_scores(q, kmin, kmax)
+    if shared:
+        scores = jnp.sum(jnp.where(jnp.isneginf(scores), 0.0, scores), axis=1, keepdims=True)
     scores = jnp.where(forced, jnp.inf, jnp.where(filled[:, None, :], scores, -jnp.inf))
     best, top = jax.lax.top_k(scores, keep)
-    return jnp.where(best > -jnp.inf, top, -1).astype(jnp.int32)
+    ids = jnp.where(best > -jnp.inf, top, -1).astype(jnp.int32)
+    return jnp.broadcast_to(ids, (ids.shape[0], kmin.shape[1], keep))
 
 
 def select_pages(q, kmin, kmax, lengths, page_size: int, budget: int, recent: int | None = None):

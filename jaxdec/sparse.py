@@ -32,11 +32,12 @@ class SparsePages:
     page_size: int = struct.field(pytree_node=False)
     budget: int = struct.field(pytree_node=False)
     recent: int = struct.field(pytree_node=False)
+    shared_heads: bool = struct.field(pytree_node=False, default=False)  # one choice for all kv heads
 
     def choose(self, layer: int, q, lengths):
         """Page ids [B, kv_heads, budget // page_size] for layer `layer`'s queries q [B, T, H, D]."""
         return pages.select_page_ids(q, self.kmin[layer], self.kmax[layer], lengths, self.page_size, self.budget,
-                                     self.recent)
+                                     self.recent, self.shared_heads)
 
 
 def sparse_attention(cfg: ModelConfig, q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask,
@@ -55,13 +56,13 @@ def sparse_attention(cfg: ModelConfig, q, k_cache, v_cache, page_ids, lengths, k
 
 
 def init_pages(cfg: ModelConfig, batch_size: int, num_slots: int, page_size: int, budget: int, recent: int,
-               choosing_layers) -> SparsePages:
+               choosing_layers, shared_heads: bool = False) -> SparsePages:
     """Empty summaries for the layers in `choosing_layers` (full-attention layers only)."""
     empty = [pages.empty_summaries(batch_size, cfg.num_key_value_heads, num_slots, cfg.head_dim, page_size)
              if i in choosing_layers else (None, None) for i in range(cfg.num_hidden_layers)]
     return SparsePages(kmin=tuple(e[0] for e in empty), kmax=tuple(e[1] for e in empty),
                        summarized=jnp.zeros((batch_size,), jnp.int32), page_size=page_size, budget=budget,
-                       recent=recent)
+                       recent=recent, shared_heads=shared_heads)
 
 
 def fold_committed(sparse: SparsePages, cache: KVCache, width: int) -> SparsePages:

@@ -2,7 +2,8 @@
 
 Each object names a way to draft tokens; the target model verifies them, so every method here
 is lossless: greedy output equals plain greedy decoding, sampled output follows the plain
-sampling distribution exactly.
+sampling distribution exactly. The one exception says so in its name: `LossySparseDecode`
+verifies nothing (sparse attention in plain decoding, an explicit opt-in).
 """
 
 from __future__ import annotations
@@ -280,6 +281,31 @@ class LayerSkip:
         return LayerSkipDrafter(self.skip_layers, int(self.num_tokens)), None, None
 
 
+def _check_sparse_settings(method):
+    """budget, page_size and recent of a sparse method (ValueError naming the value)."""
+    _check_positive("page_size", method.page_size, "cache slots per page")
+    _check_positive("budget", method.budget, "cache tokens attention reads")
+    if method.recent is not None and (not isinstance(method.recent, numbers.Integral) or isinstance(method.recent, bool)
+                                      or method.recent < 0):
+        raise ValueError(f"recent must be None or an integer >= 0 (most recent tokens always read), "
+                         f"got {method.recent!r}")
+    if method.budget < method.page_size:
+        raise ValueError(f"budget={method.budget} must hold at least one page of page_size={method.page_size} tokens")
+    # The first page and the pages of the recent tokens (one more than they fill when they
+    # straddle a page edge) must fit, or the selection would drop some of them.
+    forced = 2 + -(-method.recent_tokens // method.page_size)
+    if method.budget < forced * method.page_size:
+        raise ValueError(f"budget={method.budget} is too small: the first page and the last {method.recent_tokens} "
+                         f"tokens can take {forced} pages of {method.page_size}, a budget of at least "
+                         f"{forced * method.page_size}")
+
+
+def _check_pages_fit(method, cfg, num_slots):
+    if cfg.attn_impl == "pallas" and num_slots % method.page_size:
+        raise ValueError(f"the Pallas sparse kernel needs the cache ({num_slots} slots) to be whole pages: "
+                         f"page_size={method.page_size} must divide it")
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseSelf:
     """The target itself drafts `num_tokens` tokens attending only to `budget` tokens of its
@@ -297,21 +323,7 @@ class SparseSelf:
 
     def __post_init__(self):
         _check_num_tokens(self.num_tokens)
-        _check_positive("page_size", self.page_size, "cache slots per page")
-        _check_positive("budget", self.budget, "cache tokens the draft reads")
-        if self.budget < self.page_size:
-            raise ValueError(f"budget={self.budget} must hold at least one page of page_size={self.page_size} tokens")
-        if self.recent is not None and (not isinstance(self.recent, numbers.Integral) or isinstance(self.recent, bool)
-                                        or self.recent < 0):
-            raise ValueError(f"recent must be None or an integer >= 0 (most recent tokens always read), "
-                             f"got {self.recent!r}")
-        # The first page and the pages of the recent tokens (up to one more than they fill,
-        # when they straddle a page edge) must fit, or the selection would drop some of them.
-        forced = 2 + -(-self.recent_tokens // self.page_size)
-        if self.budget < forced * self.page_size:
-            raise ValueError(f"budget={self.budget} is too small: the first page and the last {self.recent_tokens} "
-                             f"tokens can take {forced} pages of {self.page_size}, a budget of at least "
-                             f"{forced * self.page_size}")
+        _check_sparse_settings(self)
 
     @property
     def recent_tokens(self) -> int:
@@ -321,13 +333,54 @@ class SparseSelf:
 
     def build(self, target: Model, batch_size: int, num_slots: int):
         cfg = target.config
-        if cfg.attn_impl == "pallas" and num_slots % self.page_size:
-            raise ValueError(f"the Pallas sparse kernel needs the cache ({num_slots} slots) to be whole pages: "
-                             f"page_size={self.page_size} must divide it")
+        _check_pages_fit(self, cfg, num_slots)
         recent = self.recent_tokens
         choosing = [i for i in range(cfg.num_hidden_layers) if cfg.window(i) is None]
         state = init_pages(cfg, batch_size, num_slots, int(self.page_size), int(self.budget), recent, choosing)
         return SparseSelfDrafter(int(self.num_tokens)), None, state
+
+
+@dataclasses.dataclass(frozen=True)
+class LossySparseDecode:
+    """LOSSY, NOT speculative: plain decoding whose attention reads only `budget` tokens of the
+    KV cache (TidalDecode style), so its output drifts from plain decoding's; nothing verifies
+    it. Layers before the first of `selection_layers` attend to the whole cache; each
+    selection layer chooses pages by Quest's bound (one choice for all its kv heads: the
+    first page, the pages of the last `recent` tokens, the best others) and the layers after
+    it reuse that choice. Default selection layers: (1, num_hidden_layers // 2). Never a
+    default anywhere; measure its agreement with plain decoding on your data first
+    (benchmarks/lossy_agreement.py)."""
+    budget: int = 1024
+    page_size: int = 16
+    selection_layers: tuple[int, ...] | None = None
+    recent: int | None = None
+
+    def __post_init__(self):
+        _check_sparse_settings(self)
+        if self.selection_layers is not None:
+            layers = tuple(self.selection_layers) if isinstance(self.selection_layers, Iterable) else None
+            if not layers or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers):
+                raise ValueError(f"selection_layers must be a non-empty sequence of layer indices, "
+                                 f"got {self.selection_layers!r}")
+            object.__setattr__(self, "selection_layers", tuple(sorted(set(int(i) for i in layers))))
+
+    @property
+    def recent_tokens(self) -> int:
+        return self.page_size if self.recent is None else int(self.recent)
+
+    def build(self, target: Model, batch_size: int, num_slots: int):
+        """(None, None, the page summaries decoding carries)."""
+        cfg = target.config
+        L = cfg.num_hidden_layers
+        layers = self.selection_layers or tuple(sorted({min(1, L - 1), L // 2}))
+        for i in layers:
+            if not 0 <= i < L:
+                raise ValueError(f"selection layer {i} is out of range for a model with {L} layers")
+            if cfg.window(i) is not None:
+                raise ValueError(f"selection layer {i} is a sliding-window layer; choose full-attention layers")
+        _check_pages_fit(self, cfg, num_slots)
+        return None, None, init_pages(cfg, batch_size, num_slots, int(self.page_size), int(self.budget),
+                                      self.recent_tokens, layers, shared_heads=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,7 +404,8 @@ class PromptLookup:
         return drafter, None, None
 
 
-METHODS = (DraftModel, Pearl, DraftTree, StaticTree, Medusa, Eagle, LayerSkip, SparseSelf, PromptLookup)
+METHODS = (DraftModel, Pearl, DraftTree, StaticTree, Medusa, Eagle, LayerSkip, SparseSelf, PromptLookup,
+           LossySparseDecode)
 
 __all__ = ["DraftModel", "Pearl", "DraftTree", "StaticTree", "Medusa", "Eagle", "LayerSkip", "SparseSelf",
-           "PromptLookup"]
+           "PromptLookup", "LossySparseDecode"]

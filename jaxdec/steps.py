@@ -18,6 +18,7 @@ from jaxdec.cache import KVCache
 from jaxdec.config import ModelConfig
 from jaxdec.model import causal_mask, forward, forward_hidden, lm_head, sequence_logits
 from jaxdec.sampling import SamplingParams, sample
+from jaxdec.sparse import fold_committed
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 64
@@ -99,14 +100,33 @@ def decode(cfg: ModelConfig, params, cache: KVCache, state: DecodeState, samplin
     """Up to `num_steps` plain decoding steps in one dispatch (a lax.while_loop), stopping
     early once every row is done. Finished rows keep their lengths: their writes are dropped
     from view because their cache length no longer moves."""
+    state, cache, _ = decode_steps(cfg, params, cache, state, sampling, stop_ids, max_new_tokens, num_steps)
+    return state, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps"), donate_argnames=("cache", "state", "sparse"))
+def sparse_decode(cfg: ModelConfig, params, cache: KVCache, state: DecodeState, sparse, sampling: SamplingParams,
+                  stop_ids, max_new_tokens, *, num_steps: int = DECODE_STEPS_PER_DISPATCH):
+    """`decode` with attention over chosen cache pages (jaxdec.sparse.SparsePages): lossy.
+    Returns (state, cache, sparse)."""
+    return decode_steps(cfg, params, cache, state, sampling, stop_ids, max_new_tokens, num_steps, sparse)
+
+
+def decode_steps(cfg: ModelConfig, params, cache: KVCache, state: DecodeState, sampling: SamplingParams,
+                 stop_ids, max_new_tokens, num_steps: int, sparse=None):
+    """The loop of `decode`; with `sparse`, each step first folds the last committed entries
+    into the page summaries, then attends over the chosen pages."""
     B = state.tokens.shape[0]
     rows = jnp.arange(B)
     one = jnp.ones((B, 1, 1), bool)
 
     def step(carry):
-        i, cache, state = carry
+        i, cache, state, sparse = carry
+        if sparse is not None:
+            sparse = fold_committed(sparse, cache, sparse.page_size)
         pending = state.tokens[rows, state.lengths - 1]
-        logits, _, cache = forward(cfg, params, pending[:, None], (state.lengths - 1)[:, None], cache, one)
+        logits, _, cache = forward(cfg, params, pending[:, None], (state.lengths - 1)[:, None], cache, one,
+                                   sparse=sparse)
         new = sample(logits[:, 0], sampling, state.keys, state.lengths - state.prompt_lengths)
         active = ~state.done
         state = state.replace(
@@ -117,14 +137,14 @@ def decode(cfg: ModelConfig, params, cache: KVCache, state: DecodeState, samplin
             target_steps=state.target_steps + 1,
             active_row_steps=state.active_row_steps + jnp.sum(active, dtype=jnp.int32))
         state = state.replace(done=state.done | (active & _finished(state, new, stop_ids, max_new_tokens)))
-        return i + 1, cache.replace(lengths=cache.lengths + active), state
+        return i + 1, cache.replace(lengths=cache.lengths + active), state, sparse
 
     def keep_going(carry):
-        i, _, state = carry
+        i, _, state, _ = carry
         return (i < num_steps) & ~jnp.all(state.done)
 
-    _, cache, state = jax.lax.while_loop(keep_going, step, (jnp.int32(0), cache, state))
-    return state, cache
+    _, cache, state, sparse = jax.lax.while_loop(keep_going, step, (jnp.int32(0), cache, state, sparse))
+    return state, cache, sparse
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -1,0 +1,112 @@
+"""spec.LossySparseDecode: plain decoding over a sparse KV cache (TidalDecode style), the one
+explicitly lossy method. What must hold: a budget covering the context changes nothing, a
+small one really drops context (the output drifts), the summaries it keeps stay exact, and
+bad settings are refused."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec import pages, spec, steps
+from tests.test_sparse_self import _long_prompts, long_llama  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.filterwarnings("error:Some donated buffers were not usable")
+
+PROMPTS = _long_prompts((900, 400, 700), seed=5)
+
+
+@pytest.fixture(scope="module")
+def plain(long_llama):
+    return jaxdec.generate(long_llama, PROMPTS, max_new_tokens=24, stop_token_ids=[]).tokens
+
+
+def test_budget_covering_the_context_equals_plain_decoding(long_llama, plain):
+    out = jaxdec.generate(long_llama, PROMPTS, max_new_tokens=24, stop_token_ids=[],
+                          speculative=spec.LossySparseDecode(budget=1024, page_size=16))
+    assert out.tokens == plain
+    assert out.stats.mean_accepted == 1.0 and out.stats.target_steps == 23
+
+
+def test_a_small_budget_drifts_and_streams(long_llama, plain):
+    """Every layer from the first selection layer on reads 48 of up to 900 tokens: the first
+    token (from the dense prefill) agrees, later ones do not all."""
+    snapshots = []
+    method = spec.LossySparseDecode(budget=48, page_size=16, selection_layers=[0])
+    out = jaxdec.generate(long_llama, PROMPTS, max_new_tokens=24, stop_token_ids=[], speculative=method,
+                          on_progress=lambda t: snapshots.append([len(r) for r in t]))
+    assert [row[0] for row in out.tokens] == [row[0] for row in plain]
+    assert out.tokens != plain
+    assert [len(r) for r in out.tokens] == [24] * 3 and snapshots[-1] == [24] * 3 and len(snapshots) > 2
+    # Sampling runs too, and a seed repeats it.
+    runs = [jaxdec.generate(long_llama, PROMPTS, max_new_tokens=8, temperature=0.9, seed=3, speculative=method).tokens
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_summaries_stay_exact_while_decoding(long_llama):
+    from jaxdec.cache import init_cache
+    from jaxdec.sampling import SamplingParams, row_keys
+
+    cfg = long_llama.config
+    B, S = 4, 1024
+    method = spec.LossySparseDecode(budget=64, page_size=16)
+    _, _, sparse = method.build(long_llama, B, S)
+    assert [k is not None for k in sparse.kmin] == [False, True]  # the default (1, L // 2) is (1,) for 2 layers
+    tokens = np.zeros((B, S), np.int32)
+    lengths = np.array([len(p) for p in PROMPTS] + [1], np.int32)
+    for b, p in enumerate(PROMPTS):
+        tokens[b, :len(p)] = p
+    sampling, stop, max_new = SamplingParams.create(0.0), np.full((16,), -1, np.int32), np.int32(30)
+    state, cache = steps.prefill(cfg, long_llama.params, init_cache(cfg, B, S, jnp.float32), tokens, lengths,
+                                 np.arange(B) < 3, sampling, row_keys(0, B), stop, max_new, prompt_bucket=1024)
+    state, cache, sparse = steps.sparse_decode(cfg, long_llama.params, cache, state, sparse, sampling, stop, max_new,
+                                               num_steps=12)
+    # Rows still decoding trail by the last step's token (folded in by the next step); the
+    # batch-padding row never moved.
+    np.testing.assert_array_equal(np.asarray(cache.lengths) - np.asarray(sparse.summarized), [1, 1, 1, 0])
+    from jaxdec.sparse import fold_committed
+    sparse = fold_committed(sparse, cache, 16)
+    for layer, kmin in enumerate(sparse.kmin):
+        if kmin is not None:
+            want_min, want_max = pages.summarize(cache.k[layer], cache.lengths, 16)
+            np.testing.assert_array_equal(np.asarray(kmin), np.asarray(want_min))
+            np.testing.assert_array_equal(np.asarray(sparse.kmax[layer]), np.asarray(want_max))
+
+
+def test_shared_selection_is_one_choice_for_every_kv_head():
+    rng = np.random.default_rng(0)
+    keys = jnp.asarray(rng.normal(size=(2, 3, 64, 8)), jnp.float32)
+    lengths = jnp.array([64, 40], jnp.int32)
+    q = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
+    kmin, kmax = pages.summarize(keys, lengths, 4)
+    ids = np.asarray(pages.select_page_ids(q, kmin, kmax, lengths, 4, 24, shared=True))
+    assert (ids == ids[:, :1]).all()
+    own = np.asarray(pages.select_page_ids(q, kmin, kmax, lengths, 4, 24))
+    assert not (own == own[:, :1]).all()  # per head they differ, so the test can tell
+    scores = np.asarray(pages.page_scores(q, kmin, kmax)).sum(axis=1)
+    for b, n in enumerate(np.asarray(lengths)):
+        last = (n - 1) // 4
+        best = [p for p in np.argsort(-scores[b]) if p not in (0, last) and p * 4 < n][:4]
+        assert set(ids[b, 0]) == {0, last, *best}
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(selection_layers=[]), "selection_layers"),
+    (dict(selection_layers=[5]), "selection layer 5 is out of range"),
+    (dict(budget=32), "budget=32 is too small"),
+    (dict(page_size=0), "page_size"),
+    (dict(recent=-2), "recent"),
+])
+def test_bad_settings_raise(long_llama, kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        jaxdec.generate(long_llama, [[5, 6]], max_new_tokens=4, speculative=spec.LossySparseDecode(**kwargs))
+
+
+def test_sliding_window_layers_cannot_select(models):
+    with pytest.raises(ValueError, match="selection layer 0 is a sliding-window layer"):
+        jaxdec.generate(models["mistral"], [[5, 6]], max_new_tokens=4,
+                        speculative=spec.LossySparseDecode(budget=48, selection_layers=[0]))
