@@ -20,7 +20,7 @@ import argparse
 import io
 import sys
 
-METHODS = ("ar", "draft", "tree", "medusa", "eagle", "layerskip", "lookup")
+METHODS = ("ar", "draft", "tree", "medusa", "eagle", "layerskip", "sparse", "lookup")
 DEMO_PROMPT = "def fibonacci(n):"
 
 
@@ -42,6 +42,8 @@ def build_speculative(args, target):
         layers = target.config.num_hidden_layers
         skip = args.skip_layers if args.skip_layers is not None else list(range(1, layers - 1, 2))
         return jaxdec.spec.LayerSkip(skip, num_tokens=args.num_tokens)
+    if args.method == "sparse":
+        return jaxdec.spec.SparseSelf(budget=args.budget, num_tokens=args.num_tokens)
     return jaxdec.spec.PromptLookup(max_ngram=args.max_ngram, num_tokens=args.num_tokens)
 
 
@@ -111,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", choices=METHODS, default="draft",
                      help="ar: plain decoding; draft: draft model; tree: a token tree from the draft model; "
                           "medusa: Medusa heads' static tree; eagle: an EAGLE layer's dynamic tree; "
-                          "layerskip: the target with layers skipped; lookup: prompt lookup (default: draft)")
+                          "layerskip: the target with layers skipped; sparse: the target over a budget of its KV cache "
+                          "(long prompts); lookup: prompt lookup (default: draft)")
     gen.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step")
     gen.add_argument("--tree", default="5x4x32",
                      help="DEPTHxTOP_KxMAX_NODES of --method tree and eagle (default 5x4x32; on a CPU 6x2x8 is faster)")
@@ -119,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
                      help="draft heads for --method medusa or eagle (default: the shipped demo-medusa / demo-eagle)")
     gen.add_argument("--skip-layers", type=int, nargs="+", default=None,
                      help="layers to skip for --method layerskip (default: every other inner layer)")
+    gen.add_argument("--budget", type=int, default=1024, help="KV-cache tokens the draft reads for --method sparse")
     gen.add_argument("--max-ngram", type=int, default=3, help="longest n-gram for --method lookup")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")

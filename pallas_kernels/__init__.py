@@ -1,6 +1,7 @@
 """Pallas attention kernels, each beside its pure-JAX reference and its test.
 
-The XLA reference path lives in `jaxdec.attention`. `tree_attention.py` holds the tree (and
-chain, and plain-step) attention kernel used with `attn_impl="pallas"`; the sparse and
-split-K decode kernels come next.
+The XLA reference path lives in `jaxdec.attention`. With `attn_impl="pallas"`:
+`tree_attention.py` runs steps over a plain cached prefix (trees, chains, plain steps),
+`decode_attention.py` a plain decoding step over a long cache (split-K), and
+`sparse_attention.py` the sparse layers (only the cache pages chosen for each kv head).
 """

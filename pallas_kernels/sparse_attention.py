@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxdec.attention import reference_attention
-from pallas_kernels.tree_attention import _power_of_two, gpu_compiler_params
+from pallas_kernels.tree_attention import _power_of_two, fold, gpu_compiler_params
 
 
 def page_slots(page_ids, page_size: int):
@@ -213,18 +213,6 @@ def _attend(q, length, count, load_page, k_step, v_step, mask):
     `load_page(i) -> (first slot, keys [P, D], values [P, D])` delivers, then the step block
     (k_step, v_step [T, D], mask [M, T]). Returns the normalised output [M, D] in float32."""
     M, D = q.shape
-
-    def fold(scores, values, carry):
-        """One block of scores [M, n] (masked ones -inf) into the running softmax."""
-        top, total, acc = carry
-        new_top = jnp.maximum(top, jnp.max(scores, axis=1))
-        # A row that has seen only masked keys keeps top = -inf; shift by 0 then (exp(-inf) = 0).
-        shift = jnp.where(new_top == -jnp.inf, 0.0, new_top)
-        weights = jnp.exp(scores - shift[:, None])
-        rescale = jnp.exp(top - shift)
-        total = total * rescale + jnp.sum(weights, axis=1)
-        acc = acc * rescale[:, None] + jnp.dot(weights, values, preferred_element_type=jnp.float32)
-        return new_top, total, acc
 
     def page(i, carry):
         start, keys, values = load_page(i)

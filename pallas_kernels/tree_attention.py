@@ -101,22 +101,24 @@ def gpu_compiler_params(rows: int, head_dim: int):
     return plt.CompilerParams(num_warps=4 if rows * head_dim <= 64 * 128 else 8, num_stages=2)
 
 
+def fold(scores, values, carry):
+    """One block of scores [M, n] (masked ones -inf) and its values [n, D] into a running
+    softmax carry = (running max [M], running sum [M], output accumulator [M, D])."""
+    top, total, acc = carry
+    new_top = jnp.maximum(top, jnp.max(scores, axis=1))
+    # A row that has seen only masked keys keeps top = -inf; shift by 0 then (exp(-inf) = 0).
+    shift = jnp.where(new_top == -jnp.inf, 0.0, new_top)
+    weights = jnp.exp(scores - shift[:, None])
+    rescale = jnp.exp(top - shift)
+    total = total * rescale + jnp.sum(weights, axis=1)
+    acc = acc * rescale[:, None] + jnp.dot(weights, values, preferred_element_type=jnp.float32)
+    return new_top, total, acc
+
+
 def _kernel(lengths_ref, q_ref, k_ref, v_ref, k_step_ref, v_step_ref, mask_ref, out_ref, *, block_s: int):
     q = q_ref[0, 0].astype(jnp.float32)                                         # [M, D], M = G*T
     M, D = q.shape
     length = lengths_ref[0]
-
-    def fold(scores, values, carry):
-        """One block of scores [M, n] (masked ones -inf) into the running softmax."""
-        top, total, acc = carry
-        new_top = jnp.maximum(top, jnp.max(scores, axis=1))
-        # A row that has seen only masked keys keeps top = -inf; shift by 0 then (exp(-inf) = 0).
-        shift = jnp.where(new_top == -jnp.inf, 0.0, new_top)
-        weights = jnp.exp(scores - shift[:, None])
-        rescale = jnp.exp(top - shift)
-        total = total * rescale + jnp.sum(weights, axis=1)
-        acc = acc * rescale[:, None] + jnp.dot(weights, values, preferred_element_type=jnp.float32)
-        return new_top, total, acc
 
     def cache_block(i, carry):
         start = pl.multiple_of(i * block_s, block_s)

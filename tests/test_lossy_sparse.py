@@ -110,3 +110,20 @@ def test_sliding_window_layers_cannot_select(models):
     with pytest.raises(ValueError, match="selection layer 0 is a sliding-window layer"):
         jaxdec.generate(models["mistral"], [[5, 6]], max_new_tokens=4,
                         speculative=spec.LossySparseDecode(budget=48, selection_layers=[0]))
+
+
+def test_agreement_benchmark(tmp_path):
+    """benchmarks/lossy_agreement.py: its measures on known rows, and a smoke run."""
+    import json
+
+    from benchmarks.lossy_agreement import agreement, main
+    got = agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 9, 4], [5, 6, 7, 8]])
+    assert got == {"identical_rows": 0.5, "first_divergence": 3.0, "token_agreement": 0.875}
+    out = tmp_path / "lossy.json"
+    main(["--context", "200", "--budgets", "48", "--selection-layers", "default,0", "--num-prompts", "2",
+          "--max-new-tokens", "4", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [(r["budget"], r["selection_layers"]) for r in results] == [(48, "default"), (48, [0])]
+    assert all(0 <= r["token_agreement"] <= 1 and r["speedup_vs_dense"] > 0 for r in results)
+    with pytest.raises(SystemExit):
+        main(["--budgets", "8", "--out", str(out)])

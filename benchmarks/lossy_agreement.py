@@ -1,0 +1,127 @@
+"""How far spec.LossySparseDecode (plain decoding over a sparse KV cache; lossy) drifts from
+plain decoding, and what it buys: greedy, the same prompts decoded densely and sparsely side
+by side, per context length, budget and choice of selection layers.
+
+    python benchmarks/lossy_agreement.py --context 1024,2048,3968 --budgets 256,512,1024 \
+        --selection-layers default,0 --num-prompts 8 --max-new-tokens 64 \
+        --out benchmarks/results/lossy_agreement_cpu.json
+
+Per configuration: `identical_rows` (share of rows whose whole output equals plain
+decoding's), `first_divergence` (mean new tokens before a row's first differing token: the
+length of output one can trust), `token_agreement` (share of positions holding plain
+decoding's token; after a divergence the texts differ, so this mostly follows the former),
+and tokens/s with `speedup_vs_dense`, timed after a compile run. Prompts: the `code`
+category of benchmarks/data/prompts.json at each context length (as benchmarks/decode.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import command_line, machine_info, versions, write_results  # noqa: E402
+from benchmarks.decode import load_prompts, parse_list, prompt_ids  # noqa: E402
+
+
+def agreement(dense: list[list[int]], sparse: list[list[int]]) -> dict:
+    """Agreement of each sparse row with its dense row (same length: no stop tokens)."""
+    first = [next((i for i, (a, b) in enumerate(zip(d, s)) if a != b), len(d)) for d, s in zip(dense, sparse)]
+    same = [np.mean(np.array(d) == np.array(s)) for d, s in zip(dense, sparse)]
+    return {"identical_rows": float(np.mean([f == len(d) for f, d in zip(first, dense)])),
+            "first_divergence": float(np.mean(first)), "token_agreement": float(np.mean(same))}
+
+
+def timed(model, prompts, max_new_tokens, method):
+    """(tokens, tokens/s): one run to compile, one timed."""
+    import jaxdec
+    jaxdec.generate(model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=[], speculative=method)
+    out = jaxdec.generate(model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=[], speculative=method)
+    return out.tokens, out.stats.tokens_per_second
+
+
+def parse_layers(text: str) -> list[tuple[int, ...] | None]:
+    """'default,0,1+3' -> [None, (0,), (1, 3)]."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "default":
+            out.append(None)
+            continue
+        try:
+            out.append(tuple(int(i) for i in item.split("+")))
+        except ValueError:
+            raise SystemExit(f"--selection-layers: {item!r} is neither 'default' nor layer indices like 1+3")
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="demo-target")
+    parser.add_argument("--context", default="1024,2048,3968")
+    parser.add_argument("--budgets", default="256,512,1024")
+    parser.add_argument("--selection-layers", default="default,0",
+                        help="comma-separated: 'default' or layer indices joined by '+'")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--out", default="benchmarks/results/lossy_agreement.json")
+    args = parser.parse_args(argv)
+
+    import jaxdec
+    from tqdm import tqdm
+
+    contexts, budgets = parse_list(args.context, "--context"), parse_list(args.budgets, "--budgets")
+    layer_choices = parse_layers(args.selection_layers)
+    try:
+        methods = {(b, layers): jaxdec.spec.LossySparseDecode(budget=b, page_size=args.page_size,
+                                                              selection_layers=layers)
+                   for b in budgets for layers in layer_choices}
+    except ValueError as err:
+        parser.error(str(err))
+    target = jaxdec.load(args.target)
+    texts = load_prompts(["code"])["code"]
+    room = target.config.max_position_embeddings - args.max_new_tokens
+    results = []
+    progress = tqdm(total=len(contexts) * (1 + len(methods)), desc="lossy agreement")
+    for context in contexts:
+        prompts = [prompt_ids(target.tokenizer, p, context, [q["context"] for q in texts[i + 1:] + texts[:i]],
+                              max_tokens=room) for i, p in enumerate(texts[:args.num_prompts])]
+        dense, dense_tps = [], []
+        for start in range(0, len(prompts), args.batch_size):
+            tokens, tps = timed(target, prompts[start:start + args.batch_size], args.max_new_tokens, None)
+            dense += tokens
+            dense_tps.append(tps)
+        progress.update()
+        for (budget, layers), method in methods.items():
+            sparse, tps_all = [], []
+            for start in range(0, len(prompts), args.batch_size):
+                tokens, tps = timed(target, prompts[start:start + args.batch_size], args.max_new_tokens, method)
+                sparse += tokens
+                tps_all.append(tps)
+            results.append({"context": context, "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
+                            "budget": budget, "selection_layers": "default" if layers is None else list(layers),
+                            **agreement(dense, sparse), "tokens_per_second": float(np.mean(tps_all)),
+                            "dense_tokens_per_second": float(np.mean(dense_tps)),
+                            "speedup_vs_dense": float(np.mean(tps_all) / np.mean(dense_tps))})
+            progress.update()
+    progress.close()
+    path = write_results(args.out, {"machine": machine_info(), "versions": versions(), "command": command_line(),
+                                    "target": args.target, "batch_size": args.batch_size,
+                                    "max_new_tokens": args.max_new_tokens, "page_size": args.page_size,
+                                    "results": results})
+    for r in results:
+        print(f"context {r['context']:5d} budget {r['budget']:5d} layers {str(r['selection_layers']):8s} "
+              f"identical {r['identical_rows']:.2f}  first divergence {r['first_divergence']:5.1f}  "
+              f"agreement {r['token_agreement']:.2f}  speedup {r['speedup_vs_dense']:.2f}x")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
