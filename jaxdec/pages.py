@@ -59,12 +59,16 @@ def page_scores(q, kmin, kmax):
     H = kmin.shape[1]
     if Hq % H:
         raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({H})")
-    q = q.reshape(B, H, Hq // H, 1, D).astype(jnp.float32)
-    lo, hi = kmin[:, :, None], kmax[:, :, None]
-    bound = jnp.maximum(q * lo, q * hi)
-    # Empty pages (inf summaries) give nan or inf terms: they score -inf.
-    empty = jnp.isinf(kmin[..., 0])
-    return jnp.where(empty, -jnp.inf, jnp.nansum(bound, axis=-1).sum(axis=2))
+    # max(q_d * lo_d, q_d * hi_d) is q_d * hi_d where q_d > 0 and q_d * lo_d elsewhere (lo <= hi),
+    # so the bound is two matmuls, q+ . hi + q- . lo, summed over the group's query heads.
+    q = q.reshape(B, H, Hq // H, D).astype(jnp.float32)
+    empty = jnp.isinf(kmin[..., 0])                                             # [B, H, pages]
+    lo = jnp.where(empty[..., None], 0.0, kmin)
+    hi = jnp.where(empty[..., None], 0.0, kmax)
+    bound = (jnp.einsum("bhgd,bhpd->bhp", jnp.maximum(q, 0.0), hi)
+             + jnp.einsum("bhgd,bhpd->bhp", jnp.minimum(q, 0.0), lo))
+    # Empty pages (inf summaries) score -inf.
+    return jnp.where(empty, -jnp.inf, bound)
 
 
 def select_page_ids(q, kmin, kmax, lengths, page_size: int, budget: int, recent: int | None = None,

@@ -64,13 +64,18 @@ def reference(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask, *
     attended with a per-kv-head mask; a slot is visible when its page is real (id >= 0),
     inside the cache and below the row's length.
     """
-    B, Hkv, S, _ = k_cache.shape
+    B, Hkv, S, D = k_cache.shape
+    N = page_ids.shape[2]
     slots = page_slots(page_ids, page_size)
     visible = (jnp.repeat(page_ids >= 0, page_size, axis=2) & (slots < S)
                & (slots < lengths[:, None, None]))                                  # [B, Hkv, N*P]
-    index = jnp.clip(slots, 0, S - 1)[..., None]
-    keys = jnp.take_along_axis(k_cache, index, axis=2)
-    values = jnp.take_along_axis(v_cache, index, axis=2)
+    # Whole pages at a time: one gather index per page, not per key element.
+    pages = -(-S // page_size)
+    pad = ((0, 0), (0, 0), (0, pages * page_size - S), (0, 0))
+    paged = lambda x: (jnp.pad(x, pad) if S % page_size else x).reshape(B, Hkv, pages, page_size * D)
+    index = jnp.clip(page_ids, 0, pages - 1)[..., None]
+    keys = jnp.take_along_axis(paged(k_cache), index, axis=2).reshape(B, Hkv, N * page_size, D)
+    values = jnp.take_along_axis(paged(v_cache), index, axis=2).reshape(B, Hkv, N * page_size, D)
     cache_mask = jnp.broadcast_to(visible[:, :, None], (B, Hkv, q.shape[1], slots.shape[2]))
     return reference_attention(q, keys, values, cache_mask, k_new, v_new, step_mask)
 
