@@ -37,6 +37,19 @@ def versions(*extra: str) -> dict:
     return out
 
 
+def git_revision() -> dict:
+    """The repository's commit and the tracked files that differ from it (None outside git)."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10,
+                                        check=True).stdout
+        changed = run("status", "--porcelain", "--untracked-files=no").splitlines()  # "XY path"
+        return {"commit": run("rev-parse", "HEAD").strip(), "modified": [line[3:] for line in changed if line.strip()]}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "modified": None}
+
+
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 

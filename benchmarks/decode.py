@@ -1,7 +1,7 @@
 """Decoding speed of every method side by side: the benchmark table and its plots.
 
     python benchmarks/decode.py --target demo-target --draft demo-draft \
-        --methods ar,draft,layerskip,lookup,tree --max-new-tokens 128 --num-prompts 8 \
+        --methods ar,draft,layerskip,lookup,tree,sparse --max-new-tokens 128 --num-prompts 8 \
         [--mesh data=1,model=8 ...] [--batch-size 1,8] [--context 256,1024] \
         [--category code,rewrite,qa,free] [--temperature 0] --out results.json
 
@@ -9,7 +9,12 @@ Prompts come from benchmarks/data/prompts.json (built from text on the machine b
 benchmarks/data/build_prompts.py), in four Spec-Bench-like categories: `code` completion of
 held-out demo-corpus files, `rewrite` (a function asked for again: editing with long context),
 `qa` over a given passage, `free` prose. `--context N` keeps the last N tokens of each
-prompt's context before its task.
+prompt's context before its task; a context shorter than N (the stored ones hold about 1k-4k
+tokens) is preceded by the category's other contexts until it has N, like the other files of
+a repository or the other pages of a document, and a context that would leave no room for
+`--max-new-tokens` within the model's positions is cut to fit. Each JSON entry records the
+context and prompt lengths used and the KV-cache slots (a power of two above prompt plus new
+tokens) its batches ran with.
 
 Every combination of mesh, category, context length and batch size is one configuration.
 Within one, each prompt batch runs every method in turn (the machine is shared and noisy, so
@@ -51,14 +56,16 @@ METHODS = {
     "eagle": "spec.Eagle(heads, depth, top_k, max_nodes); eagle:DxKxN sets them (default 5x4x32)",
     "layerskip": "spec.LayerSkip(skip_layers, num_tokens)",
     "lookup": "spec.PromptLookup(max_ngram=3, num_tokens=2*num_tokens); lookup:KxC drafts a tree of C matches",
+    "sparse": "spec.SparseSelf(budget, num_tokens): the target drafts over a budget of its own KV cache; "
+              "sparse:B sets the budget (default 1024 tokens), sparse:BxK also the draft length",
 }
-NOT_YET = {"sparse": "spec.SparseSelf"}
 
 
 def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, heads=None, pearl_draft=None):
     """A method name, optionally with its own draft length: "draft:6", "lookup:10", or a
     tree's shape: "tree:5x4x32" (depth x top_k x max_nodes), "lookup:8x4" (length x matches),
-    "eagle:5x4x32", "medusa:24" (nodes). `heads`: {"medusa": Heads, "eagle": Heads}."""
+    "eagle:5x4x32", "medusa:24" (nodes), "sparse:256" (budget), "sparse:256x6" (budget x draft
+    length). `heads`: {"medusa": Heads, "eagle": Heads}."""
     import jaxdec
     from jaxdec.heads import best_static_tree
     spec = jaxdec.spec
@@ -73,6 +80,9 @@ def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, h
     if name == "lookup" and "x" in k:
         length, candidates = (int(x) for x in k.split("x"))
         return spec.PromptLookup(max_ngram=3, num_tokens=length, num_candidates=candidates)
+    if name == "sparse":
+        budget, _, length = k.partition("x")
+        return spec.SparseSelf(budget=int(budget) if budget else 1024, num_tokens=int(length) if length else num_tokens)
     num_tokens = int(k) if k else num_tokens
     if name == "ar":
         return None
@@ -98,10 +108,24 @@ def load_prompts(categories):
     return {c: data[c] for c in categories}
 
 
-def prompt_ids(tokenizer, prompt: dict, context: int) -> list[int]:
-    """The last `context` tokens of the prompt's context, then its task."""
-    ids = tokenizer.encode(prompt["context"]).ids
-    return (ids[-context:] if context > 0 else []) + tokenizer.encode(prompt["task"]).ids
+def prompt_ids(tokenizer, prompt: dict, context: int, filler=(), max_tokens: int | None = None) -> list[int]:
+    """The last `context` tokens of the prompt's context, then its task.
+
+    A context shorter than `context` tokens is preceded by the texts in `filler`, one after
+    another (each new one in front, a blank line between), until it is long enough: the other
+    files or passages before it, as in a repository or a long document. `max_tokens` caps the
+    whole prompt (context and task), cutting the context's front."""
+    task = tokenizer.encode(prompt["task"]).ids
+    if max_tokens is not None:
+        context = max(0, min(context, max_tokens - len(task)))
+    text = prompt["context"]
+    ids = tokenizer.encode(text).ids
+    for other in filler:
+        if len(ids) >= context:
+            break
+        text = other + "\n\n" + text
+        ids = tokenizer.encode(text).ids
+    return (ids[-context:] if context > 0 else []) + task
 
 
 def parse_list(text: str, name: str) -> list[int]:
@@ -201,7 +225,9 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--num-prompts", type=int, default=8, help="prompts per category")
     parser.add_argument("--batch-size", default="1", help="comma-separated batch sizes, e.g. 1,8")
-    parser.add_argument("--context", default="256", help="comma-separated context lengths in tokens, e.g. 256,1024")
+    parser.add_argument("--context", default="256",
+                        help="comma-separated context lengths in tokens, e.g. 256,1024 (short contexts are preceded "
+                             "by other prompts' contexts; cut to fit max_position_embeddings)")
     parser.add_argument("--category", "--prompt-set", dest="category", default="code",
                         help="comma-separated prompt categories: code, rewrite, qa, free (or all)")
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -215,15 +241,13 @@ def main(argv=None):
 
     methods = args.methods.split(",")
     for m in (m.partition(":")[0] for m in methods):
-        if m in NOT_YET:
-            parser.error(f"method {m!r} ({NOT_YET[m]}) is not implemented yet")
         if m not in METHODS:
             parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.cpu_devices is not None and args.cpu_devices < 1:
         parser.error(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
-    from jaxdec import sharding
+    from jaxdec import sharding, steps
     try:
         batch_sizes = parse_list(args.batch_size, "--batch-size")
         contexts = parse_list(args.context, "--context")
@@ -240,7 +264,7 @@ def main(argv=None):
     from tqdm import tqdm
     import jax
     import jaxdec
-    from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results
+    from benchmarks.common import RESULTS_DIR, command_line, git_revision, machine_info, versions, write_results
 
     try:  # every mesh made before anything runs: a bad one fails at once
         meshes = [(shape, None if shape is None else jaxdec.make_mesh(*shape)) for shape in meshes]
@@ -262,23 +286,47 @@ def main(argv=None):
             used = set(mesh.devices.flat) if mesh is not None else {jax.devices()[0]}
             spare = [d for d in jax.devices() if d not in used] or jax.devices()[-1:]
             pearl_draft = jaxdec.load(args.draft, mesh=jaxdec.make_mesh(devices=spare[:1]))
-        specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold, heads, pearl_draft)
-                 for m in methods}
+        try:
+            specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold, heads,
+                                     pearl_draft) for m in methods}
+        except ValueError as err:  # e.g. sparse:8 (a budget under one page) or draft:x
+            parser.error(f"--methods {args.methods!r}: {err}")
         mesh_name = "one device" if shape is None else f"data={shape[0]},model={shape[1]}"
         devices = 1 if shape is None else shape[0] * shape[1]
         for category, texts in prompt_sets.items():
             for context in contexts:
-                prompts = [prompt_ids(target.tokenizer, p, context) for p in texts[:args.num_prompts]]
+                # Short contexts are preceded by the category's other contexts (the next prompts',
+                # in turn); the prompt plus the new tokens must fit the model's positions.
+                room = target.config.max_position_embeddings - args.max_new_tokens
+                prompts = [prompt_ids(target.tokenizer, p, context, [q["context"] for q in texts[i + 1:] + texts[:i]],
+                                      max_tokens=room)
+                           for i, p in enumerate(texts[:args.num_prompts])]
+                used = [len(ids) - len(target.tokenizer.encode(p["task"]).ids)
+                        for ids, p in zip(prompts, texts)]
+                if min(used) < context:
+                    print(f"{category} context {context}: cut to {min(used)}..{max(used)} tokens, so that prompt "
+                          f"plus --max-new-tokens {args.max_new_tokens} fit max_position_embeddings="
+                          f"{target.config.max_position_embeddings}")
                 for batch in batch_sizes:
                     label = f"{mesh_name} {category} context {context} batch {batch}"
                     totals = run_configuration(target, specs, prompts, batch, args, tqdm, label)
+                    slots = sorted({steps.cache_bucket(target.config, max(map(len, prompts[i:i + batch]))
+                                                       + args.max_new_tokens) for i in range(0, len(prompts), batch)})
                     config = {"mesh": mesh_name, "devices": devices, "category": category, "context": context,
-                              "batch_size": batch}
+                              "batch_size": batch, "context_tokens": [min(used), max(used)],
+                              "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
+                              "cache_slots": slots}
                     results += entries(totals, config)
                     for r in results[-len(methods):]:
                         print(f"{label}: {r['method']:14s} {r['tokens_per_second']:8.1f} tok/s  mean_accepted "
                               f"{r['mean_accepted']:.2f}  speedup {r['speedup_vs_ar'] or float('nan'):.2f}x  "
                               f"identical {r['rows_identical_to_first_method']:.0%}")
+    differing = [f"{r['method']} ({r['category']}, context {r['context']}, batch {r['batch_size']}, mesh "
+                 f"{r['mesh']}): {r['rows_identical_to_first_method']:.0%}" for r in results
+                 if r["rows_identical_to_first_method"] < 1.0]
+    if args.temperature == 0:
+        print(f"rows identical to {methods[0]}'s tokens: "
+              + ("every method, every configuration" if not differing else "NOT " + "; ".join(differing)))
     if jax.process_index() != 0:
         return results
     payload = {
@@ -286,6 +334,7 @@ def main(argv=None):
         "command": command_line(),
         "machine": machine_info(),
         "versions": versions(),
+        "git": git_revision(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "progress")} | {"skip_layers": skip},
         "methods": results,
     }

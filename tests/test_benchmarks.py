@@ -54,6 +54,36 @@ def test_tree_attention_benchmark_runs_and_agrees(tmp_path):
     assert "machine" in saved and "versions" in saved and "command" in saved
 
 
+def test_long_context_attention_benchmark_runs(tmp_path):
+    """A tiny shape, one case: dense and sparse timed, the page choice too; on a CPU the Pallas
+    kernels are recorded as skipped, not timed in interpret mode."""
+    from benchmarks import long_context_attention
+    out = tmp_path / "attention.json"
+    rows = long_context_attention.main(["--shapes", "4x2x16:float32", "--contexts", "64", "--budgets", "32", "64",
+                                        "--batch-sizes", "2", "--tokens", "3", "--iterations", "1", "--repeats", "1",
+                                        "--no-progress", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(rows))
+    assert "machine" in saved and "versions" in saved and "command" in saved
+    timed = {(r["impl"], r["budget"]): r for r in rows if "us" in r}
+    assert set(timed) == {("dense_xla", None), ("sparse_xla", 32), ("select_pages", 32)}  # budget 64 >= context
+    assert all(r["us"] > 0 and r["context"] == 64 and r["batch_size"] == 2 and r["tokens"] == 3 for r in timed.values())
+    assert timed["sparse_xla", 32]["kv_mb"] == timed["dense_xla", None]["kv_mb"] / 2
+    assert timed["dense_xla", None]["dense_xla_over_this"] == 1.0
+    skipped = {(r["impl"], r["budget"]): r["skipped"] for r in rows if "skipped" in r}
+    assert skipped == {(k, b): "interpret mode: not a timing"
+                       for k, b in (("tree_pallas", None), ("decode_splitk_pallas", None), ("sparse_pallas", 32))}
+
+
+@pytest.mark.parametrize("args", [["--shapes", "5x2x16"], ["--shapes", "4x2x16:float16"], ["--contexts", "100"],
+                                  ["--budgets", "40"], ["--repeats", "0"], ["--batch-sizes", "0"]])
+def test_long_context_attention_refuses_bad_settings(args, capsys):
+    from benchmarks import long_context_attention
+    with pytest.raises(SystemExit):
+        long_context_attention.main(args + ["--out", "/nonexistent/never-written.json"])
+    assert "error" in capsys.readouterr().err
+
+
 def _is_png(path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -78,8 +108,40 @@ def test_decode_benchmark_runs_end_to_end(tmp_path):
         assert e["rows_identical_to_first_method"] == 1.0
     assert [e["speedup_vs_ar"] for e in entries if e["method"] == "ar"] == [1.0, 1.0]
     assert [e["devices"] for e in entries] == [1, 1, 2, 2]
+    assert all(e["context_tokens"] == [16, 16] and e["cache_slots"] == [64] for e in entries)
     assert _is_png(tmp_path / "bench_tokens_per_second.png") and _is_png(tmp_path / "bench_scaling_vs_devices.png")
     assert not (tmp_path / "bench_speedup_vs_batch.png").exists()  # one batch size: nothing to plot
+
+
+def test_decode_benchmark_builds_sparse_self_from_its_name():
+    """sparse (budget 1024, --num-tokens), sparse:B (a budget), sparse:BxK (and a draft length).
+    (A run end to end compiles SparseSelf for half a minute on a CPU: tests/test_sparse_self.py
+    covers its tokens; the benchmark's long-context runs check them against plain decoding.)"""
+    from benchmarks import decode
+    from jaxdec import spec
+    build = lambda name: decode.build_method(name, None, None, 4, [])
+    assert build("sparse") == spec.SparseSelf(budget=1024, num_tokens=4)
+    assert build("sparse:256") == spec.SparseSelf(budget=256, num_tokens=4)
+    assert build("sparse:128x6") == spec.SparseSelf(budget=128, num_tokens=6)
+    assert decode.METHODS["sparse"].startswith("spec.SparseSelf")
+    with pytest.raises(ValueError, match="budget"):
+        build("sparse:8")
+
+
+def test_decode_prompts_reach_long_contexts_and_fit_the_model():
+    """A context longer than a prompt's own is preceded by the other prompts' contexts; one that
+    would leave no room for the new tokens is cut."""
+    from benchmarks import decode
+    import jaxdec
+    tokenizer = jaxdec.load("demo-target").tokenizer
+    items = decode.load_prompts(["code"])["code"]
+    own = len(tokenizer.encode(items[0]["context"]).ids)
+    task = tokenizer.encode(items[0]["task"]).ids
+    others = [p["context"] for p in items[1:]]
+    ids = decode.prompt_ids(tokenizer, items[0], own + 1000, others)
+    assert len(ids) == own + 1000 + len(task) and ids[-len(task):] == task
+    assert decode.prompt_ids(tokenizer, items[0], own + 1000) == decode.prompt_ids(tokenizer, items[0], own)
+    assert len(decode.prompt_ids(tokenizer, items[0], 8000, others, max_tokens=4000)) == 4000
 
 
 def test_plots_cover_every_swept_axis(tmp_path):
@@ -108,7 +170,7 @@ def test_prompt_set_has_every_category_and_honours_the_context():
 
 @pytest.mark.parametrize("args", [["--context", "16,x"], ["--batch-size", "0"], ["--category", "poetry"],
                                   ["--mesh", "data=64,model=2"], ["--methods", "ar,telepathy"],
-                                  ["--cpu-devices", "0"]])
+                                  ["--cpu-devices", "0"], ["--methods", "ar,sparse:8"], ["--methods", "sparse:abc"]])
 def test_decode_benchmark_refuses_bad_settings(args, capsys):
     from benchmarks import decode
     with pytest.raises(SystemExit):

@@ -51,7 +51,7 @@ def _late_stop(row):
     return max(first, key=first.get)
 
 
-def _check_long_greedy(target, prompts, method, max_new=40):
+def _check_long_greedy(target, prompts, method, max_new=32):
     unstopped = jaxdec.generate(target, prompts, max_new_tokens=max_new, stop_token_ids=[]).tokens
     stops = [_late_stop(unstopped[0])]  # row 0 ends early, the others run on
     expected = [_truncate_at_stop(row, stops) for row in unstopped]
@@ -196,15 +196,15 @@ def test_summaries_after_rounds_equal_recomputed(llama, temperature):
                                        atol=2e-5)
 
 
-def test_other_families(models):
-    """Mistral: sliding-window layers stay dense (they choose nothing); Qwen2: biases and tied
-    embeddings. Both give plain decoding's tokens."""
+def test_sliding_window_layers_stay_dense(models):
+    """Mistral's layers all have a sliding window: none chooses pages, so the draft is the
+    target itself and every draft is accepted."""
     prompts = [list(range(3, 120)), [9, 9, 9, 12] * 20]
-    for family in ("mistral", "qwen2"):
-        plain = jaxdec.generate(models[family], prompts, max_new_tokens=30, stop_token_ids=[]).tokens
-        out = jaxdec.generate(models[family], prompts, max_new_tokens=30, stop_token_ids=[],
-                              speculative=spec.SparseSelf(budget=32, num_tokens=3, page_size=8))
-        assert out.tokens == plain, family
+    plain = jaxdec.generate(models["mistral"], prompts, max_new_tokens=21, stop_token_ids=[]).tokens
+    out = jaxdec.generate(models["mistral"], prompts, max_new_tokens=21, stop_token_ids=[],
+                          speculative=spec.SparseSelf(budget=32, num_tokens=3, page_size=8))
+    assert out.tokens == plain
+    assert out.stats.mean_accepted == 4
 
 
 # The exact sampled distribution, with test_speculative_sampling's machinery (vocabulary-8
