@@ -105,7 +105,7 @@ def main(argv=None):
                         help="tokens the sparse side reads (those below the context are timed)")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--iterations", type=int, default=10, help="calls inside one timed program")
-    parser.add_argument("--repeats", type=int, default=5, help="timed programs per side; the median is kept")
+    parser.add_argument("--repeats", type=int, default=7, help="timed programs per side; the median is kept")
     parser.add_argument("--interpret-kernels", action="store_true",
                         help="on a CPU, run the Pallas kernels in interpret mode anyway (agreement only)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

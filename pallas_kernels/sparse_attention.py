@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxdec.attention import reference_attention
-from pallas_kernels.tree_attention import _power_of_two, fold, gpu_compiler_params
+from pallas_kernels.tree_attention import _power_of_two, fold, gpu_compiler_params, query_rows
 
 
 def page_slots(page_ids, page_size: int):
@@ -119,16 +119,9 @@ def sparse_attention(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_
     N_pad = _power_of_two(N)
     ids = jnp.pad(jnp.where(ids < S // page_size, ids, 0), ((0, 0), (0, 0), (0, N_pad - N)))
 
-    # Query rows of one kv head, as in tree_attention: [B, Hkv, G*T, D], row g*T + t is head g
-    # of token t, rows and step tokens padded to powers of two (Triton; padded rows see
-    # nothing and are dropped, padded step tokens are masked for every row).
-    M, M_pad, T_pad = G * T, _power_of_two(G * T), _power_of_two(T)
-    rows = lambda x: x.reshape(B, T, Hkv, -1, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, -1, D)
-    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
-    q_rows = pad(rows(q) * jnp.asarray(D ** -0.5, q.dtype), M_pad)
-    k_step, v_step = pad(rows(k_new), T_pad), pad(rows(v_new), T_pad)                 # [B, Hkv, T_pad, D]
-    mask_rows = jnp.broadcast_to(step_mask[:, None], (B, G, T, T)).reshape(B, M, T).astype(jnp.int32)
-    mask_rows = jnp.pad(mask_rows, ((0, 0), (0, M_pad - M), (0, T_pad - T)))
+    # Query rows of one kv head, as in tree_attention.
+    q_rows, k_step, v_step, mask_rows = query_rows(q, k_new, v_new, step_mask)
+    M, M_pad, T_pad = G * T, q_rows.shape[2], k_step.shape[2]
     step_specs = [
         pl.BlockSpec((1, 1, T_pad, D), lambda b, h, *_: (b, h, 0, 0)),                 # the step's keys
         pl.BlockSpec((1, 1, T_pad, D), lambda b, h, *_: (b, h, 0, 0)),                 # and values

@@ -52,16 +52,8 @@ def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, blo
         raise ValueError(f"cache slots S={S} must be a multiple of block_s={block_s}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    # Query rows of one kv head: [B, Hkv, G*T, D], row g*T + t is head g of token t. Rows and
-    # step tokens are padded to powers of two (the Triton lowering's rule; padded rows see
-    # no step token and are dropped, padded step tokens are masked for every row).
-    M, M_pad, T_pad = G * T, _power_of_two(G * T), _power_of_two(T)
-    rows = lambda x: x.reshape(B, T, Hkv, -1, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, -1, D)
-    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
-    q_rows = pad(rows(q) * jnp.asarray(D ** -0.5, q.dtype), M_pad)
-    k_step, v_step = pad(rows(k_new), T_pad), pad(rows(v_new), T_pad)           # [B, Hkv, T_pad, D]
-    mask_rows = jnp.broadcast_to(step_mask[:, None], (B, G, T, T)).reshape(B, M, T).astype(jnp.int32)
-    mask_rows = jnp.pad(mask_rows, ((0, 0), (0, M_pad - M), (0, T_pad - T)))
+    q_rows, k_step, v_step, mask_rows = query_rows(q, k_new, v_new, step_mask)
+    M, M_pad, T_pad = G * T, q_rows.shape[2], k_step.shape[2]
     G_T, T = M_pad, T_pad  # the padded sizes, in the block shapes below
     if compiler_params is None and jax.default_backend() == "gpu" and not interpret:
         compiler_params = gpu_compiler_params(M_pad, D)
@@ -85,6 +77,24 @@ def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, blo
     )(lengths.astype(jnp.int32), q_rows, k_cache, v_cache, k_step, v_step, mask_rows)
     T = M // G
     return out[:, :, :M].reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+def query_rows(q, k_new, v_new, step_mask):
+    """The kernels' operands per (row, kv head): query rows [B, Hkv, M_pad, D] (row g*T + t is
+    head g of token t, scaled by D**-0.5), the step's keys and values [B, Hkv, T_pad, D] and
+    the step mask per query row, int32 [B, M_pad, T_pad]. Rows and step tokens are padded to
+    powers of two (the Triton lowering's rule; padded rows see no step token and are dropped,
+    padded step tokens are masked for every row)."""
+    B, T, H, D = q.shape
+    Hkv = k_new.shape[2]
+    G = H // Hkv
+    M, M_pad, T_pad = G * T, _power_of_two(G * T), _power_of_two(T)
+    rows = lambda x: x.reshape(B, T, Hkv, -1, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, -1, D)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
+    q_rows = pad(rows(q) * jnp.asarray(D ** -0.5, q.dtype), M_pad)
+    mask_rows = jnp.broadcast_to(step_mask[:, None], (B, G, T, T)).reshape(B, M, T).astype(jnp.int32)
+    mask_rows = jnp.pad(mask_rows, ((0, 0), (0, M_pad - M), (0, T_pad - T)))
+    return q_rows, pad(rows(k_new), T_pad), pad(rows(v_new), T_pad), mask_rows
 
 
 def _power_of_two(n: int) -> int:
