@@ -145,9 +145,13 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     cache = init_cache(cfg, batch, slots, model.dtype)
     overlapped = isinstance(speculative, spec.Pearl)  # its own host loop (jaxdec.overlap)
     lossy = isinstance(speculative, spec.LossySparseDecode)  # plain decoding over sparse attention
-    if speculative is None or lossy:
+    if speculative is None:
         state, cache = steps.prefill(cfg, model.params, cache, tokens, prompt_lengths, row_valid, sampling,
                                      keys, stop_ids, max_new, prompt_bucket=prompt_bucket)
+    elif lossy:
+        state, cache, dstate = steps.sparse_prefill(cfg, model.params, cache, dstate, tokens, prompt_lengths,
+                                                    row_valid, sampling, keys, stop_ids, max_new,
+                                                    prompt_bucket=prompt_bucket)
     elif overlapped:
         state, cache, dstate = drafter.prefill(cache, dstate, tokens, prompt_lengths, row_valid, sampling, keys,
                                                stop_ids, max_new, prompt_bucket)
@@ -156,7 +160,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
                                                   prompt_lengths, row_valid, sampling, keys, stop_ids,
                                                   max_new, prompt_bucket=prompt_bucket)
     # Prefill ends here: the target's, and the drafter's (Pearl's first chain, on its own devices).
-    jax.block_until_ready(state if speculative is None or lossy else (state, dstate.draft if overlapped else dstate))
+    jax.block_until_ready(state if speculative is None else (state, dstate.draft if overlapped else dstate))
     done = sharding.to_host(state.done)
     prefill_seconds = time.perf_counter() - start
 

@@ -98,8 +98,8 @@ def _draft_ahead(drafter, dparams, dcache, state, draft: Draft, sampling):
 # The state is not donated: its copy for the draft's devices may still be in flight.
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _verify(cfg, params, cache, state, draft, sampling, stop_ids, max_new_tokens):
-    state, cache, (num_accepted, next_token, _, _) = verify_and_commit(cfg, params, cache, state, draft, sampling,
-                                                                       stop_ids, max_new_tokens)
+    state, cache, (num_accepted, next_token, *_) = verify_and_commit(cfg, params, cache, state, draft, sampling,
+                                                                      stop_ids, max_new_tokens)
     return state, cache, num_accepted, next_token
 
 

@@ -1,20 +1,19 @@
 """Sparse attention over the KV cache: what a step that reads only chosen pages carries.
 
 A `SparsePages` holds, per layer, the page summaries of the cache's committed entries
-(`jaxdec.pages`) and how far each row's summaries reach; the selection settings ride along
-as static fields. A full-attention layer with summaries chooses its pages from its own
+(`jaxdec.pages`); the selection settings ride along as static fields. A full-attention layer with summaries chooses its pages from its own
 queries (Quest); a layer without them reuses the pages the last choosing layer took
 (TidalDecode), or attends densely when no layer before it chose.
 
 Summaries cover only committed entries (slots below `cache.lengths`, written by the dense
-target), folded in at the start of each step (`fold_committed`), never a guess a later
-rejection would take back. Entries written since (a draft's own tokens) lie in the most
-recent pages, which the selection always keeps.
+target): computed from the cache after prefill (`summarize_cache`), then folded in from what
+each step commits (`fold_entries`), never a guess a later rejection would take back. Entries
+written since (a draft's own tokens) lie in the most recent pages, which the selection
+always keeps.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import struct
 
@@ -28,7 +27,6 @@ from jaxdec.sharding import attention_over_mesh
 class SparsePages:
     kmin: tuple            # per layer [B, kv_heads, pages, D] float32, or None (the layer does not choose)
     kmax: tuple
-    summarized: jax.Array  # int32 [B]: the summaries hold slots below this
     page_size: int = struct.field(pytree_node=False)
     budget: int = struct.field(pytree_node=False)
     recent: int = struct.field(pytree_node=False)
@@ -60,34 +58,27 @@ def init_pages(cfg: ModelConfig, batch_size: int, num_slots: int, page_size: int
     """Empty summaries for the layers in `choosing_layers` (full-attention layers only)."""
     empty = [pages.empty_summaries(batch_size, cfg.num_key_value_heads, num_slots, cfg.head_dim, page_size)
              if i in choosing_layers else (None, None) for i in range(cfg.num_hidden_layers)]
-    return SparsePages(kmin=tuple(e[0] for e in empty), kmax=tuple(e[1] for e in empty),
-                       summarized=jnp.zeros((batch_size,), jnp.int32), page_size=page_size, budget=budget,
-                       recent=recent, shared_heads=shared_heads)
+    return SparsePages(kmin=tuple(e[0] for e in empty), kmax=tuple(e[1] for e in empty), page_size=page_size,
+                       budget=budget, recent=recent, shared_heads=shared_heads)
 
 
-def fold_committed(sparse: SparsePages, cache: KVCache, width: int) -> SparsePages:
-    """The summaries with the cache's entries at slots summarized .. cache.lengths - 1 folded
-    in, `width` slots per row at a time (one pass when a round commits at most `width`)."""
-    B = cache.batch_size
-    rows = jnp.arange(B)[:, None]
-    past_end = cache.num_slots + sparse.page_size  # a slot update_summaries drops
+def summarize_cache(sparse: SparsePages, cache: KVCache) -> SparsePages:
+    """The summaries of every entry below cache.lengths, computed from the cache (after prefill;
+    outside the decode loop, where reading the whole cache costs one pass)."""
+    summaries = [(None, None) if kmin is None else pages.summarize(layer_k, cache.lengths, sparse.page_size)
+                 for kmin, layer_k in zip(sparse.kmin, cache.k)]
+    return sparse.replace(kmin=tuple(s[0] for s in summaries), kmax=tuple(s[1] for s in summaries))
 
-    def fold(carry):
-        kmin, kmax, done = carry
-        slots = done[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
-        read = jnp.clip(slots, 0, cache.num_slots - 1)
-        slots = jnp.where(slots < cache.lengths[:, None], slots, past_end)
-        kmin, kmax = list(kmin), list(kmax)
-        for i, layer_k in enumerate(cache.k):
-            if kmin[i] is not None:
-                # Advanced indices around a slice put their axes first: [B, width, kv_heads, D].
-                kmin[i], kmax[i] = pages.update_summaries(kmin[i], kmax[i], layer_k[rows, :, read], slots,
-                                                          sparse.page_size)
-        return tuple(kmin), tuple(kmax), jnp.minimum(done + width, cache.lengths)
 
-    def behind(carry):
-        return jnp.any(carry[2] < cache.lengths)
-
-    kmin, kmax, done = jax.lax.while_loop(behind, fold, (sparse.kmin, sparse.kmax,
-                                                          jnp.minimum(sparse.summarized, cache.lengths)))
-    return sparse.replace(kmin=kmin, kmax=kmax, summarized=done)
+def fold_entries(sparse: SparsePages, new_k, slots) -> SparsePages:
+    """The summaries with a step's committed keys folded in: new_k per layer [B, T, kv_heads, D]
+    written at slots [B, T] (-1: not committed).
+    Folding what the step wrote, not reading it back from the cache, matters: a read of the
+    cache inside the decode loop makes XLA copy a cache layer on every step."""
+    kmin, kmax = list(sparse.kmin), list(sparse.kmax)
+    for i, layer_k in enumerate(new_k):
+        if kmin[i] is not None:
+            past_end = kmin[i].shape[2] * sparse.page_size  # a page update_summaries drops
+            kmin[i], kmax[i] = pages.update_summaries(kmin[i], kmax[i], layer_k, jnp.where(slots < 0, past_end, slots),
+                                                      sparse.page_size)
+    return sparse.replace(kmin=tuple(kmin), kmax=tuple(kmax))

@@ -62,7 +62,8 @@ def round_keys(state: DecodeState):
 def verify_and_commit(cfg: ModelConfig, params, cache, state: DecodeState, draft, sampling, stop_ids, max_new_tokens):
     """The target's half of a round: verify the draft in one forward, accept, commit.
     Returns (state, cache, (num_accepted [B], next_token [B], path, the verify step's hidden
-    states)), with cache.lengths == state.lengths - 1 again."""
+    states, committed: (keys per layer, slots) as `jaxdec.drafters` describes)), with
+    cache.lengths == state.lengths - 1 again."""
     keys = round_keys(state)
     rows = jnp.arange(state.lengths.shape[0])
     pending = state.tokens[rows, state.lengths - 1]
@@ -71,8 +72,11 @@ def verify_and_commit(cfg: ModelConfig, params, cache, state: DecodeState, draft
     state, _ = commit(state, path_tokens(draft, path), num_accepted, next_token, stop_ids, max_new_tokens)
     # The pending token's entries and the accepted path's land in contiguous slots; the rest
     # (rejected drafts) lie past the new length, out of view.
-    cache = write(cache, *commit_entries(draft, new_kv, path))
-    return state, cache.replace(lengths=state.lengths - 1), (num_accepted, next_token, path, hidden)
+    new_k, new_v = commit_entries(draft, new_kv, path)
+    slots = cache.lengths[:, None] + jnp.arange(new_k[0].shape[1], dtype=jnp.int32)[None, :]
+    cache = write(cache, new_k, new_v, slots)
+    committed = (new_k, jnp.where(slots < (state.lengths - 1)[:, None], slots, -1))
+    return state, cache.replace(lengths=state.lengths - 1), (num_accepted, next_token, path, hidden, committed)
 
 
 # keep_unused: see steps.prefill.
@@ -85,7 +89,7 @@ def prefill(cfg: ModelConfig, drafter, params, dparams, cache, dstate, tokens, p
     Returns (state, cache, dstate)."""
     state, cache, hidden = steps.prefill_with_hidden(cfg, params, cache, tokens, prompt_lengths, row_valid, sampling,
                                                      keys, stop_ids, max_new_tokens, prompt_bucket)
-    dstate = drafter.prefill(cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket, hidden)
+    dstate = drafter.prefill(cfg, params, dparams, dstate, cache, tokens, prompt_lengths, prompt_bucket, hidden)
     return state, cache, dstate
 
 
@@ -102,9 +106,9 @@ def speculative_decode(cfg: ModelConfig, drafter, params, dparams, cache, dstate
         i, cache, dstate, state = carry
         draft, cache, dstate = drafter.propose(cfg, params, cache, dparams, dstate, state, sampling,
                                                round_keys(state)[:, 0])
-        state, cache, (num_accepted, _, path, hidden) = verify_and_commit(cfg, params, cache, state, draft, sampling,
-                                                                          stop_ids, max_new_tokens)
-        dstate = drafter.update(dstate, draft, num_accepted, path, hidden)
+        state, cache, (num_accepted, _, path, hidden, committed) = verify_and_commit(
+            cfg, params, cache, state, draft, sampling, stop_ids, max_new_tokens)
+        dstate = drafter.update(dstate, draft, num_accepted, path, hidden, committed)
         return i + 1, cache, dstate, state
 
     def keep_going(carry):

@@ -18,7 +18,7 @@ from jaxdec.cache import KVCache
 from jaxdec.config import ModelConfig
 from jaxdec.model import causal_mask, forward, forward_hidden, lm_head, sequence_logits
 from jaxdec.sampling import SamplingParams, sample
-from jaxdec.sparse import fold_committed
+from jaxdec.sparse import fold_entries, summarize_cache
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 64
@@ -94,6 +94,17 @@ def prefill(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_lengths, ro
     return state, cache
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "prompt_bucket"), donate_argnames=("cache", "sparse"),
+                   keep_unused=True)
+def sparse_prefill(cfg: ModelConfig, params, cache: KVCache, sparse, tokens, prompt_lengths, row_valid,
+                   sampling: SamplingParams, keys, stop_ids, max_new_tokens, *, prompt_bucket: int):
+    """`prefill`, then the page summaries of the prompts (jaxdec.sparse.SparsePages) for
+    `sparse_decode`: (state, cache, sparse)."""
+    state, cache, _ = prefill_with_hidden(cfg, params, cache, tokens, prompt_lengths, row_valid, sampling, keys,
+                                          stop_ids, max_new_tokens, prompt_bucket)
+    return state, cache, summarize_cache(sparse, cache)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "num_steps"), donate_argnames=("cache", "state"))
 def decode(cfg: ModelConfig, params, cache: KVCache, state: DecodeState, sampling: SamplingParams,
            stop_ids, max_new_tokens, *, num_steps: int = DECODE_STEPS_PER_DISPATCH):
@@ -114,21 +125,26 @@ def sparse_decode(cfg: ModelConfig, params, cache: KVCache, state: DecodeState, 
 
 def decode_steps(cfg: ModelConfig, params, cache: KVCache, state: DecodeState, sampling: SamplingParams,
                  stop_ids, max_new_tokens, num_steps: int, sparse=None):
-    """The loop of `decode`; with `sparse`, each step first folds the last committed entries
-    into the page summaries, then attends over the chosen pages."""
+    """The loop of `decode`; with `sparse`, each step attends over the chosen pages and folds
+    the key it commits into the page summaries."""
     B = state.tokens.shape[0]
     rows = jnp.arange(B)
     one = jnp.ones((B, 1, 1), bool)
 
     def step(carry):
         i, cache, state, sparse = carry
-        if sparse is not None:
-            sparse = fold_committed(sparse, cache, sparse.page_size)
         pending = state.tokens[rows, state.lengths - 1]
+        active = ~state.done
         logits, _, cache = forward(cfg, params, pending[:, None], (state.lengths - 1)[:, None], cache, one,
                                    sparse=sparse)
+        if sparse is not None:
+            # The step's keys, read back after the write (read before it, XLA would copy the
+            # cache on every step), folded into the summaries where the row commits them.
+            slots = cache.lengths[:, None]
+            new_k = [None if kmin is None else layer_k[rows[:, None], :, slots]   # [B, 1, kv_heads, D]
+                     for kmin, layer_k in zip(sparse.kmin, cache.k)]
+            sparse = fold_entries(sparse, new_k, jnp.where(active[:, None], slots, -1))
         new = sample(logits[:, 0], sampling, state.keys, state.lengths - state.prompt_lengths)
-        active = ~state.done
         state = state.replace(
             # Finished rows write out of bounds (dropped); negative indices would wrap around.
             tokens=state.tokens.at[rows, jnp.where(active, state.lengths, state.tokens.shape[1])].set(

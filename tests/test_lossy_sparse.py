@@ -12,7 +12,7 @@ import pytest
 
 import jaxdec
 from jaxdec import pages, spec, steps
-from tests.test_sparse_self import _long_prompts, long_llama  # noqa: F401 (fixture)
+from tests.test_sparse_self import _long_prompts, cache_layer_copies, long_llama  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.filterwarnings("error:Some donated buffers were not usable")
 
@@ -47,7 +47,7 @@ def test_a_small_budget_drifts_and_streams(long_llama, plain):
     assert runs[0] == runs[1]
 
 
-def test_summaries_stay_exact_while_decoding(long_llama):
+def test_summaries_stay_exact_while_decoding_in_place(long_llama):
     from jaxdec.cache import init_cache
     from jaxdec.sampling import SamplingParams, row_keys
 
@@ -61,15 +61,15 @@ def test_summaries_stay_exact_while_decoding(long_llama):
     for b, p in enumerate(PROMPTS):
         tokens[b, :len(p)] = p
     sampling, stop, max_new = SamplingParams.create(0.0), np.full((16,), -1, np.int32), np.int32(30)
-    state, cache = steps.prefill(cfg, long_llama.params, init_cache(cfg, B, S, jnp.float32), tokens, lengths,
-                                 np.arange(B) < 3, sampling, row_keys(0, B), stop, max_new, prompt_bucket=1024)
-    state, cache, sparse = steps.sparse_decode(cfg, long_llama.params, cache, state, sparse, sampling, stop, max_new,
-                                               num_steps=12)
-    # Rows still decoding trail by the last step's token (folded in by the next step); the
-    # batch-padding row never moved.
-    np.testing.assert_array_equal(np.asarray(cache.lengths) - np.asarray(sparse.summarized), [1, 1, 1, 0])
-    from jaxdec.sparse import fold_committed
-    sparse = fold_committed(sparse, cache, 16)
+    state, cache, sparse = steps.sparse_prefill(cfg, long_llama.params, init_cache(cfg, B, S, jnp.float32), sparse,
+                                                tokens, lengths, np.arange(B) < 3, sampling, row_keys(0, B), stop,
+                                                max_new, prompt_bucket=1024)
+    # Compiled ahead, to check the loop updates the cache in place: the summaries fold the
+    # step's keys read back after its write, not before (which made XLA copy the cache).
+    decode = steps.sparse_decode.lower(cfg, long_llama.params, cache, state, sparse, sampling, stop, max_new,
+                                       num_steps=12).compile()
+    assert cache_layer_copies(decode, cache) == 0
+    state, cache, sparse = decode(long_llama.params, cache, state, sparse, sampling, stop, max_new)
     for layer, kmin in enumerate(sparse.kmin):
         if kmin is not None:
             want_min, want_max = pages.summarize(cache.k[layer], cache.lengths, 16)

@@ -102,7 +102,7 @@ def _prefilled(model, B=2, S=512, n=300, page_size=16, budget=64):
     """A cache of S slots holding two prompts of n and n - 37 tokens, and SparsePages over it."""
     from jaxdec.cache import init_cache
     from jaxdec.model import causal_mask, forward_hidden
-    from jaxdec.sparse import fold_committed, init_pages
+    from jaxdec.sparse import init_pages, summarize_cache
 
     cfg, params = model.config, model.params
     tokens = jnp.asarray(_long_prompts((n, n), seed=3), jnp.int32)
@@ -111,7 +111,7 @@ def _prefilled(model, B=2, S=512, n=300, page_size=16, budget=64):
                               read_cache=False)
     cache = cache.replace(lengths=jnp.array([n, n - 37], jnp.int32))
     sparse = init_pages(cfg, B, S, page_size, budget, page_size, range(cfg.num_hidden_layers))
-    return cache, fold_committed(sparse, cache, 64)
+    return cache, summarize_cache(sparse, cache)
 
 
 def _sparse_step(cfg, params, sparse, T=1):
@@ -168,6 +168,36 @@ def test_pallas_sparse_kernel_in_the_model_equals_the_reference(long_llama, T):
     np.testing.assert_allclose(got, want, atol=2e-4)
 
 
+def cache_layer_copies(compiled, cache) -> int:
+    """How many copies of a whole cache layer a compiled program makes (XLA inserts them where
+    a donated buffer cannot be updated in place)."""
+    shape = "f32[{},{},{},{}]".format(*cache.k[0].shape)
+    return sum(shape in line and " copy(" in line for line in compiled.as_text().splitlines())
+
+
+def test_the_round_copies_no_cache_layer(llama):
+    """The compiled SparseSelf round updates the cache in place: the page summaries are folded
+    from the keys the verify step commits, not read back from the cache at the start of the
+    round (which made XLA copy a cache layer twice per draft step)."""
+    from jaxdec import speculative as spec_steps
+    from jaxdec.cache import init_cache
+    from jaxdec.sampling import SamplingParams, row_keys
+    from jaxdec.steps import DecodeState
+
+    B, S = 4, 256
+    cfg = llama.config
+    drafter, dparams, dstate = spec.SparseSelf(budget=32, num_tokens=3, page_size=8).build(llama, B, S)
+    cache = init_cache(cfg, B, S, jnp.float32)
+    lengths = jnp.full((B,), 100, jnp.int32)
+    state = DecodeState(tokens=jnp.zeros((B, S), jnp.int32), lengths=lengths, prompt_lengths=lengths - 1,
+                        done=jnp.zeros((B,), bool), keys=row_keys(0, B), target_steps=jnp.int32(0),
+                        active_row_steps=jnp.int32(0))
+    compiled = spec_steps.speculative_decode.lower(cfg, drafter, llama.params, dparams, cache, dstate, state,
+                                                   SamplingParams.create(0.0), jnp.full((4,), -1, jnp.int32),
+                                                   jnp.int32(64)).compile()
+    assert cache_layer_copies(compiled, cache) == 0
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_summaries_after_rounds_equal_recomputed(llama, temperature):
     """After prefill and several rounds the drafter's page summaries are exactly those of the
@@ -178,10 +208,6 @@ def test_summaries_after_rounds_equal_recomputed(llama, temperature):
 
     method = spec.SparseSelf(budget=16, num_tokens=3, page_size=4)
     state, cache, dstate, _ = run_rounds(llama, method, temperature)
-    # The summaries trail the cache by the last round's commit; fold it in, as the next round does.
-    from jaxdec.sparse import fold_committed
-    dstate = fold_committed(dstate, cache, 8)
-    np.testing.assert_array_equal(np.asarray(dstate.summarized), np.asarray(cache.lengths))
     for layer in range(llama.config.num_hidden_layers):
         want_min, want_max = pages.summarize(cache.k[layer], cache.lengths, 4)
         np.testing.assert_array_equal(np.asarray(dstate.kmin[layer]), np.asarray(want_min))

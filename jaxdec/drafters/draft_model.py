@@ -34,7 +34,7 @@ class UsesDraftModel:
     def _weights(self, params, dparams):
         return params if self.drafts_with_target else dparams
 
-    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket, features):
+    def prefill(self, cfg, params, dparams, dstate, cache, tokens, prompt_lengths, prompt_bucket, features):
         return dstate.replace(cache=prefill_draft_cache(self.draft_cfg, self._weights(params, dparams), dstate.cache,
                                                         tokens, prompt_bucket))
 
@@ -78,7 +78,7 @@ class DraftModelDrafter(UsesDraftModel, Drafter):
                                     confidence_threshold=self.confidence_threshold)
         return draft, cache, dstate.replace(cache=dcache)
 
-    def update(self, dstate, draft, num_accepted, path, features):
+    def update(self, dstate, draft, num_accepted, path, features, committed):
         if not self.adaptive_schedule:
             return dstate
         # Hugging Face's heuristic: two more tokens after a fully accepted draft, one fewer otherwise.

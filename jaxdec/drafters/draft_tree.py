@@ -97,7 +97,7 @@ class DraftTreeDrafter(UsesDraftModel, Drafter):
                                               state.lengths, dcache, sampling, keys)
         return draft, cache, dstate.replace(cache=dcache, node_slots=node_slots, tree_start=state.lengths)
 
-    def update(self, dstate, draft, num_accepted, path, features):
+    def update(self, dstate, draft, num_accepted, path, features, committed):
         return keep_accepted_path(dstate, num_accepted, path)
 
 

@@ -54,7 +54,7 @@ class EagleDrafter(Drafter):
         """Most tokens a round commits: the accepted path (at most the tree's depth) and one more."""
         return min(self.depth, self.max_nodes) + 1
 
-    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket, features):
+    def prefill(self, cfg, params, dparams, dstate, cache, tokens, prompt_lengths, prompt_bucket, features):
         B, P = tokens.shape[0], prompt_bucket
         positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
         shifted = jnp.concatenate([jnp.zeros_like(features[:, :1]), features[:, :P - 1]], axis=1)
@@ -88,7 +88,7 @@ class EagleDrafter(Drafter):
                                      state.lengths, dcache, sampling, keys)
         return draft, cache, dstate.replace(cache=dcache, fed=state.lengths)
 
-    def update(self, dstate, draft, num_accepted, path, features):
+    def update(self, dstate, draft, num_accepted, path, features, committed):
         # The pending token's feature and the accepted path's (path entries past the accepted
         # length are read but never used: their pairs lie past the next round's lengths).
         W = self.catch_up_width

@@ -45,7 +45,7 @@ class MedusaDrafter(Drafter):
     def num_tokens(self) -> int:
         return len(self.tree)
 
-    def prefill(self, cfg, params, dparams, dstate, tokens, prompt_lengths, prompt_bucket, features):
+    def prefill(self, cfg, params, dparams, dstate, cache, tokens, prompt_lengths, prompt_bucket, features):
         return dstate.replace(features=features[jnp.arange(features.shape[0]), prompt_lengths - 1])
 
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
@@ -59,5 +59,5 @@ class MedusaDrafter(Drafter):
                       parents=jnp.broadcast_to(jnp.asarray(tree.parents, jnp.int32), (B, len(tree))))
         return draft, cache, dstate
 
-    def update(self, dstate, draft, num_accepted, path, features):
+    def update(self, dstate, draft, num_accepted, path, features, committed):
         return dstate.replace(features=last_accepted_feature(features, num_accepted, path))

@@ -16,20 +16,25 @@ import jax.numpy as jnp
 
 from jaxdec.drafters import Drafter
 from jaxdec.drafters.autoregressive import draft_chain
-from jaxdec.sparse import fold_committed
+from jaxdec.sparse import fold_entries, summarize_cache
 
 
 @dataclasses.dataclass(frozen=True)
 class SparseSelfDrafter(Drafter):
     num_tokens: int
 
+    def prefill(self, cfg, params, dparams, dstate, cache, tokens, prompt_lengths, prompt_bucket, features):
+        return summarize_cache(dstate, cache)
+
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
-        # The summaries first catch up with what the last verify step committed (at most
-        # num_tokens + 1 slots a round; the prompt, in the first round, takes several passes).
-        sparse = fold_committed(dstate, cache, max(self.num_tokens + 1, dstate.page_size))
         lengths = cache.lengths
         rows = jnp.arange(state.lengths.shape[0])
         pending = (state.lengths - 1)[:, None]
         draft, cache = draft_chain(cfg, params, cache, state.tokens[rows[:, None], pending], pending,
-                                   self.num_tokens, sampling, keys, sparse=sparse)
-        return draft, cache.replace(lengths=lengths), sparse
+                                   self.num_tokens, sampling, keys, sparse=dstate)
+        return draft, cache.replace(lengths=lengths), dstate
+
+    def update(self, dstate, draft, num_accepted, path, features, committed):
+        # The summaries catch up with what the verify step committed (never the draft's own
+        # guesses, which lie in the recent pages every draft step reads anyway).
+        return fold_entries(dstate, *committed)

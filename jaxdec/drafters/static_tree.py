@@ -91,5 +91,5 @@ class StaticTreeDrafter(UsesDraftModel, Drafter):
                       parents=jnp.broadcast_to(jnp.asarray(parents, jnp.int32), (B, N)))
         return draft, cache, dstate.replace(cache=dcache, node_slots=node_slots.astype(jnp.int32), tree_start=start)
 
-    def update(self, dstate, draft, num_accepted, path, features):
+    def update(self, dstate, draft, num_accepted, path, features, committed):
         return keep_accepted_path(dstate, num_accepted, path)
