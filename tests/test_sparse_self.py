@@ -263,3 +263,17 @@ def test_sampled_tokens_follow_the_target_distribution(tiny):
 def test_bad_settings_raise(kwargs, word):
     with pytest.raises(ValueError, match=word):
         spec.SparseSelf(**kwargs)
+
+
+def test_pallas_kernel_needs_whole_pages(llama):
+    """The Pallas sparse kernel reads whole pages: a cache (here 64 slots) that page_size does
+    not divide is refused before anything compiles; the reference takes it."""
+    import dataclasses
+    from jaxdec.loading import model_from_params
+    pallas = model_from_params(dataclasses.replace(llama.config, attn_impl="pallas"), llama.params, llama.tokenizer)
+    method = spec.SparseSelf(budget=72, page_size=24)
+    with pytest.raises(ValueError, match=r"cache \(64 slots\) to be whole pages: page_size=24"):
+        jaxdec.generate(pallas, [[5, 6, 7]], max_new_tokens=4, speculative=method)
+    with pytest.raises(ValueError, match="page_size=24 must divide"):
+        jaxdec.generate(pallas, [[5, 6, 7]], max_new_tokens=4, speculative=spec.LossySparseDecode(budget=72, page_size=24))
+    assert len(jaxdec.generate(llama, [[5, 6, 7]], max_new_tokens=4, speculative=method).tokens[0]) == 4
