@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Eight CPU devices for the sharding tests (set before JAX starts; other tests use device 0).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The suite's time is compiling (tiny models run in microseconds), so: LLVM without its
+# optimization passes (a quarter less compile time; the programs still run the same HLO), and
+# a compilation cache on disk, so that a program compiled again after the per-module
+# `jax.clear_caches()` below, or by a CLI subprocess, is loaded instead. One cache per
+# process: JAX's file cache does not lock between concurrent writers (pytest-xdist workers).
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+_xla_cache = tempfile.mkdtemp(prefix="jaxdec-tests-xla-cache-")
+atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 import pytest
 
