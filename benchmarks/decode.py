@@ -58,6 +58,8 @@ METHODS = {
     "lookup": "spec.PromptLookup(max_ngram=3, num_tokens=2*num_tokens); lookup:KxC drafts a tree of C matches",
     "sparse": "spec.SparseSelf(budget, num_tokens): the target drafts over a budget of its own KV cache; "
               "sparse:B sets the budget (default 1024 tokens), sparse:BxK also the draft length",
+    "triforce": "spec.SparseSelf(budget, num_tokens, draft=draft): the draft model drafts 2 tokens at a time for "
+                "the sparse target (TriForce); triforce:B and triforce:BxK as for sparse",
 }
 
 
@@ -65,7 +67,7 @@ def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, h
     """A method name, optionally with its own draft length: "draft:6", "lookup:10", or a
     tree's shape: "tree:5x4x32" (depth x top_k x max_nodes), "lookup:8x4" (length x matches),
     "eagle:5x4x32", "medusa:24" (nodes), "sparse:256" (budget), "sparse:256x6" (budget x draft
-    length). `heads`: {"medusa": Heads, "eagle": Heads}."""
+    length), "triforce:256x6" (the same, with the draft model drafting for the sparse target). `heads`: {"medusa": Heads, "eagle": Heads}."""
     import jaxdec
     from jaxdec.heads import best_static_tree
     spec = jaxdec.spec
@@ -80,9 +82,10 @@ def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, h
     if name == "lookup" and "x" in k:
         length, candidates = (int(x) for x in k.split("x"))
         return spec.PromptLookup(max_ngram=3, num_tokens=length, num_candidates=candidates)
-    if name == "sparse":
+    if name in ("sparse", "triforce"):
         budget, _, length = k.partition("x")
-        return spec.SparseSelf(budget=int(budget) if budget else 1024, num_tokens=int(length) if length else num_tokens)
+        return spec.SparseSelf(budget=int(budget) if budget else 1024, num_tokens=int(length) if length else num_tokens,
+                               draft=draft if name == "triforce" else None)
     num_tokens = int(k) if k else num_tokens
     if name == "ar":
         return None
@@ -275,7 +278,7 @@ def main(argv=None):
         target = jaxdec.load(args.target, mesh=mesh)
         if target.tokenizer is None:
             parser.error(f"--target {args.target!r} has no tokenizer; the prompts are text")
-        draft = jaxdec.load(args.draft, mesh=mesh) if any(m.startswith(("draft", "tree")) for m in methods) else None
+        draft = jaxdec.load(args.draft, mesh=mesh) if any(m.startswith(("draft", "tree", "triforce")) for m in methods) else None
         layers = target.config.num_hidden_layers
         skip = ([int(i) for i in args.skip_layers.split(",")] if args.skip_layers
                 else list(range(1, layers - 1, 2)))

@@ -20,7 +20,7 @@ import argparse
 import io
 import sys
 
-METHODS = ("ar", "draft", "tree", "medusa", "eagle", "layerskip", "sparse", "lookup")
+METHODS = ("ar", "draft", "tree", "medusa", "eagle", "layerskip", "sparse", "triforce", "lookup")
 DEMO_PROMPT = "def fibonacci(n):"
 
 
@@ -42,8 +42,9 @@ def build_speculative(args, target):
         layers = target.config.num_hidden_layers
         skip = args.skip_layers if args.skip_layers is not None else list(range(1, layers - 1, 2))
         return jaxdec.spec.LayerSkip(skip, num_tokens=args.num_tokens)
-    if args.method == "sparse":
-        return jaxdec.spec.SparseSelf(budget=args.budget, num_tokens=args.num_tokens)
+    if args.method in ("sparse", "triforce"):
+        draft = jaxdec.load(args.draft, mesh=mesh) if args.method == "triforce" else None
+        return jaxdec.spec.SparseSelf(budget=args.budget, num_tokens=args.num_tokens, draft=draft)
     return jaxdec.spec.PromptLookup(max_ngram=args.max_ngram, num_tokens=args.num_tokens)
 
 
@@ -109,12 +110,13 @@ def parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it")
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt (default: stdin, or a demo prompt)")
     gen.add_argument("--model", default="demo-target", help="target checkpoint: a converted folder or shipped name")
-    gen.add_argument("--draft", default="demo-draft", help="draft checkpoint for --method draft and tree")
+    gen.add_argument("--draft", default="demo-draft", help="draft checkpoint for --method draft, tree and triforce")
     gen.add_argument("--method", choices=METHODS, default="draft",
                      help="ar: plain decoding; draft: draft model; tree: a token tree from the draft model; "
                           "medusa: Medusa heads' static tree; eagle: an EAGLE layer's dynamic tree; "
                           "layerskip: the target with layers skipped; sparse: the target over a budget of its KV cache "
-                          "(long prompts); lookup: prompt lookup (default: draft)")
+                          "(long prompts); triforce: the draft model drafting for that sparse target; "
+                          "lookup: prompt lookup (default: draft)")
     gen.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step")
     gen.add_argument("--tree", default="5x4x32",
                      help="DEPTHxTOP_KxMAX_NODES of --method tree and eagle (default 5x4x32; on a CPU 6x2x8 is faster)")
@@ -122,7 +124,7 @@ def parser() -> argparse.ArgumentParser:
                      help="draft heads for --method medusa or eagle (default: the shipped demo-medusa / demo-eagle)")
     gen.add_argument("--skip-layers", type=int, nargs="+", default=None,
                      help="layers to skip for --method layerskip (default: every other inner layer)")
-    gen.add_argument("--budget", type=int, default=1024, help="KV-cache tokens the draft reads for --method sparse")
+    gen.add_argument("--budget", type=int, default=1024, help="KV-cache tokens the draft reads for --method sparse and triforce")
     gen.add_argument("--max-ngram", type=int, default=3, help="longest n-gram for --method lookup")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")

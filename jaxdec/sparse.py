@@ -31,9 +31,15 @@ class SparsePages:
     budget: int = struct.field(pytree_node=False)
     recent: int = struct.field(pytree_node=False)
     shared_heads: bool = struct.field(pytree_node=False, default=False)  # one choice for all kv heads
+    # Choose by the step's first token only. A step that checks guesses (TriForce's sparse
+    # target verifying the draft model's tokens) must not let them pick the pages: the
+    # distribution it gives a guess would depend on the guess, and speculative sampling
+    # over it would no longer be exact.
+    by_first_token: bool = struct.field(pytree_node=False, default=False)
 
     def choose(self, layer: int, q, lengths):
         """Page ids [B, kv_heads, budget // page_size] for layer `layer`'s queries q [B, T, H, D]."""
+        q = q[:, :1] if self.by_first_token else q
         return pages.select_page_ids(q, self.kmin[layer], self.kmax[layer], lengths, self.page_size, self.budget,
                                      self.recent, self.shared_heads)
 

@@ -19,6 +19,7 @@ from jaxdec.drafters.draft_model import DraftModelDrafter, DraftModelState
 from jaxdec.drafters.draft_tree import DraftTreeDrafter, DraftTreeState, num_candidates
 from jaxdec.drafters.layer_skip import LayerSkipDrafter
 from jaxdec.drafters.sparse_self import SparseSelfDrafter
+from jaxdec.drafters.triforce import TriForceDrafter, TriForceState
 from jaxdec.drafters.static_tree import StaticTreeDrafter
 from jaxdec.tree import StaticTree as TreeShape
 from jaxdec.drafters.prompt_lookup import PromptLookupDrafter
@@ -315,15 +316,25 @@ class SparseSelf:
     always every token since the last verify) and the pages with the best Quest bound
     (per-page min/max keys against the layer's query), up to `budget` tokens. Pays off at long
     context, where decoding reads mostly the cache; a budget covering the context drafts
-    exactly what the target would."""
+    exactly what the target would.
+
+    draft: a smaller model with the target's tokenizer makes it hierarchical (TriForce): the
+    draft model proposes `draft_tokens` tokens at a time to the sparse target, which keeps
+    what it accepts (speculative sampling of its own) until it holds its chain of
+    `num_tokens` for the dense target."""
     budget: int = 1024
     num_tokens: int = 4
     page_size: int = 16
     recent: int | None = None
+    draft: Model | None = None
+    draft_tokens: int = 2
 
     def __post_init__(self):
         _check_num_tokens(self.num_tokens)
         _check_sparse_settings(self)
+        _check_positive("draft_tokens", self.draft_tokens, "tokens the draft model proposes to the sparse target")
+        if self.draft is not None:
+            _check_draft_model("SparseSelf", self.draft, None, 0)
 
     @property
     def recent_tokens(self) -> int:
@@ -336,8 +347,13 @@ class SparseSelf:
         _check_pages_fit(self, cfg, num_slots)
         recent = self.recent_tokens
         choosing = [i for i in range(cfg.num_hidden_layers) if cfg.window(i) is None]
-        state = init_pages(cfg, batch_size, num_slots, int(self.page_size), int(self.budget), recent, choosing)
-        return SparseSelfDrafter(int(self.num_tokens)), None, state
+        pages = init_pages(cfg, batch_size, num_slots, int(self.page_size), int(self.budget), recent, choosing)
+        if self.draft is None:
+            return SparseSelfDrafter(int(self.num_tokens)), None, pages
+        _check_draft_model("SparseSelf", self.draft, target, num_slots)
+        drafter = TriForceDrafter(self.draft.config, int(self.num_tokens), int(self.draft_tokens))
+        state = TriForceState(pages=pages, cache=init_cache(self.draft.config, batch_size, num_slots, self.draft.dtype))
+        return drafter, self.draft.params, state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,6 +123,10 @@ def test_decode_benchmark_builds_sparse_self_from_its_name():
     assert build("sparse") == spec.SparseSelf(budget=1024, num_tokens=4)
     assert build("sparse:256") == spec.SparseSelf(budget=256, num_tokens=4)
     assert build("sparse:128x6") == spec.SparseSelf(budget=128, num_tokens=6)
+    import jaxdec
+    draft = jaxdec.load("demo-draft")
+    triforce = decode.build_method("triforce:256x6", None, draft, 4, [])
+    assert (triforce.budget, triforce.num_tokens, triforce.draft) == (256, 6, draft)
     assert decode.METHODS["sparse"].startswith("spec.SparseSelf")
     with pytest.raises(ValueError, match="budget"):
         build("sparse:8")

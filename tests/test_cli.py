@@ -24,7 +24,7 @@ def run(capsys, monkeypatch, argv, stdin=None):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("method", ["ar", "draft", "tree", "layerskip", "sparse", "lookup"])
+@pytest.mark.parametrize("method", ["ar", "draft", "tree", "layerskip", "sparse", "triforce", "lookup"])
 def test_streams_the_same_text_as_generate(capsys, monkeypatch, llama_dir, method):
     prompt = "def add(a, b):"
     code, out, err = run(capsys, monkeypatch, ["generate", prompt, "--model", llama_dir, "--draft", llama_dir,

@@ -83,6 +83,47 @@ def test_greedy_equals_plain_on_long_prompts(long_llama, lengths, method):
     _check_long_greedy(long_llama, _long_prompts(lengths, seed=len(lengths)), method)
 
 
+@pytest.fixture(scope="module")
+def long_draft(long_llama):
+    """A noisy copy of long_llama as a draft model: it agrees often, not always."""
+    from jaxdec.loading import model_from_params
+    rng = np.random.default_rng(1)
+    noisy = jax.tree_util.tree_map(
+        lambda x: np.asarray(x) + 0.1 * np.std(np.asarray(x)) * rng.standard_normal(x.shape).astype(np.float32),
+        long_llama.params)
+    return model_from_params(long_llama.config, noisy)
+
+
+@pytest.mark.parametrize("num_tokens, draft_tokens", [(4, 2), (3, 5)])
+def test_hierarchical_greedy_equals_plain_on_long_prompts(long_llama, long_draft, num_tokens, draft_tokens):
+    """TriForce: the draft model drafts for the sparse target, which drafts for the dense one.
+    Ragged rows (batch 3 in a bucket of 4), one stopping early; draft_tokens above num_tokens
+    too (the sparse target then holds its chain after one inner round)."""
+    method = spec.SparseSelf(budget=64, num_tokens=num_tokens, page_size=16, draft=long_draft, draft_tokens=draft_tokens)
+    _check_long_greedy(long_llama, _long_prompts((1500, 600, 1100), seed=4), method)
+
+
+def test_hierarchical_round_copies_no_cache_layer(long_llama, long_draft):
+    from jaxdec import speculative as spec_steps
+    from jaxdec.cache import init_cache
+    from jaxdec.sampling import SamplingParams, row_keys
+    from jaxdec.steps import DecodeState
+
+    B, S = 4, 512
+    cfg = long_llama.config
+    drafter, dparams, dstate = spec.SparseSelf(budget=64, num_tokens=3, draft=long_draft).build(long_llama, B, S)
+    cache = init_cache(cfg, B, S, jnp.float32)
+    lengths = jnp.full((B,), 300, jnp.int32)
+    state = DecodeState(tokens=jnp.zeros((B, S), jnp.int32), lengths=lengths, prompt_lengths=lengths - 1,
+                        done=jnp.zeros((B,), bool), keys=row_keys(0, B), target_steps=jnp.int32(0),
+                        active_row_steps=jnp.int32(0))
+    compiled = spec_steps.speculative_decode.lower(cfg, drafter, long_llama.params, dparams, cache, dstate, state,
+                                                   SamplingParams.create(0.0), jnp.full((4,), -1, jnp.int32),
+                                                   jnp.int32(64)).compile()
+    assert cache_layer_copies(compiled, cache) == 0
+    assert cache_layer_copies(compiled, dstate.cache) == 0
+
+
 def test_budget_covering_the_context_drafts_what_the_target_decodes(long_llama):
     """Every page chosen: the draft is the dense target, so every round is accepted whole;
     a small budget is not (the draft really reads less)."""
@@ -250,7 +291,22 @@ def test_sampled_tokens_follow_the_target_distribution(tiny):
     assert rejects(counts, joint3([target_logits] * 3, {**sampling, "temperature": 1.6}, exact=False))
 
 
+def test_hierarchical_sampled_tokens_follow_the_target_distribution(tiny):
+    """TriForce's two levels of speculative sampling: the draft model's tokens through the
+    sparse target's rule, the sparse target's chain (with its distributions as q) through
+    the dense target's."""
+    sampling = dict(temperature=1.0)
+    method = spec.SparseSelf(budget=32, num_tokens=2, page_size=8, draft=tiny["draft"], draft_tokens=2)
+    target_logits = _prefix_logits(tiny["target"], prompt=LONG_PROMPT)
+    counts, mean_accepted = draw3(tiny["target"], method, sampling, prompt=LONG_PROMPT)
+    check_fit(counts, joint3([target_logits] * 3, sampling), "triforce")
+    assert 1.0 < mean_accepted < 3, mean_accepted
+    assert rejects(counts, joint3([target_logits] * 3, {**sampling, "temperature": 1.6}, exact=False))
+
+
 @pytest.mark.parametrize("kwargs, word", [
+    (dict(draft_tokens=0), "draft_tokens"),
+    (dict(draft="demo-draft"), "SparseSelf needs a jaxdec.Model"),
     (dict(budget=8, page_size=16), "budget=8"),
     (dict(budget=32, page_size=16), "budget=32 is too small.*3 pages"),
     (dict(budget=64, page_size=16, recent=40), "budget=64 is too small.*last 40 tokens.*5 pages"),
@@ -263,6 +319,11 @@ def test_sampled_tokens_follow_the_target_distribution(tiny):
 def test_bad_settings_raise(kwargs, word):
     with pytest.raises(ValueError, match=word):
         spec.SparseSelf(**kwargs)
+
+
+def test_hierarchical_draft_must_share_the_vocabulary(tiny, long_llama):
+    with pytest.raises(ValueError, match="vocabulary"):
+        jaxdec.generate(long_llama, [[5, 6, 7]], max_new_tokens=4, speculative=spec.SparseSelf(budget=64, draft=tiny["draft"]))
 
 
 def test_pallas_kernel_needs_whole_pages(llama):
