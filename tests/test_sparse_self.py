@@ -104,22 +104,8 @@ def test_hierarchical_greedy_equals_plain_on_long_prompts(long_llama, long_draft
 
 
 def test_hierarchical_round_copies_no_cache_layer(long_llama, long_draft):
-    from jaxdec import speculative as spec_steps
-    from jaxdec.cache import init_cache
-    from jaxdec.sampling import SamplingParams, row_keys
-    from jaxdec.steps import DecodeState
-
-    B, S = 4, 512
-    cfg = long_llama.config
-    drafter, dparams, dstate = spec.SparseSelf(budget=64, num_tokens=3, draft=long_draft).build(long_llama, B, S)
-    cache = init_cache(cfg, B, S, jnp.float32)
-    lengths = jnp.full((B,), 300, jnp.int32)
-    state = DecodeState(tokens=jnp.zeros((B, S), jnp.int32), lengths=lengths, prompt_lengths=lengths - 1,
-                        done=jnp.zeros((B,), bool), keys=row_keys(0, B), target_steps=jnp.int32(0),
-                        active_row_steps=jnp.int32(0))
-    compiled = spec_steps.speculative_decode.lower(cfg, drafter, long_llama.params, dparams, cache, dstate, state,
-                                                   SamplingParams.create(0.0), jnp.full((4,), -1, jnp.int32),
-                                                   jnp.int32(64)).compile()
+    compiled, cache, dstate = _compiled_rounds(long_llama, spec.SparseSelf(budget=64, num_tokens=3, draft=long_draft),
+                                               num_slots=512, length=300)
     assert cache_layer_copies(compiled, cache) == 0
     assert cache_layer_copies(compiled, dstate.cache) == 0
 
@@ -216,26 +202,33 @@ def cache_layer_copies(compiled, cache) -> int:
     return sum(shape in line and " copy(" in line for line in compiled.as_text().splitlines())
 
 
-def test_the_round_copies_no_cache_layer(llama):
-    """The compiled SparseSelf round updates the cache in place: the page summaries are folded
-    from the keys the verify step commits, not read back from the cache at the start of the
-    round (which made XLA copy a cache layer twice per draft step)."""
+def _compiled_rounds(target, method, num_slots, length, batch_size=4):
+    """speculative_decode compiled ahead for `method` (greedy, rows at `length` tokens):
+    (the compiled program, the target's cache, the drafter's state)."""
     from jaxdec import speculative as spec_steps
     from jaxdec.cache import init_cache
     from jaxdec.sampling import SamplingParams, row_keys
     from jaxdec.steps import DecodeState
 
-    B, S = 4, 256
-    cfg = llama.config
-    drafter, dparams, dstate = spec.SparseSelf(budget=32, num_tokens=3, page_size=8).build(llama, B, S)
-    cache = init_cache(cfg, B, S, jnp.float32)
-    lengths = jnp.full((B,), 100, jnp.int32)
-    state = DecodeState(tokens=jnp.zeros((B, S), jnp.int32), lengths=lengths, prompt_lengths=lengths - 1,
+    B, cfg = batch_size, target.config
+    drafter, dparams, dstate = method.build(target, B, num_slots)
+    cache = init_cache(cfg, B, num_slots, jnp.float32)
+    lengths = jnp.full((B,), length, jnp.int32)
+    state = DecodeState(tokens=jnp.zeros((B, num_slots), jnp.int32), lengths=lengths, prompt_lengths=lengths - 1,
                         done=jnp.zeros((B,), bool), keys=row_keys(0, B), target_steps=jnp.int32(0),
                         active_row_steps=jnp.int32(0))
-    compiled = spec_steps.speculative_decode.lower(cfg, drafter, llama.params, dparams, cache, dstate, state,
+    compiled = spec_steps.speculative_decode.lower(cfg, drafter, target.params, dparams, cache, dstate, state,
                                                    SamplingParams.create(0.0), jnp.full((4,), -1, jnp.int32),
                                                    jnp.int32(64)).compile()
+    return compiled, cache, dstate
+
+
+def test_the_round_copies_no_cache_layer(llama):
+    """The compiled SparseSelf round updates the cache in place: the page summaries are folded
+    from the keys the verify step commits, not read back from the cache at the start of the
+    round (which made XLA copy a cache layer twice per draft step)."""
+    compiled, cache, _ = _compiled_rounds(llama, spec.SparseSelf(budget=32, num_tokens=3, page_size=8),
+                                          num_slots=256, length=100)
     assert cache_layer_copies(compiled, cache) == 0
 
 
