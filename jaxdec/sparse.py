@@ -1,9 +1,10 @@
 """Sparse attention over the KV cache: what a step that reads only chosen pages carries.
 
 A `SparsePages` holds, per layer, the page summaries of the cache's committed entries
-(`jaxdec.pages`); the selection settings ride along as static fields. A full-attention layer with summaries chooses its pages from its own
-queries (Quest); a layer without them reuses the pages the last choosing layer took
-(TidalDecode), or attends densely when no layer before it chose.
+(`jaxdec.pages`); the selection settings ride along as static fields. A full-attention
+layer with summaries chooses its pages from its own queries (Quest); a layer without them
+reuses the pages the last choosing layer took (TidalDecode), or attends densely when no
+layer before it chose.
 
 Summaries cover only committed entries (slots below `cache.lengths`, written by the dense
 target): computed from the cache after prefill (`summarize_cache`), then folded in from what
@@ -31,16 +32,14 @@ class SparsePages:
     budget: int = struct.field(pytree_node=False)
     recent: int = struct.field(pytree_node=False)
     shared_heads: bool = struct.field(pytree_node=False, default=False)  # one choice for all kv heads
-    # Choose by the step's first token only. A step that checks guesses (TriForce's sparse
-    # target verifying the draft model's tokens) must not let them pick the pages: the
-    # distribution it gives a guess would depend on the guess, and speculative sampling
-    # over it would no longer be exact.
-    by_first_token: bool = struct.field(pytree_node=False, default=False)
 
     def choose(self, layer: int, q, lengths):
-        """Page ids [B, kv_heads, budget // page_size] for layer `layer`'s queries q [B, T, H, D]."""
-        q = q[:, :1] if self.by_first_token else q
-        return pages.select_page_ids(q, self.kmin[layer], self.kmax[layer], lengths, self.page_size, self.budget,
+        """Page ids [B, kv_heads, budget // page_size] for layer `layer`'s queries q [B, T, H, D],
+        chosen by the step's first token alone. A step of several tokens checks guesses
+        (TriForce's sparse target verifying the draft model's): were they to pick the pages,
+        the distribution it gives a guess would depend on the guess, and speculative sampling
+        over it would no longer be exact."""
+        return pages.select_page_ids(q[:, :1], self.kmin[layer], self.kmax[layer], lengths, self.page_size, self.budget,
                                      self.recent, self.shared_heads)
 
 

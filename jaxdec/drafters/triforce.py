@@ -8,7 +8,7 @@ token, until every row holds the chain. Speculative sampling makes each chain to
 given the tokens before it, exactly the sparse target's distribution at its position, which
 goes to the dense verify as q: the dense target's acceptance stays lossless. For that the
 sparse target's distribution must not depend on the guesses it checks, so its pages are
-chosen by the chain's last token alone (`SparsePages.by_first_token`).
+chosen by the chain's last token alone (`SparsePages.choose`).
 
 Caches. The sparse target writes its guesses past the committed length, where the verify
 step overwrites them (as `SparseSelfDrafter` does). The draft model's cache is trusted below
@@ -61,22 +61,20 @@ class TriForceDrafter(Drafter):
         # The chain so far lives in a copy of the token buffer: row b's context is
         # tokens[b, :length[b]], the pending token (the first unverified one) at committed[b].
         wanted = state.lengths + K + 1
-        # Pages chosen by the chain's last token alone, never by the guesses being checked.
-        pages = dstate.pages.replace(by_first_token=True)
 
         def inner_round(carry):
             i, cache, dcache, tokens, probs, length = carry
             live = length < wanted
-            round_keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, i), 3))(keys)
+            inner_keys = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, i), 3))(keys)
             last_two = length[:, None] + jnp.array([-2, -1], jnp.int32)[None, :]
             guess, dcache = draft_chain(self.draft_cfg, dparams, dcache.replace(lengths=length - 2),
-                                        tokens[rows[:, None], last_two], last_two, k, sampling, round_keys[:, 0])
+                                        tokens[rows[:, None], last_two], last_two, k, sampling, inner_keys[:, 0])
             # The sparse target reads the chain's last token and the guesses in one forward.
             step = jnp.concatenate([tokens[rows, length - 1][:, None], guess.tokens], axis=1)
             positions = (length - 1)[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
             logits, _, cache = forward(cfg, params, step, positions, cache.replace(lengths=length - 1),
-                                       causal_mask(B, k + 1), sparse=pages)
-            num_accepted, next_token, _ = accept(logits, guess, sampling, round_keys[:, 1], round_keys[:, 2])
+                                       causal_mask(B, k + 1), sparse=dstate.pages)
+            num_accepted, next_token, _ = accept(logits, guess, sampling, inner_keys[:, 1], inner_keys[:, 2])
             # Row b appends guesses[:num_accepted] and next_token, each with the sparse target's
             # distribution at its position (the law the chain follows).
             j = jnp.arange(k + 1)[None, :]
