@@ -16,7 +16,7 @@ from flax import struct
 
 from jaxdec.cache import KVCache
 from jaxdec.config import ModelConfig
-from jaxdec.model import causal_mask, forward, forward_hidden, lm_head, sequence_logits
+from jaxdec.model import forward, lm_head, prefill_hidden, sequence_logits
 from jaxdec.sampling import SamplingParams, sample
 from jaxdec.sparse import fold_entries, summarize_cache
 
@@ -66,11 +66,7 @@ def prefill_with_hidden(cfg: ModelConfig, params, cache: KVCache, tokens, prompt
     batch padding and start out done.
     """
     B = tokens.shape[0]
-    chunk = tokens[:, :prompt_bucket]
-    positions = jnp.broadcast_to(jnp.arange(prompt_bucket, dtype=jnp.int32), (B, prompt_bucket))
-    cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
-    hidden, cache = forward_hidden(cfg, params, chunk, positions, cache, causal_mask(B, prompt_bucket),
-                                   read_cache=False)
+    hidden, cache = prefill_hidden(cfg, params, cache, tokens, prompt_bucket)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     first = sample(lm_head(cfg, params, last), sampling, keys, jnp.zeros((B,), jnp.int32))
     rows = jnp.arange(B)

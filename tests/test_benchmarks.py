@@ -215,3 +215,22 @@ def test_scaling_model_adds_up(tmp_path):
     saved = json.loads(out.read_text())
     assert "MODEL, not a measurement" in saved["benchmark"] and len(rows) == 2 == len(saved["rows"])
     assert saved["rows"][0]["speedup_vs_one_device"] == 1.0
+
+
+def test_prefill_benchmark_runs_and_chunks_use_less_memory(tmp_path):
+    from benchmarks import prefill
+    out = tmp_path / "prefill.json"
+    rows = prefill.main(["--contexts", "256", "--chunks", "0", "64", "--repeats", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == rows and "machine" in saved and "command" in saved
+    whole, chunked = rows
+    assert whole["one_forward"] and not chunked["one_forward"] and chunked["chunk"] == 64
+    assert chunked["temp_bytes"] < whole["temp_bytes"] and all(r["seconds"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("args", [["--chunks", "-1"], ["--contexts", "0"], ["--contexts", "8192"]])
+def test_prefill_benchmark_refuses_bad_settings(args, capsys):
+    from benchmarks import prefill
+    with pytest.raises(SystemExit):
+        prefill.main(args)
+    assert "--c" in capsys.readouterr().err

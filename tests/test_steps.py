@@ -19,7 +19,7 @@ import pytest
 import jaxdec
 from jaxdec import steps
 from jaxdec.cache import init_cache
-from jaxdec.model import causal_mask, forward
+from jaxdec.model import causal_mask, forward, prefill_hidden
 from jaxdec.sampling import SamplingParams, row_keys
 from tests.hf_models import SLIDING_WINDOW, VOCAB_SIZE
 
@@ -91,6 +91,40 @@ def test_prefill_in_one_step_equals_token_by_token(model):
         np.testing.assert_allclose(logits[live, 0], ref[live, t], atol=TOL, rtol=0)
         cache = cache.replace(lengths=cache.lengths + jnp.asarray(live, jnp.int32))
     np.testing.assert_array_equal(np.asarray(cache.lengths), total)
+
+
+_prefill_hidden = jax.jit(prefill_hidden, static_argnames=("cfg", "prompt_bucket", "chunk"))
+
+
+@pytest.mark.parametrize("chunk", [8, 12])  # dividing the prompt bucket, and not (padded)
+def test_chunked_prefill_equals_one_forward(model, chunk):
+    """A long prompt read in chunks (each attending to the cache the earlier ones wrote) gives
+    one forward's hidden states and cache entries; chunks cross the sliding window (mistral)."""
+    rows = _random_rows([32, 5, 27], seed=11)
+    tokens = np.zeros((len(rows), SLOTS), np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)] = row
+    empty = lambda: init_cache(model.config, len(rows), SLOTS, model.dtype)
+    whole, whole_cache = _prefill_hidden(model.config, model.params, empty(), tokens, prompt_bucket=PREFILL_T,
+                                         chunk=PREFILL_T)
+    chunked, chunked_cache = _prefill_hidden(model.config, model.params, empty(), tokens, prompt_bucket=PREFILL_T,
+                                             chunk=chunk)
+    assert chunked.shape == whole.shape == (len(rows), PREFILL_T, model.config.hidden_size)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=TOL, rtol=0)
+    for a, b in zip(chunked_cache.k + chunked_cache.v, whole_cache.k + whole_cache.v):
+        np.testing.assert_allclose(np.asarray(a)[:, :, :PREFILL_T], np.asarray(b)[:, :, :PREFILL_T], atol=TOL, rtol=0)
+    np.testing.assert_array_equal(np.asarray(chunked_cache.lengths), 0)
+
+
+def test_chunked_prefill_bounds_the_attention_scores(llama):
+    """What chunking is for: its working memory grows with chunk x slots, not prompt^2."""
+    cfg, P = llama.config, llama.config.max_position_embeddings
+    temp = lambda chunk: _prefill_hidden.lower(
+        cfg, llama.params, init_cache(cfg, 2, P, llama.dtype), np.zeros((2, P), np.int32), prompt_bucket=P,
+        chunk=chunk).compile().memory_analysis().temp_size_in_bytes
+    whole, chunked = temp(P), temp(P // 8)
+    scores = 2 * cfg.num_attention_heads * P * P * 4  # one layer's [B, H, P, P] float32 scores
+    assert whole >= scores > 2 * chunked, (whole, chunked, scores)
 
 
 def test_chain_in_one_causal_step_equals_single_steps(model):

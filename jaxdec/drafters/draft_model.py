@@ -13,17 +13,12 @@ from jaxdec.cache import KVCache
 from jaxdec.config import ModelConfig
 from jaxdec.drafters import Drafter
 from jaxdec.drafters.autoregressive import draft_chain
-from jaxdec.model import causal_mask, forward, forward_hidden
+from jaxdec.model import causal_mask, forward, prefill_hidden
 
 
 def prefill_draft_cache(draft_cfg: ModelConfig, weights, cache: KVCache, tokens, prompt_bucket: int) -> KVCache:
     """The draft model's cache after reading the prompts (tokens [B, S], left-aligned)."""
-    B = tokens.shape[0]
-    positions = jnp.broadcast_to(jnp.arange(prompt_bucket, dtype=jnp.int32), (B, prompt_bucket))
-    cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
-    _, cache = forward_hidden(draft_cfg, weights, tokens[:, :prompt_bucket], positions, cache,
-                              causal_mask(B, prompt_bucket), read_cache=False)
-    return cache
+    return prefill_hidden(draft_cfg, weights, cache, tokens, prompt_bucket)[1]
 
 
 class UsesDraftModel:
