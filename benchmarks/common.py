@@ -59,3 +59,11 @@ def write_results(path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def results_payload(benchmark: str, args, rows: list, skip=("out",), **extra_options) -> dict:
+    """What every benchmark's JSON holds: its name, the command, machine, versions and git
+    revision, the options it ran with (`args` without `skip`, plus `extra_options`) and rows."""
+    options = {k: v for k, v in vars(args).items() if k not in skip} | extra_options
+    return {"benchmark": benchmark, "command": command_line(), "machine": machine_info(), "versions": versions(),
+            "git": git_revision(), "options": options, "results": rows}

@@ -132,7 +132,7 @@ def main(argv=None):
     import numpy as np
     from tqdm import tqdm
 
-    from benchmarks.common import command_line, git_revision, machine_info, versions, write_results
+    from benchmarks.common import results_payload, write_results
     from jaxdec import pages
     from pallas_kernels import decode_attention, sparse_attention, tree_attention
 
@@ -230,11 +230,8 @@ def main(argv=None):
                    + "".join(f"  {s} {statistics.median(times[s]) * 1e6:.0f}" for s in times
                              if s.partition("@")[0] in KERNELS))
 
-    payload = {"benchmark": "attention at long context: dense vs sparse (chosen pages) vs split-K, one layer",
-               "command": command_line(), "machine": machine_info(), "versions": versions(),
-               "git": git_revision(), "options": {k: v for k, v in vars(args).items() if k not in ("out", "progress")}
-               | {"shapes": [s[0] for s in shapes], "contexts": contexts},
-               "results": rows}
+    payload = results_payload("attention at long context: dense vs sparse (chosen pages) vs split-K, one layer",
+                              args, rows, skip=("out", "progress"), shapes=[s[0] for s in shapes], contexts=contexts)
     if args.out:
         print(f"wrote {write_results(args.out, payload)}")
     return rows

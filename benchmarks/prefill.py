@@ -42,7 +42,7 @@ def main(argv=None):
     import jax
     import numpy as np
     import jaxdec
-    from benchmarks.common import command_line, git_revision, machine_info, versions, write_results
+    from benchmarks.common import results_payload, write_results
     from jaxdec.cache import init_cache
     from jaxdec.model import prefill_hidden
 
@@ -75,9 +75,7 @@ def main(argv=None):
                 rows.append(row)
                 print(f"context {context} batch {batch} chunk {c:>6}: {best[c]:.3f} s "
                       f"({row['tokens_per_second']:.0f} tok/s), working memory {row['temp_bytes'] / 2**20:.0f} MiB")
-    payload = {"benchmark": "prefill", "command": command_line(), "machine": machine_info(), "versions": versions(),
-               "git": git_revision(), "options": {k: v for k, v in vars(args).items() if k != "out"},
-               "results": rows}
+    payload = results_payload("prefill", args, rows)
     if args.out:
         print(f"wrote {write_results(args.out, payload)}")
     return rows
