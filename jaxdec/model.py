@@ -222,10 +222,12 @@ def forward_hidden(cfg: ModelConfig, params, tokens, positions, cache, step_mask
 PREFILL_CHUNK = 512  # prompt tokens per forward in a long prefill
 
 
-def prefill_hidden(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_bucket: int, chunk: int | None = None):
-    """Reads the first `prompt_bucket` tokens of each row (tokens [B, S], left-aligned) into an
-    empty cache: (hidden [B, prompt_bucket, D], the cache with their entries at slots 0 ..
-    prompt_bucket - 1; its lengths are left at 0 for the caller to set).
+def prefill_hidden(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_bucket: int, chunk: int | None = None,
+                   inputs=None):
+    """Reads the first `prompt_bucket` tokens of each row (tokens [B, S], left-aligned; or input
+    vectors `inputs` [B, S', D] with tokens None, as an EAGLE layer reads) into an empty cache:
+    (hidden [B, prompt_bucket, D], the cache with their entries at slots 0 .. prompt_bucket - 1;
+    its lengths are left at 0 for the caller to set).
 
     A prompt longer than `chunk` (default PREFILL_CHUNK) goes through in chunks, each reading
     the cache the earlier ones wrote, so attention scores are [B, H, chunk, slots] rather than
@@ -233,16 +235,20 @@ def prefill_hidden(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_buck
     heads. The chunks always use the XLA attention (the Pallas kernels are decode kernels).
     """
     chunk = PREFILL_CHUNK if chunk is None else chunk
-    B = tokens.shape[0]
+    source = tokens if inputs is None else inputs
+    B = source.shape[0]
     cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
     if prompt_bucket <= chunk:
         positions = jnp.broadcast_to(jnp.arange(prompt_bucket, dtype=jnp.int32), (B, prompt_bucket))
-        return forward_hidden(cfg, params, tokens[:, :prompt_bucket], positions, cache,
-                              causal_mask(B, prompt_bucket), read_cache=False)
+        head = lambda a: None if a is None else a[:, :prompt_bucket]
+        return forward_hidden(cfg, params, head(tokens), positions, cache, causal_mask(B, prompt_bucket),
+                              read_cache=False, inputs=head(inputs))
     num_chunks = -(-prompt_bucket // chunk)
     # Padding past the buffer is never read: every row's prompt ends by prompt_bucket, and
     # writes past the cache's last slot are dropped.
-    tokens = jnp.pad(tokens, ((0, 0), (0, max(0, num_chunks * chunk - tokens.shape[1]))))
+    pad = lambda a: None if a is None else jnp.pad(
+        a, ((0, 0), (0, max(0, num_chunks * chunk - a.shape[1])), *[(0, 0)] * (a.ndim - 2)))
+    tokens, inputs = pad(tokens), pad(inputs)
     chunk_cfg = dataclasses.replace(cfg, attn_impl="xla")
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
 
@@ -250,9 +256,10 @@ def prefill_hidden(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_buck
         hidden, cache = carry
         start = c * chunk
         positions = start + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (B, chunk))
-        piece = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
-        h, cache = forward_hidden(chunk_cfg, params, piece, positions, cache.replace(lengths=jnp.full((B,), start)),
-                                  causal_mask(B, chunk))
+        piece = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(a, start, chunk, axis=1)
+        h, cache = forward_hidden(chunk_cfg, params, piece(tokens), positions,
+                                  cache.replace(lengths=jnp.full((B,), start)), causal_mask(B, chunk),
+                                  inputs=piece(inputs))
         return jax.lax.dynamic_update_slice_in_dim(hidden, h.astype(dtype), start, axis=1), cache
 
     hidden = jnp.zeros((B, num_chunks * chunk, cfg.hidden_size), dtype)

@@ -59,6 +59,19 @@ def _release_compiled_programs():
     gc.collect()
 
 
+@pytest.fixture
+def small_prefill_chunks(monkeypatch):
+    """Prompts read 4 tokens at a time (jaxdec.model.PREFILL_CHUNK is read when a prefill is
+    traced, so the compiled programs are dropped before and after)."""
+    import jax
+    import jaxdec.model
+    jax.clear_caches()
+    monkeypatch.setattr(jaxdec.model, "PREFILL_CHUNK", 4)
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory):
     """family -> folder of a saved random HF model (with tokenizer.json)."""

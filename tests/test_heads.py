@@ -117,6 +117,16 @@ def test_eagle_cache_holds_pairs_of_true_features(llama, eagle, temperature):
     """After rounds, the EAGLE layer's cache below `fed` is what the layer computes over the
     committed tokens paired with the target's true features (no predicted feature stays in
     it), and the kept features are the target's at positions fed - 1 .. lengths - 2."""
+    _check_eagle_cache(llama, eagle, temperature)
+
+
+def test_eagle_cache_after_a_chunked_prefill(llama, eagle, small_prefill_chunks):
+    """The same with the prompts (bucket 16) read 4 tokens at a time, by the target and the
+    EAGLE layer alike."""
+    _check_eagle_cache(llama, eagle, 0.0)
+
+
+def _check_eagle_cache(llama, eagle, temperature):
     from jaxdec.cache import init_cache
     from jaxdec.model import causal_mask
 

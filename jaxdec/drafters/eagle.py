@@ -27,8 +27,8 @@ from flax import struct
 from jaxdec.cache import KVCache
 from jaxdec.drafters import Drafter
 from jaxdec.drafters.draft_tree import grow_tree
-from jaxdec.heads import HeadsConfig, eagle_forward
-from jaxdec.model import causal_mask, lm_head
+from jaxdec.heads import HeadsConfig, eagle_forward, eagle_inputs
+from jaxdec.model import causal_mask, lm_head, prefill_hidden
 
 
 @struct.dataclass
@@ -56,11 +56,9 @@ class EagleDrafter(Drafter):
 
     def prefill(self, cfg, params, dparams, dstate, cache, tokens, prompt_lengths, prompt_bucket, features):
         B, P = tokens.shape[0], prompt_bucket
-        positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
         shifted = jnp.concatenate([jnp.zeros_like(features[:, :1]), features[:, :P - 1]], axis=1)
-        cache = dstate.cache.replace(lengths=jnp.zeros_like(dstate.cache.lengths))
-        _, cache = eagle_forward(self.heads, params, dparams, shifted, tokens[:, :P], positions, cache,
-                                 causal_mask(B, P), read_cache=False)
+        pairs = eagle_inputs(params, dparams, shifted, tokens[:, :P])
+        _, cache = prefill_hidden(self.heads.layer, dparams["layer"], dstate.cache, None, P, inputs=pairs)
         # The pending token's pair (its feature: the last prompt position's) is read next round.
         last = features[jnp.arange(B), prompt_lengths - 1]
         return dstate.replace(cache=cache, features=jnp.zeros_like(dstate.features).at[:, 0].set(last),
