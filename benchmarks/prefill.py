@@ -61,13 +61,13 @@ def main(argv=None):
             compiled = {c: run.lower(cfg, model.params, empty(), tokens, prompt_bucket=context, chunk=c).compile()
                         for c in chunks}
             best = dict.fromkeys(chunks, float("inf"))
-            for _ in range(args.repeats + 1):  # the first pass warms up
+            for timed in [False] + [True] * args.repeats:  # the first pass warms up
                 for c in chunks:
                     cache = empty()
                     start = time.perf_counter()
                     jax.block_until_ready(compiled[c](model.params, cache, tokens))
-                    seconds = time.perf_counter() - start
-                    best[c] = best[c] if _ == 0 else min(best[c], seconds)
+                    if timed:
+                        best[c] = min(best[c], time.perf_counter() - start)
             for c in chunks:
                 row = {"context": context, "batch_size": batch, "chunk": c, "one_forward": c >= context,
                        "seconds": best[c], "tokens_per_second": batch * context / best[c],

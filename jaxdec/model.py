@@ -235,8 +235,7 @@ def prefill_hidden(cfg: ModelConfig, params, cache: KVCache, tokens, prompt_buck
     heads. The chunks always use the XLA attention (the Pallas kernels are decode kernels).
     """
     chunk = PREFILL_CHUNK if chunk is None else chunk
-    source = tokens if inputs is None else inputs
-    B = source.shape[0]
+    B = (tokens if inputs is None else inputs).shape[0]
     cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
     if prompt_bucket <= chunk:
         positions = jnp.broadcast_to(jnp.arange(prompt_bucket, dtype=jnp.int32), (B, prompt_bucket))

@@ -226,3 +226,12 @@ def test_two_processes_run_the_cli_as_one_program(reference):
     text = jaxdec.load("demo-target").tokenizer.decode(reference["single"][0], skip_special_tokens=True)
     assert PROMPTS[0] + text in outs[0][0]
     assert "[draft]" in outs[0][1] and "[draft]" not in outs[1][1]  # process 0 speaks for both
+
+
+def test_chunked_prefill_on_a_mesh_equals_one_device(on_mesh, tiny, small_prefill_chunks):
+    """Prompts read 4 tokens at a time (a lax.fori_loop over chunks) by the sharded target and
+    draft: the cache stays sharded and donated (an unusable donation is an error here)."""
+    target, draft, _, _ = on_mesh("2x4")
+    out = jaxdec.generate(target, ROWS, max_new_tokens=MAX_NEW, stop_token_ids=[],
+                          speculative=jaxdec.spec.DraftModel(draft, num_tokens=3))
+    assert out.tokens == tiny["plain"]
