@@ -17,9 +17,11 @@ shapes; and lowered for CUDA through Pallas's Triton lowering (on a machine with
 `jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))`), at shapes up to a 65-node
 tree over 32k slots. Not yet verified: compiling and running it on a GPU or TPU (no device
 has been lent so far). The loop reads the cache through `pl.ds` slices of a whole-row block,
-the shape the Triton lowering handles (on a GPU it is the default here, see
-`gpu_compiler_params`); Mosaic GPU and real TPUs want explicit pipelining over cache blocks
-instead, and `lengths` in scalar memory (scalar prefetch) on TPU.
+the shape the Triton lowering handles (see `gpu_compiler_params`); on a GPU, bfloat16 and
+float16 go to `tree_attention_mgpu.py` instead, the same attention written for Mosaic GPU
+(JAX 0.11's default lowering; Triton is deprecated there), with the cache blocks pipelined
+through shared memory and the products on the tensor cores. Real TPUs want explicit
+pipelining over cache blocks too, and `lengths` in scalar memory (scalar prefetch).
 """
 
 from __future__ import annotations
@@ -43,13 +45,22 @@ def reference(q, k_cache, v_cache, lengths, k_new, v_new, step_mask):
 def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s: int = 128, interpret=None,
                    compiler_params=None):
     """q: [B, T, H, D]; k_cache, v_cache: [B, Hkv, S, D]; lengths: int32 [B];
-    k_new, v_new: [B, T, Hkv, D]; step_mask: bool [B, T, T]. Returns [B, T, H, D]."""
+    k_new, v_new: [B, T, Hkv, D]; step_mask: bool [B, T, T]. Returns [B, T, H, D].
+
+    On a GPU, bfloat16/float16 with head_dim a multiple of 64 goes to the Mosaic GPU kernel
+    (`tree_attention_mgpu`, blocks of 64 slots); other dtypes, or `compiler_params` given,
+    to this module's kernel through Triton."""
     B, T, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
     block_s = min(block_s, S)
     if S % block_s:
         raise ValueError(f"cache slots S={S} must be a multiple of block_s={block_s}")
+    on_gpu = interpret is None and compiler_params is None and jax.default_backend() == "gpu"
+    if on_gpu:
+        from pallas_kernels import tree_attention_mgpu as mgpu
+        if mgpu.supports(q.dtype, D) and S % 64 == 0:
+            return mgpu.tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, block_s=64)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     q_rows, k_step, v_step, mask_rows = query_rows(q, k_new, v_new, step_mask)
@@ -75,26 +86,32 @@ def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, blo
         interpret=interpret,
         compiler_params=compiler_params,
     )(lengths.astype(jnp.int32), q_rows, k_cache, v_cache, k_step, v_step, mask_rows)
-    T = M // G
-    return out[:, :, :M].reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+    return from_rows(out, M // G, H)
 
 
-def query_rows(q, k_new, v_new, step_mask):
+def query_rows(q, k_new, v_new, step_mask, pad_rows=None, pad_tokens=None):
     """The kernels' operands per (row, kv head): query rows [B, Hkv, M_pad, D] (row g*T + t is
     head g of token t, scaled by D**-0.5), the step's keys and values [B, Hkv, T_pad, D] and
     the step mask per query row, int32 [B, M_pad, T_pad]. Rows and step tokens are padded to
-    powers of two (the Triton lowering's rule; padded rows see no step token and are dropped,
-    padded step tokens are masked for every row)."""
+    `pad_rows(G*T)` and `pad_tokens(T)`, by default powers of two (the Triton lowering's rule);
+    padded rows see no step token and are dropped, padded step tokens are masked for every row."""
     B, T, H, D = q.shape
     Hkv = k_new.shape[2]
     G = H // Hkv
-    M, M_pad, T_pad = G * T, _power_of_two(G * T), _power_of_two(T)
+    M, M_pad, T_pad = G * T, (pad_rows or _power_of_two)(G * T), (pad_tokens or _power_of_two)(T)
     rows = lambda x: x.reshape(B, T, Hkv, -1, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, -1, D)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
     q_rows = pad(rows(q) * jnp.asarray(D ** -0.5, q.dtype), M_pad)
     mask_rows = jnp.broadcast_to(step_mask[:, None], (B, G, T, T)).reshape(B, M, T).astype(jnp.int32)
     mask_rows = jnp.pad(mask_rows, ((0, 0), (0, M_pad - M), (0, T_pad - T)))
     return q_rows, pad(rows(k_new), T_pad), pad(rows(v_new), T_pad), mask_rows
+
+
+def from_rows(out, T: int, H: int):
+    """The kernels' output [B, Hkv, M_pad, D] per query row back to [B, T, H, D]."""
+    B, Hkv, _, D = out.shape
+    G = H // Hkv
+    return out[:, :, :G * T].reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 def _power_of_two(n: int) -> int:

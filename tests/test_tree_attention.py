@@ -131,3 +131,64 @@ def test_kernel_lowers_for_a_gpu(shape):
     run = jax.jit(lambda *a: tree_attention(*a, interpret=False, compiler_params=params))
     text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
+
+
+# The Mosaic GPU kernel (tree_attention_mgpu.py): the GPU interpreter on CPU, and lowering.
+
+def _gpu_interpreter():
+    """Mosaic GPU's interpreter: simulated shared memory, TMA copies and barriers on CPU
+    (private in JAX 0.10; nothing public names it yet)."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()
+
+
+def _abstract(B, T, H, Hkv, D, S, dtype=jnp.bfloat16):
+    spec = lambda *s, dtype=dtype: jax.ShapeDtypeStruct(s, dtype)
+    return (spec(B, T, H, D), spec(B, Hkv, S, D), spec(B, Hkv, S, D), spec(B, dtype=jnp.int32),
+            spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, S, lengths", [
+    (3, 9, 8, 2, 64, 192, [0, 192, 70]),      # GQA 4, depth up to 8; empty, full and mid-block prefixes
+    (2, 5, 8, 1, 128, 128, [64, 1]),          # GQA 8, head_dim 128; a prefix ending on a block edge
+    (1, 70, 4, 2, 64, 128, [100]),            # 140 query rows (3 tiles), 70 step tokens (2 blocks)
+], ids=["gqa4-ragged", "gqa8-d128", "three-tiles"])
+def test_mosaic_gpu_kernel_matches_reference(B, T, H, Hkv, D, S, lengths):
+    from pallas_kernels.tree_attention_mgpu import tree_attention_mgpu
+    rng = np.random.default_rng(T + S)
+    args = _case(rng, B, T, H, Hkv, D, S, dtype=jnp.bfloat16, lengths=lengths)
+    got = tree_attention_mgpu(*args, interpret=_gpu_interpreter())
+    assert got.dtype == jnp.bfloat16 and got.shape == (B, T, H, D)
+    want = reference(*args)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)
+
+
+def test_mosaic_gpu_kernel_lowers_for_a_gpu():
+    """Through Mosaic GPU at an 8B model's shapes: a 65-node tree over 32k slots (5 row tiles
+    of GQA 4, 2 blocks of step tokens)."""
+    from pallas_kernels.tree_attention_mgpu import tree_attention_mgpu
+    text = jax.jit(tree_attention_mgpu).trace(*_abstract(1, 65, 32, 8, 128, 32768)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "triton" not in text
+
+
+@pytest.mark.parametrize("dtype, lowering", [(jnp.bfloat16, "mosaic_gpu"), (jnp.float32, "__gpu$xla.gpu.triton")])
+def test_a_gpu_takes_the_mosaic_kernel_for_half_precision(monkeypatch, dtype, lowering):
+    """What `tree_attention` picks on a GPU backend (the backend query answers "gpu" here)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    run = jax.jit(tree_attention)
+    text = run.trace(*_abstract(2, 5, 4, 2, 64, 256, dtype)).lower(lowering_platforms=("cuda",)).as_text()
+    assert lowering in text
+
+
+@pytest.mark.parametrize("dtype, D, S, block_s, match", [
+    (jnp.float32, 64, 128, 64, "dtype=float32"),
+    (jnp.bfloat16, 32, 128, 64, "head_dim=32"),
+    (jnp.bfloat16, 64, 128, 96, "block_s=96"),
+    (jnp.bfloat16, 64, 192, 128, "S=192"),
+])
+def test_mosaic_gpu_kernel_refuses_what_it_cannot_run(dtype, D, S, block_s, match):
+    from pallas_kernels.tree_attention_mgpu import tree_attention_mgpu
+    args = _case(np.random.default_rng(0), 1, 3, 2, 1, D, S, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        tree_attention_mgpu(*args, block_s=block_s)

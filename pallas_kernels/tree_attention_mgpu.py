@@ -1,0 +1,147 @@
+"""Tree attention for Hopper GPUs through Mosaic GPU, JAX 0.11's default Pallas GPU lowering.
+
+The same attention as `tree_attention.tree_attention` (and its `reference`): the T in-step
+tokens of a row attend to its cached prefix (slots < lengths[b]) and to the in-step tokens
+`step_mask` allows. The query rows of the G query heads that share a kv head are one matrix
+(row g * T + t is head g of token t), cut into tiles of 64 rows, one warpgroup's tensor-core
+(wgmma) tile. One program per (row tile, kv head, batch row):
+  1. a pipeline of TMA copies brings the prefix's cache blocks (`block_s` slots of keys and
+     values) into shared memory, two in flight, over only the blocks that hold part of the
+     prefix (a grid of ceil(length / block_s) steps, known at run time);
+  2. for each block, scores = q k^T and p v on the tensor cores, folded into a running
+     softmax (max, sum, output accumulator in registers, float32);
+  3. the step's own keys and values go through the same fold, in blocks of `block_s`
+     tokens, with the tree mask added as a 0 / -inf bias;
+  4. the output, normalised, back through shared memory.
+Unlike the `pl.pallas_call` kernel (Triton on GPU), nothing stages a whole row's cache in
+shared memory, which does not fit past ~400 slots of head_dim 128. The program's grid puts
+the row tiles fastest, so the tiles of one (kv head, row) run together and share the cache
+blocks through L2; the cache is read from memory once per tile otherwise (a tree of 64 nodes
+at GQA 4 is 260 query rows, 5 tiles).
+
+Needs bfloat16 or float16 (the tensor cores' types; float32 goes to the Triton kernel) and
+head_dim a multiple of 64 (128-byte swizzled rows). Checked on CPU (tests/
+test_tree_attention.py): lowering for CUDA, and the Mosaic GPU interpreter against the
+reference. That interpreter (JAX 0.10) runs neither wgmma on a transposed operand nor
+layout casts, so under it the two products are `jnp.dot` on the blocks it copied and the
+layouts are left to it; the pipeline, the masks, the softmax and the copies are the
+kernel's own. Not yet verified: compiling and running it on a GPU (none has been lent).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.tree_attention import from_rows, query_rows
+
+TILE_ROWS = 64                      # query rows per program: one warpgroup's wgmma tile
+DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def supports(dtype, head_dim: int) -> bool:
+    """Whether this kernel takes queries of `dtype` and `head_dim`."""
+    return jnp.dtype(dtype) in map(jnp.dtype, DTYPES) and head_dim % 64 == 0
+
+
+def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s: int = 64,
+                        interpret=None):
+    """q: [B, T, H, D]; k_cache, v_cache: [B, Hkv, S, D]; lengths: int32 [B];
+    k_new, v_new: [B, T, Hkv, D]; step_mask: bool [B, T, T]. Returns [B, T, H, D].
+    `interpret`: None compiles for the GPU; the Mosaic GPU interpreter's params run it on CPU."""
+    B, T, H, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    dtype = q.dtype
+    if not supports(dtype, D):
+        raise ValueError(f"the Mosaic GPU tree kernel takes bfloat16 or float16 with head_dim a multiple of 64, "
+                         f"got dtype={jnp.dtype(dtype).name}, head_dim={D}")
+    if block_s % 64 or S % block_s:
+        raise ValueError(f"block_s={block_s} must be a multiple of 64 that divides the cache slots S={S}")
+    round_up = lambda n, m: -(-n // m) * m
+    q_rows, k_step, v_step, mask_rows = query_rows(q, k_new, v_new, step_mask,
+                                                   pad_rows=lambda n: round_up(n, TILE_ROWS),
+                                                   pad_tokens=lambda n: round_up(n, block_s))
+    bias = jnp.where(mask_rows != 0, 0.0, -jnp.inf).astype(jnp.float32)       # [B, M_pad, T_pad]
+    M_pad, T_pad = q_rows.shape[2], k_step.shape[2]
+    interpreting = interpret is not None
+
+    # wgmma reads its shared-memory operands in 128-byte swizzled tiles of 8 rows.
+    swizzled = lambda itemsize: (plgpu.TilingTransform((8, 128 // itemsize)), plgpu.SwizzleTransform(128))
+    kv_block = lambda: plgpu.BlockSpec((block_s, D), lambda i: (i, 0), transforms=swizzled(jnp.dtype(dtype).itemsize))
+    bias_block = plgpu.BlockSpec((TILE_ROWS, block_s), lambda j: (0, j), transforms=swizzled(4))
+    wgmma_layout = (lambda x, layout: x) if interpreting else plgpu.layout_cast
+
+    def product(a, b_smem, transpose_b=False):
+        """a [64, K] (in shared memory or registers) @ b_smem [K, N] (or its transpose) in float32."""
+        if interpreting:
+            b = b_smem[...]
+            return jnp.dot(a, b.T if transpose_b else b, preferred_element_type=jnp.float32)
+        N = b_smem.shape[0] if transpose_b else b_smem.shape[1]
+
+        def on_tensor_cores(acc_ref):
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem)
+            return acc_ref[...]
+        return pl.run_scoped(on_tensor_cores, plgpu.ACC((TILE_ROWS, N), jnp.float32))
+
+    def slot_ids(start):
+        shape = (TILE_ROWS, block_s)
+        if interpreting:
+            return start + lax.broadcasted_iota(jnp.int32, shape, 1)
+        return start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+
+    def fold(q_smem, keys_smem, values_smem, carry, visible):
+        """One block into the running softmax (max [64], sum [64], output [64, D])."""
+        top, total, acc = carry
+        q = q_smem[...] if interpreting else q_smem                             # wgmma reads q in shared memory
+        scores = visible(product(q, keys_smem, transpose_b=True))          # [64, block_s], -inf where hidden
+        new_top = jnp.maximum(top, scores.max(axis=1))
+        # A row that has seen only hidden keys keeps top = -inf; shift by 0 then (exp(-inf) = 0).
+        shift = jnp.where(new_top == -jnp.inf, 0.0, new_top)
+        weights = jnp.exp(scores - lax.broadcast_in_dim(shift, scores.shape, [0]))
+        rescale = jnp.exp(top - shift)
+        total = total * rescale + weights.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0]) + product(weights.astype(dtype), values_smem)
+        return new_top, total, acc
+
+    def kernel(lengths_gmem, q_gmem, k_gmem, v_gmem, k_step_gmem, v_step_gmem, bias_gmem, out_gmem):
+        tile, h, b = lax.axis_index("tile"), lax.axis_index("kv_head"), lax.axis_index("row")
+        length = lengths_gmem[b]
+        rows = pl.ds(tile * TILE_ROWS, TILE_ROWS)
+
+        def with_buffers(q_smem, out_smem, q_ready):
+            plgpu.copy_gmem_to_smem(q_gmem.at[b, h, rows], q_smem, q_ready.at[0])
+            plgpu.barrier_wait(q_ready.at[0])
+            carry = (wgmma_layout(jnp.full((TILE_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                     wgmma_layout(jnp.zeros((TILE_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                     wgmma_layout(jnp.zeros((TILE_ROWS, D), jnp.float32), plgpu.Layout.WGMMA))
+
+            def cache_block(index, keys_smem, values_smem, carry):
+                slots = slot_ids(index[0] * block_s)
+                return fold(q_smem, keys_smem, values_smem, carry, lambda s: jnp.where(slots < length, s, -jnp.inf))
+
+            def step_block(index, keys_smem, values_smem, bias_smem, carry):
+                return fold(q_smem, keys_smem, values_smem, carry, lambda s: s + bias_smem[...])
+
+            carry = plgpu.emit_pipeline(cache_block, grid=(pl.cdiv(length, block_s),), in_specs=[kv_block(), kv_block()],
+                                        max_concurrent_steps=2, init_carry=carry)(k_gmem.at[b, h], v_gmem.at[b, h])
+            _, total, acc = plgpu.emit_pipeline(
+                step_block, grid=(T_pad // block_s,), in_specs=[kv_block(), kv_block(), bias_block],
+                max_concurrent_steps=2, init_carry=carry)(k_step_gmem.at[b, h], v_step_gmem.at[b, h],
+                                                          bias_gmem.at[b, rows])
+            # Every token sees itself, so total > 0 (padding rows, dropped below, may see nothing).
+            out_smem[...] = (acc / lax.broadcast_in_dim(total, acc.shape, [0])).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[b, h, rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        tile_buffer = lambda: plgpu.SMEM((TILE_ROWS, D), dtype, transforms=swizzled(jnp.dtype(dtype).itemsize))
+        pl.run_scoped(with_buffers, tile_buffer(), tile_buffer(), plgpu.Barrier(num_barriers=1))
+
+    out = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((B, Hkv, M_pad, D), dtype),
+                       grid=(M_pad // TILE_ROWS, Hkv, B), grid_names=("tile", "kv_head", "row"),
+                       compiler_params=plgpu.CompilerParams(), interpret=interpret,
+                       )(lengths.astype(jnp.int32), q_rows, k_cache, v_cache, k_step, v_step, bias)
+    return from_rows(out, T, H)
