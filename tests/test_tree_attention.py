@@ -44,10 +44,12 @@ def test_ragged_lengths_at_the_edges_and_chains():
     np.testing.assert_allclose(np.asarray(tree_attention(*args, block_s=16)), np.asarray(reference(*args)), atol=2e-5)
 
 
-def test_bfloat16_inputs():
+@pytest.mark.parametrize("T, D, S, block_s", [(7, 32, 64, 32), (20, 64, 128, 64)])
+def test_bfloat16_inputs(T, D, S, block_s):
+    """(On a GPU the second case runs the Mosaic GPU kernel, the first the Triton one.)"""
     rng = np.random.default_rng(2)
-    args = _case(rng, 2, 7, 4, 2, 32, 64, dtype=jnp.bfloat16)
-    got = tree_attention(*args, block_s=32)
+    args = _case(rng, 2, T, 4, 2, D, S, dtype=jnp.bfloat16)
+    got = tree_attention(*args, block_s=block_s)
     assert got.dtype == jnp.bfloat16
     want = reference(*args)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)
