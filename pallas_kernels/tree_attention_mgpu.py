@@ -14,10 +14,14 @@ tokens of a row attend to its cached prefix (slots < lengths[b]) and to the in-s
      tokens, with the tree mask added as a 0 / -inf bias;
   4. the output, normalised, back through shared memory.
 Unlike the `pl.pallas_call` kernel (Triton on GPU), nothing stages a whole row's cache in
-shared memory, which does not fit past ~400 slots of head_dim 128. The program's grid puts
-the row tiles fastest, so the tiles of one (kv head, row) run together and share the cache
-blocks through L2; the cache is read from memory once per tile otherwise (a tree of 64 nodes
-at GQA 4 is 260 query rows, 5 tiles).
+shared memory, which does not fit past ~400 slots of head_dim 128. Up to 64 query rows (16
+tree tokens at GQA 4) one program reads the row's cache once for all of them. Past that the
+row tiles of one (kv head, row) are separate programs: one program cannot keep them all,
+since each tile's float32 accumulator [64, 128] takes 64 registers of each of its 128
+threads, and a 64-node tree at GQA 4 (260 rows, 5 tiles) would need more registers than an
+SM has. The grid puts the row tiles fastest, so the tiles of one (kv head, row) run side by
+side over the same cache blocks, and L2 can serve a block to all of them after one read from
+memory (how well it does is for a GPU to measure).
 
 Needs bfloat16 or float16 (the tensor cores' types; float32 goes to the Triton kernel) and
 head_dim a multiple of 64 (128-byte swizzled rows). Checked on CPU (tests/
