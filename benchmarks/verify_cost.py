@@ -97,6 +97,9 @@ def main(argv=None):
     parser.add_argument("--max-draft", type=int, default=7, help="largest k (verify of k + 1 tokens)")
     parser.add_argument("--tree-tokens", type=int, nargs="*", default=[],
                         help="also time verify steps of these many tokens (tree nodes + 1), e.g. 17 33 65")
+    parser.add_argument("--attn-impl", choices=("xla", "pallas"), default="xla",
+                        help="the models' attention: the XLA reference or the Pallas kernels (tree attention for "
+                             "verifies, split-K decode attention for 1-token steps over 1024+ slots)")
     parser.add_argument("--acceptance", type=float, nargs="+", default=[0.6, 0.8])
     parser.add_argument("--iterations", type=int, default=20, help="steps per timed loop")
     parser.add_argument("--repeats", type=int, default=3)
@@ -117,7 +120,8 @@ def main(argv=None):
     from jaxdec.model import init_params
 
     dtype = jnp.dtype(args.dtype)
-    target_cfg, draft_cfg = ModelConfig(**SHAPES[args.target_shape]), ModelConfig(**SHAPES[args.draft_shape])
+    target_cfg, draft_cfg = (ModelConfig(**SHAPES[shape], attn_impl=args.attn_impl)
+                             for shape in (args.target_shape, args.draft_shape))
     widest = max([args.max_draft + 1, *args.tree_tokens])
     if args.context + widest > min(target_cfg.max_position_embeddings, draft_cfg.max_position_embeddings):
         parser.error(f"--context {args.context} plus {widest} tokens exceeds the models' context")
@@ -150,7 +154,7 @@ def main(argv=None):
 
     result = {
         "target_shape": args.target_shape, "draft_shape": args.draft_shape, "dtype": args.dtype,
-        "batch_size": args.batch_size, "context": args.context,
+        "batch_size": args.batch_size, "context": args.context, "attn_impl": args.attn_impl,
         "target_step_ms": {str(T): s * 1e3 for T, s in target_seconds.items()},
         "verify_over_step": {str(T): s / t1 for T, s in target_seconds.items()},
         "draft_step_ms": draft_seconds * 1e3,

@@ -15,6 +15,21 @@ def test_expected_tokens_matches_the_geometric_series():
     assert verify_cost.expected_tokens(1.0, 4) == 5.0
 
 
+def test_verify_cost_times_the_pallas_kernels_too(tmp_path, monkeypatch):
+    """--attn-impl pallas: the steps run the tree-attention kernel (interpret mode on CPU)."""
+    from pallas_kernels import tree_attention as kernel_module
+    calls = []
+    kernel = kernel_module.tree_attention
+    monkeypatch.setattr(kernel_module, "tree_attention", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+    out = tmp_path / "cost.json"
+    result = verify_cost.main(["--target-shape", "llama-10m", "--draft-shape", "llama-10m", "--dtype", "float32",
+                               "--context", "16", "--max-draft", "1", "--tree-tokens", "3", "--iterations", "1",
+                               "--repeats", "1", "--attn-impl", "pallas", "--out", str(out)])
+    assert result["attn_impl"] == "pallas" and set(result["target_step_ms"]) == {"1", "2", "3"}
+    assert {shape[1] for shape in calls} == {1, 2, 3}  # traced for every step width (each layer)
+    assert json.loads(out.read_text())["result"]["attn_impl"] == "pallas"
+
+
 def test_formula_speedup_is_tokens_per_round_over_round_cost():
     # Free drafts and a verify as cheap as a step: the speedup is the tokens per round.
     assert verify_cost.formula_speedup(0.8, 4, 1.0, 1.0, 0.0) == pytest.approx(3.3616)
