@@ -234,6 +234,8 @@ def main(argv=None):
     parser.add_argument("--category", "--prompt-set", dest="category", default="code",
                         help="comma-separated prompt categories: code, rewrite, qa, free (or all)")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--attn-impl", choices=("xla", "pallas"), default="xla",
+                        help="the target's attention (jaxdec.load's attn_impl): on a CPU pallas runs interpreted")
     parser.add_argument("--mesh", nargs="+", default=None,
                         help="one or more meshes, e.g. data=1,model=8 data=2,model=4 (none: one device)")
     parser.add_argument("--cpu-devices", type=int, default=None,
@@ -275,7 +277,7 @@ def main(argv=None):
         parser.error(str(err))
     results = []
     for shape, mesh in meshes:
-        target = jaxdec.load(args.target, mesh=mesh)
+        target = jaxdec.load(args.target, mesh=mesh, attn_impl=args.attn_impl)
         if target.tokenizer is None:
             parser.error(f"--target {args.target!r} has no tokenizer; the prompts are text")
         draft = jaxdec.load(args.draft, mesh=mesh) if any(m.startswith(("draft", "tree", "triforce")) for m in methods) else None

@@ -14,6 +14,8 @@
 #               1..4 tokens and the 9/17/65-token verifies (goal: 65 tokens <= 1.2x one; each
 #               width is a 32-layer program to compile, so few widths);
 #   verify_pallas the same through the Pallas kernels (attn_impl="pallas"): 1, 2 and 65 tokens;
+#   decode      the demo pair end to end with attn_impl="pallas" (float32: the Triton tree
+#               kernel in every verify): tokens/s, and every method's tokens equal plain decoding's;
 #   long        one layer's attention at 8B shapes up to 128k slots: dense, sparse and the
 #               kernels (split-K decode, sparse pages, tree).
 set -u
@@ -33,14 +35,16 @@ step() {  # step NAME SECONDS COMMAND...
   tail -n 25 "$OUT/$name.log"
 }
 
-step kernels 90 python -m pytest -q -p no:xdist -o addopts="-ra" tests/test_tree_attention.py \
+step kernels 80 python -m pytest -q -p no:xdist -o addopts="-ra" tests/test_tree_attention.py \
     tests/test_decode_attention.py tests/test_sparse_attention.py
-step tree 130 python benchmarks/tree_attention.py --contexts 1024 4096 16384 32768 --nodes 16 32 64 \
+step tree 120 python benchmarks/tree_attention.py --contexts 1024 4096 16384 32768 --nodes 16 32 64 \
     --dtype bfloat16 --out "$OUT/tree_attention_$gpu.json"
-step verify 150 python benchmarks/verify_cost.py --target-shape llama3-8b --draft-shape llama3.2-1b \
+step verify 140 python benchmarks/verify_cost.py --target-shape llama3-8b --draft-shape llama3.2-1b \
     --dtype bfloat16 --context 1024 --max-draft 3 --tree-tokens 9 17 65 --out "$OUT/verify_cost_$gpu.json"
-step verify_pallas 90 python benchmarks/verify_cost.py --target-shape llama3-8b --draft-shape llama3.2-1b \
+step verify_pallas 80 python benchmarks/verify_cost.py --target-shape llama3-8b --draft-shape llama3.2-1b \
     --dtype bfloat16 --context 1024 --max-draft 1 --tree-tokens 65 --attn-impl pallas \
     --out "$OUT/verify_cost_pallas_$gpu.json"
-step long 90 python benchmarks/long_context_attention.py --shapes llama3-8b --contexts 4096 32768 131072 \
+step decode 60 python benchmarks/decode.py --methods ar,draft:8,tree:16x2x16,eagle:8x3x16 --category code \
+    --num-prompts 4 --repeats 2 --attn-impl pallas --no-progress --out "$OUT/decode_code_b1_pallas_$gpu.json"
+step long 80 python benchmarks/long_context_attention.py --shapes llama3-8b --contexts 4096 32768 131072 \
     --batch-sizes 1 --no-progress --out "$OUT/long_context_attention_$gpu.json"

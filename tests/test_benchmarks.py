@@ -187,6 +187,22 @@ def test_prompt_set_has_every_category_and_honours_the_context():
         assert len(decode.prompt_ids(tokenizer, items[0], 0)) == task
 
 
+def test_decode_benchmark_runs_the_pallas_kernels(tmp_path, monkeypatch):
+    """--attn-impl pallas loads the target with the Pallas attention (interpreted on CPU; plain
+    decoding only: the speculative loop's program is huge with the interpreted kernel inside)."""
+    from benchmarks import decode
+    from pallas_kernels import tree_attention as kernel_module
+    calls = []
+    kernel = kernel_module.tree_attention
+    monkeypatch.setattr(kernel_module, "tree_attention", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+    out = tmp_path / "bench.json"
+    decode.main(["--methods", "ar", "--num-prompts", "1", "--max-new-tokens", "4", "--context", "16",
+                 "--repeats", "1", "--attn-impl", "pallas", "--no-progress", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["attn_impl"] == "pallas" and saved["methods"][0]["new_tokens"] == 4
+    assert calls  # the kernel was traced into the decoding program
+
+
 @pytest.mark.parametrize("args", [["--context", "16,x"], ["--batch-size", "0"], ["--category", "poetry"],
                                   ["--mesh", "data=64,model=2"], ["--methods", "ar,telepathy"],
                                   ["--cpu-devices", "0"], ["--methods", "ar,sparse:8"], ["--methods", "sparse:abc"]])
