@@ -25,7 +25,9 @@ the Pallas interpreter on CPU, the TPU interpreter (`interpret=pltpu.InterpretPa
 without a GPU (`jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))`), up to one decode
 token over 32k slots of head_dim 128 in bfloat16. Not verified: compiling and running on a GPU
 or TPU (no device was lent), hence neither its speed nor the default `num_splits` heuristic,
-which assumes an H100/H200-sized GPU. Known gaps: the splits cover the cache's slots, not the
+which assumes an H100/H200-sized GPU. On a GPU, bfloat16/float16 with head_dim a multiple of
+64 goes to `tree_attention_mgpu` (Mosaic GPU, JAX 0.11's default lowering), which splits the
+cache the same way; this kernel (Triton there) takes the rest. Known gaps: the splits cover the cache's slots, not the
 row's length, so a short row in a long cache leaves most splits empty (cheap, but its work is
 not spread; Lean Attention's stream-K balancing over the real lengths is not done); on a real
 TPU `lengths` belongs in scalar memory (scalar prefetch), where the index map could also stop
@@ -85,6 +87,11 @@ def decode_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, n
     if num_splits < 1 or num_blocks % num_splits:
         raise ValueError(f"num_splits={num_splits} must be at least 1 and divide the number of cache blocks "
                          f"S/block_s={S}/{block_s}={num_blocks}")
+    if interpret is None and compiler_params is None and jax.default_backend() == "gpu":
+        from pallas_kernels import tree_attention_mgpu as mgpu
+        if mgpu.supports(q.dtype, D) and S % 64 == 0:  # Mosaic GPU, split the same way (blocks of 64 slots)
+            return mgpu.tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask,
+                                            num_splits=num_splits)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     G = H // Hkv

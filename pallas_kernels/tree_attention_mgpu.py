@@ -4,15 +4,18 @@ The same attention as `tree_attention.tree_attention` (and its `reference`): the
 tokens of a row attend to its cached prefix (slots < lengths[b]) and to the in-step tokens
 `step_mask` allows. The query rows of the G query heads that share a kv head are one matrix
 (row g * T + t is head g of token t), cut into tiles of 64 rows, one warpgroup's tensor-core
-(wgmma) tile. One program per (row tile, kv head, batch row):
-  1. a pipeline of TMA copies brings the prefix's cache blocks (`block_s` slots of keys and
-     values) into shared memory, two in flight, over only the blocks that hold part of the
-     prefix (a grid of ceil(length / block_s) steps, known at run time);
+(wgmma) tile. The cache's slots are split into `num_splits` chunks (split-K, as
+FlashDecoding: at batch 1 a long cache would otherwise keep only Hkv x tiles programs busy on
+a GPU of 132 SMs). One program per (row tile, kv head and split, batch row):
+  1. a pipeline of TMA copies brings the split's cache blocks (`block_s` slots of keys and
+     values) into shared memory, two in flight, over only the blocks below the row's length
+     (a grid of steps known at run time; none for a split past the length);
   2. for each block, scores = q k^T and p v on the tensor cores, folded into a running
      softmax (max, sum, output accumulator in registers, float32);
-  3. the step's own keys and values go through the same fold, in blocks of `block_s`
-     tokens, with the tree mask added as a 0 / -inf bias;
-  4. the output, normalised, back through shared memory.
+  3. in the first split, the step's own keys and values go through the same fold, in blocks
+     of `block_s` tokens, with the tree mask added as a 0 / -inf bias;
+  4. the split's output, normalised within it, and its log-sum-exp, back through shared
+     memory; XLA then sums the splits' outputs weighted by exp(lse - logsumexp(lse)).
 Unlike the `pl.pallas_call` kernel (Triton on GPU), nothing stages a whole row's cache in
 shared memory, which does not fit past ~400 slots of head_dim 128. Up to 64 query rows (16
 tree tokens at GQA 4) one program reads the row's cache once for all of them. Past that the
@@ -52,10 +55,14 @@ def supports(dtype, head_dim: int) -> bool:
 
 
 def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s: int = 64,
-                        interpret=None):
+                        num_splits: int | None = None, interpret=None):
     """q: [B, T, H, D]; k_cache, v_cache: [B, Hkv, S, D]; lengths: int32 [B];
     k_new, v_new: [B, T, Hkv, D]; step_mask: bool [B, T, T]. Returns [B, T, H, D].
-    `interpret`: None compiles for the GPU; the Mosaic GPU interpreter's params run it on CPU."""
+    num_splits: chunks of the cache per (row, kv head), each its own program (split-K), a
+    divisor of S / block_s (default: `decode_attention.default_num_splits`, enough programs
+    to fill an H100/H200). `interpret`: None compiles for the GPU; the Mosaic GPU
+    interpreter's params run it on CPU."""
+    from pallas_kernels.decode_attention import default_num_splits
     B, T, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     dtype = q.dtype
@@ -70,6 +77,13 @@ def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *
                                                    pad_tokens=lambda n: round_up(n, block_s))
     bias = jnp.where(mask_rows != 0, 0.0, -jnp.inf).astype(jnp.float32)       # [B, M_pad, T_pad]
     M_pad, T_pad = q_rows.shape[2], k_step.shape[2]
+    tiles, num_blocks = M_pad // TILE_ROWS, S // block_s
+    if num_splits is None:
+        num_splits = default_num_splits(B * tiles, Hkv, S, block_s)
+    if num_splits < 1 or num_blocks % num_splits:
+        raise ValueError(f"num_splits={num_splits} must be at least 1 and divide the number of cache blocks "
+                         f"S/block_s={S}/{block_s}={num_blocks}")
+    chunk = S // num_splits
     interpreting = interpret is not None
 
     # wgmma reads its shared-memory operands in 128-byte swizzled tiles of 8 rows.
@@ -110,12 +124,14 @@ def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *
         acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0]) + product(weights.astype(dtype), values_smem)
         return new_top, total, acc
 
-    def kernel(lengths_gmem, q_gmem, k_gmem, v_gmem, k_step_gmem, v_step_gmem, bias_gmem, out_gmem):
-        tile, h, b = lax.axis_index("tile"), lax.axis_index("kv_head"), lax.axis_index("row")
+    def kernel(lengths_gmem, q_gmem, k_gmem, v_gmem, k_step_gmem, v_step_gmem, bias_gmem, part_gmem, lse_gmem):
+        tile, kv_split, b = lax.axis_index("tile"), lax.axis_index("kv_split"), lax.axis_index("row")
+        h, split = kv_split // num_splits, kv_split % num_splits
         length = lengths_gmem[b]
         rows = pl.ds(tile * TILE_ROWS, TILE_ROWS)
+        start = split * chunk                                                   # the split's first slot
 
-        def with_buffers(q_smem, out_smem, q_ready):
+        def with_buffers(q_smem, part_smem, lse_smem, q_ready):
             plgpu.copy_gmem_to_smem(q_gmem.at[b, h, rows], q_smem, q_ready.at[0])
             plgpu.barrier_wait(q_ready.at[0])
             carry = (wgmma_layout(jnp.full((TILE_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
@@ -123,29 +139,47 @@ def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *
                      wgmma_layout(jnp.zeros((TILE_ROWS, D), jnp.float32), plgpu.Layout.WGMMA))
 
             def cache_block(index, keys_smem, values_smem, carry):
-                slots = slot_ids(index[0] * block_s)
+                slots = slot_ids(start + index[0] * block_s)
                 return fold(q_smem, keys_smem, values_smem, carry, lambda s: jnp.where(slots < length, s, -jnp.inf))
 
             def step_block(index, keys_smem, values_smem, bias_smem, carry):
                 return fold(q_smem, keys_smem, values_smem, carry, lambda s: s + bias_smem[...])
 
-            carry = plgpu.emit_pipeline(cache_block, grid=(pl.cdiv(length, block_s),), in_specs=[kv_block(), kv_block()],
-                                        max_concurrent_steps=2, init_carry=carry)(k_gmem.at[b, h], v_gmem.at[b, h])
-            _, total, acc = plgpu.emit_pipeline(
-                step_block, grid=(T_pad // block_s,), in_specs=[kv_block(), kv_block(), bias_block],
-                max_concurrent_steps=2, init_carry=carry)(k_step_gmem.at[b, h], v_step_gmem.at[b, h],
-                                                          bias_gmem.at[b, rows])
-            # Every token sees itself, so total > 0 (padding rows, dropped below, may see nothing).
-            out_smem[...] = (acc / lax.broadcast_in_dim(total, acc.shape, [0])).astype(dtype)
+            # Only the split's blocks below the length (none when it starts past the length);
+            # the step's own tokens in the first split only.
+            prefix_blocks = jnp.clip(pl.cdiv(length - start, block_s), 0, chunk // block_s)
+            chunk_slots = pl.ds(start, chunk)
+            carry = plgpu.emit_pipeline(cache_block, grid=(prefix_blocks,), in_specs=[kv_block(), kv_block()],
+                                        max_concurrent_steps=2, init_carry=carry)(k_gmem.at[b, h, chunk_slots],
+                                                                                  v_gmem.at[b, h, chunk_slots])
+            top, total, acc = plgpu.emit_pipeline(
+                step_block, grid=(jnp.where(split == 0, T_pad // block_s, 0),),
+                in_specs=[kv_block(), kv_block(), bias_block], max_concurrent_steps=2,
+                init_carry=carry)(k_step_gmem.at[b, h], v_step_gmem.at[b, h], bias_gmem.at[b, rows])
+            # The split's output normalised within it, and its log-sum-exp (-inf: saw nothing).
+            seen = total > 0
+            part_smem[...] = acc / lax.broadcast_in_dim(jnp.where(seen, total, 1.0), acc.shape, [0])
+            lse_smem[...] = jnp.where(seen, top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[b, h, rows])
+            plgpu.copy_smem_to_gmem(part_smem, part_gmem.at[b, h, split, rows])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b, h, split, rows])
             plgpu.wait_smem_to_gmem(0)
 
-        tile_buffer = lambda: plgpu.SMEM((TILE_ROWS, D), dtype, transforms=swizzled(jnp.dtype(dtype).itemsize))
-        pl.run_scoped(with_buffers, tile_buffer(), tile_buffer(), plgpu.Barrier(num_barriers=1))
+        pl.run_scoped(with_buffers, plgpu.SMEM((TILE_ROWS, D), dtype, transforms=swizzled(jnp.dtype(dtype).itemsize)),
+                      plgpu.SMEM((TILE_ROWS, D), jnp.float32, transforms=swizzled(4)),
+                      plgpu.SMEM((TILE_ROWS,), jnp.float32), plgpu.Barrier(num_barriers=1))
 
-    out = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((B, Hkv, M_pad, D), dtype),
-                       grid=(M_pad // TILE_ROWS, Hkv, B), grid_names=("tile", "kv_head", "row"),
-                       compiler_params=plgpu.CompilerParams(), interpret=interpret,
-                       )(lengths.astype(jnp.int32), q_rows, k_cache, v_cache, k_step, v_step, bias)
-    return from_rows(out, T, H)
+    # Row tiles fastest, then the splits of one kv head: programs that read the same blocks
+    # (tiles) or neighbouring ones (splits) run side by side.
+    parts, lse = plgpu.kernel(
+        kernel, out_type=(jax.ShapeDtypeStruct((B, Hkv, num_splits, M_pad, D), jnp.float32),
+                          jax.ShapeDtypeStruct((B, Hkv, num_splits, M_pad), jnp.float32)),
+        grid=(tiles, Hkv * num_splits, B), grid_names=("tile", "kv_split", "row"),
+        compiler_params=plgpu.CompilerParams(), interpret=interpret,
+    )(lengths.astype(jnp.int32), q_rows, k_cache, v_cache, k_step, v_step, bias)
+    # The combine (plain XLA, small): each split weighs exp(its lse - the total's). Every real
+    # query row sees its own token (split 0), so the total is finite; padding rows are dropped.
+    M = H // Hkv * T
+    parts, lse = parts[:, :, :, :M], lse[:, :, :, :M]
+    weights = jnp.exp(lse - jax.nn.logsumexp(lse, axis=2, keepdims=True))
+    return from_rows(jnp.sum(weights[..., None] * parts, axis=2).astype(dtype), T, H)

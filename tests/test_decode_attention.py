@@ -164,3 +164,16 @@ def test_plain_decoding_at_long_context_runs_split_k_and_equals_xla(llama):
     jaxpr = str(jax.make_jaxpr(lambda c, s: steps.decode(pallas.config, pallas.params, c, s, SamplingParams.create(0.0),
                                                          np.full((16,), -1, np.int32), np.int32(4), num_steps=2))(cache, state))
     assert "decode_attention_splits" in jaxpr
+
+
+@pytest.mark.parametrize("dtype, lowering", [(jnp.bfloat16, "mosaic_gpu"), (jnp.float32, "__gpu$xla.gpu.triton")])
+def test_a_gpu_takes_the_mosaic_kernel_for_half_precision(monkeypatch, dtype, lowering):
+    """What `decode_attention` picks on a GPU backend (the backend query answers "gpu" here):
+    half precision goes to the Mosaic GPU tree kernel, split the same way."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    spec = lambda *s, dtype=dtype: jax.ShapeDtypeStruct(s, dtype)
+    B, T, H, Hkv, D, S = 1, 1, 8, 2, 64, 4096
+    args = (spec(B, T, H, D), spec(B, Hkv, S, D), spec(B, Hkv, S, D), spec(B, dtype=jnp.int32),
+            spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
+    text = jax.jit(kernel.decode_attention).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert lowering in text

@@ -150,27 +150,30 @@ def _abstract(B, T, H, Hkv, D, S, dtype=jnp.bfloat16):
             spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
 
 
-@pytest.mark.parametrize("B, T, H, Hkv, D, S, lengths", [
-    (3, 9, 8, 2, 64, 192, [0, 192, 70]),      # GQA 4, depth up to 8; empty, full and mid-block prefixes
-    (2, 5, 8, 1, 128, 128, [64, 1]),          # GQA 8, head_dim 128; a prefix ending on a block edge
-    (1, 70, 4, 2, 64, 128, [100]),            # 140 query rows (3 tiles), 70 step tokens (2 blocks)
-], ids=["gqa4-ragged", "gqa8-d128", "three-tiles"])
-def test_mosaic_gpu_kernel_matches_reference(B, T, H, Hkv, D, S, lengths):
+@pytest.mark.parametrize("B, T, H, Hkv, D, S, lengths, num_splits", [
+    (3, 9, 8, 2, 64, 192, [0, 192, 70], 1),   # GQA 4, depth up to 8; empty, full and mid-block prefixes
+    (3, 9, 8, 2, 64, 192, [0, 192, 70], 3),   # the same in 3 splits: some empty, one partly filled
+    (2, 5, 8, 1, 128, 128, [64, 1], 2),       # GQA 8, head_dim 128; prefixes ending on a split's edge, in it
+    (1, 70, 4, 2, 64, 128, [100], None),      # 140 query rows (3 tiles), 70 step tokens (2 blocks)
+], ids=["gqa4-ragged", "gqa4-ragged-3-splits", "gqa8-d128-2-splits", "three-tiles"])
+def test_mosaic_gpu_kernel_matches_reference(B, T, H, Hkv, D, S, lengths, num_splits):
     from pallas_kernels.tree_attention_mgpu import tree_attention_mgpu
     rng = np.random.default_rng(T + S)
     args = _case(rng, B, T, H, Hkv, D, S, dtype=jnp.bfloat16, lengths=lengths)
-    got = tree_attention_mgpu(*args, interpret=_gpu_interpreter())
+    got = tree_attention_mgpu(*args, num_splits=num_splits, interpret=_gpu_interpreter())
     assert got.dtype == jnp.bfloat16 and got.shape == (B, T, H, D)
     want = reference(*args)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)
 
 
-def test_mosaic_gpu_kernel_lowers_for_a_gpu():
-    """Through Mosaic GPU at an 8B model's shapes: a 65-node tree over 32k slots (5 row tiles
-    of GQA 4, 2 blocks of step tokens)."""
+@pytest.mark.parametrize("T, num_splits", [(65, 1), (65, None), (1, None)], ids=["65-nodes", "65-nodes-split",
+                                                                              "decode-split"])
+def test_mosaic_gpu_kernel_lowers_for_a_gpu(T, num_splits):
+    """Through Mosaic GPU at an 8B model's shapes over 32k slots: a 65-node tree (5 row tiles
+    of GQA 4, 2 blocks of step tokens) and a decoding step, whole or in the default splits."""
     from pallas_kernels.tree_attention_mgpu import tree_attention_mgpu
-    text = jax.jit(tree_attention_mgpu).trace(*_abstract(1, 65, 32, 8, 128, 32768)).lower(
-        lowering_platforms=("cuda",)).as_text()
+    run = jax.jit(lambda *a: tree_attention_mgpu(*a, num_splits=num_splits))
+    text = run.trace(*_abstract(1, T, 32, 8, 128, 32768)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "triton" not in text
 
 
@@ -188,9 +191,10 @@ def test_a_gpu_takes_the_mosaic_kernel_for_half_precision(monkeypatch, dtype, lo
     (jnp.bfloat16, 32, 128, 64, "head_dim=32"),
     (jnp.bfloat16, 64, 128, 96, "block_s=96"),
     (jnp.bfloat16, 64, 192, 128, "S=192"),
+    (jnp.bfloat16, 64, 192, 64, "num_splits=2"),
 ])
 def test_mosaic_gpu_kernel_refuses_what_it_cannot_run(dtype, D, S, block_s, match):
     from pallas_kernels.tree_attention_mgpu import tree_attention_mgpu
     args = _case(np.random.default_rng(0), 1, 3, 2, 1, D, S, dtype=dtype)
     with pytest.raises(ValueError, match=match):
-        tree_attention_mgpu(*args, block_s=block_s)
+        tree_attention_mgpu(*args, block_s=block_s, num_splits=2 if "num_splits" in match else 1)
