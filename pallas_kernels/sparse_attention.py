@@ -15,12 +15,15 @@ sharing the kv head as one matrix (so each chosen page is read once for all of t
      loaded as one [page_size, D] slice at `page_id * page_size`, the slots >= length masked;
   2. the step block under step_mask, folded into the same running softmax;
   3. the output, normalised. Scores and softmax in float32; the output in q's dtype.
-Two formulations of step 1, one body (`_attend`):
+Formulations of step 1 (the Triton and TPU ones share one body, `_attend`):
   - Pallas interpreter and GPU (Triton): the page table is a small int block, the caches
     whole-row blocks read through `pl.ds` slices; under Triton a ref is a pointer into device
     memory, so the slices are the only loads. The Triton lowering wants power-of-two arrays:
     page_size and head_dim must be powers of two (checked), query rows, step tokens and the
     page table are padded to powers of two.
+  - GPU in bfloat16/float16 with head_dim a multiple of 64 and pages a multiple of 16 slots:
+    not this kernel but `tree_attention_mgpu.sparse_attention_mgpu` (Mosaic GPU, JAX 0.11's
+    default lowering): one TMA copy per chosen page into shared memory, two in flight.
   - TPU (a TPU backend, or `interpret=pltpu.InterpretParams()`): a whole-row block would be
     copied into VMEM, so the caches stay in HBM (`pl.ANY`) and each chosen page is copied by
     DMA into a two-page VMEM buffer, the next page's copy in flight while the current one is
@@ -98,6 +101,11 @@ def sparse_attention(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_
     B, T, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G, N = H // Hkv, page_ids.shape[2]
+    if interpret is None and compiler_params is None and jax.default_backend() == "gpu":
+        from pallas_kernels import tree_attention_mgpu as mgpu
+        if mgpu.supports(q.dtype, D) and page_size % 16 == 0:  # Mosaic GPU: one TMA copy per chosen page
+            return mgpu.sparse_attention_mgpu(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask,
+                                              page_size=page_size)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     tpu = _is_tpu_interpreter(interpret) or (jax.default_backend() == "tpu" and not interpret)
@@ -107,17 +115,9 @@ def sparse_attention(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_
             if value & (value - 1):
                 raise ValueError(f"{name}={value} must be a power of two for the GPU (Triton) lowering")
 
-    # The page table, compacted: per (row, kv head) the pages that hold a visible slot (id >= 0,
-    # inside the cache, below the row's length), ascending (sequential reads), then zeros that
-    # are never read; `counts` says how many lead. The kernel loops exactly over those, with no
-    # per-page branch, and every page it reads is inside the cache.
-    filled = jnp.minimum(-(-lengths.astype(jnp.int32) // page_size), S // page_size)     # pages < length
-    ids = page_ids.astype(jnp.int32)
-    valid = (ids >= 0) & (ids < filled[:, None, None])
-    ids = jnp.sort(jnp.where(valid, ids, S // page_size), axis=2)
-    counts = jnp.sum(valid, axis=2, dtype=jnp.int32)                                    # [B, Hkv]
+    ids, counts = compact_pages(page_ids, lengths, S, page_size)
     N_pad = _power_of_two(N)
-    ids = jnp.pad(jnp.where(ids < S // page_size, ids, 0), ((0, 0), (0, 0), (0, N_pad - N)))
+    ids = jnp.pad(ids, ((0, 0), (0, 0), (0, N_pad - N)))
 
     # Query rows of one kv head, as in tree_attention.
     q_rows, k_step, v_step, mask_rows = query_rows(q, k_new, v_new, step_mask)
@@ -175,6 +175,20 @@ def sparse_attention(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_
             compiler_params=compiler_params,
         )(lengths, counts, ids, q_rows, k_cache, v_cache, k_step, v_step, mask_rows)
     return out[:, :, :M].reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+def compact_pages(page_ids, lengths, num_slots: int, page_size: int):
+    """The page table, compacted: per (row, kv head) the pages that hold a visible slot (id >= 0,
+    inside the cache, below the row's length), ascending (sequential reads), then zeros that
+    are never read; `counts` [B, Hkv] says how many lead. A kernel loops exactly over those,
+    with no per-page branch, and every page it reads is inside the cache."""
+    num_pages = num_slots // page_size
+    filled = jnp.minimum(-(-lengths.astype(jnp.int32) // page_size), num_pages)          # pages < length
+    ids = page_ids.astype(jnp.int32)
+    valid = (ids >= 0) & (ids < filled[:, None, None])
+    ids = jnp.sort(jnp.where(valid, ids, num_pages), axis=2)
+    counts = jnp.sum(valid, axis=2, dtype=jnp.int32)
+    return jnp.where(ids < num_pages, ids, 0), counts
 
 
 def _check(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask, page_size):

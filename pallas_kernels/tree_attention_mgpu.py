@@ -1,4 +1,4 @@
-"""Tree attention for Hopper GPUs through Mosaic GPU, JAX 0.11's default Pallas GPU lowering.
+"""Tree (and sparse) attention for Hopper GPUs through Mosaic GPU, JAX 0.11's default Pallas GPU lowering.
 
 The same attention as `tree_attention.tree_attention` (and its `reference`): the T in-step
 tokens of a row attend to its cached prefix (slots < lengths[b]) and to the in-step tokens
@@ -26,13 +26,19 @@ SM has. The grid puts the row tiles fastest, so the tiles of one (kv head, row) 
 side over the same cache blocks, and L2 can serve a block to all of them after one read from
 memory (how well it does is for a GPU to measure).
 
-Needs bfloat16 or float16 (the tensor cores' types; float32 goes to the Triton kernel) and
-head_dim a multiple of 64 (128-byte swizzled rows). Checked on CPU (tests/
-test_tree_attention.py): lowering for CUDA, and the Mosaic GPU interpreter against the
-reference. That interpreter (JAX 0.10) runs neither wgmma on a transposed operand nor
-layout casts, so under it the two products are `jnp.dot` on the blocks it copied and the
-layouts are left to it; the pipeline, the masks, the softmax and the copies are the
-kernel's own. Not yet verified: compiling and running it on a GPU (none has been lent).
+`sparse_attention_mgpu` is the same kernel over chosen cache pages (Quest / TriForce's
+sparse draft, `sparse_attention.py`'s arguments): the pipeline's copies follow the compacted
+page table, one page of `page_size` slots per step, and there is no split.
+
+Needs bfloat16 or float16 (the tensor cores' types; float32 goes to the Triton kernels),
+head_dim a multiple of 64, cache blocks a multiple of 64 slots and pages of 16 or more (the
+operands' swizzle is a page row's size in bytes, up to 128).
+
+Checked on CPU (tests/test_tree_attention.py, test_sparse_attention.py): lowering for CUDA,
+and the Mosaic GPU interpreter against the references. That interpreter (JAX 0.10) runs
+neither wgmma on a transposed operand nor layout casts, so under it the two products are
+`jnp.dot` on the blocks it copied and the layouts are left to it; the pipeline, the masks,
+the softmax and the copies are the kernel's own. Not yet verified: compiling and running it on a GPU (none has been lent).
 """
 
 from __future__ import annotations
@@ -65,31 +71,71 @@ def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *
     from pallas_kernels.decode_attention import default_num_splits
     B, T, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    dtype = q.dtype
-    if not supports(dtype, D):
-        raise ValueError(f"the Mosaic GPU tree kernel takes bfloat16 or float16 with head_dim a multiple of 64, "
-                         f"got dtype={jnp.dtype(dtype).name}, head_dim={D}")
-    if block_s % 64 or S % block_s:
-        raise ValueError(f"block_s={block_s} must be a multiple of 64 that divides the cache slots S={S}")
-    round_up = lambda n, m: -(-n // m) * m
-    q_rows, k_step, v_step, mask_rows = query_rows(q, k_new, v_new, step_mask,
-                                                   pad_rows=lambda n: round_up(n, TILE_ROWS),
-                                                   pad_tokens=lambda n: round_up(n, block_s))
-    bias = jnp.where(mask_rows != 0, 0.0, -jnp.inf).astype(jnp.float32)       # [B, M_pad, T_pad]
-    M_pad, T_pad = q_rows.shape[2], k_step.shape[2]
-    tiles, num_blocks = M_pad // TILE_ROWS, S // block_s
+    _check(q.dtype, D, block_s, S)
+    num_blocks = S // block_s
     if num_splits is None:
-        num_splits = default_num_splits(B * tiles, Hkv, S, block_s)
+        num_splits = default_num_splits(B * _tiles(H // Hkv * T), Hkv, S, block_s)
     if num_splits < 1 or num_blocks % num_splits:
         raise ValueError(f"num_splits={num_splits} must be at least 1 and divide the number of cache blocks "
                          f"S/block_s={S}/{block_s}={num_blocks}")
-    chunk = S // num_splits
+    return _attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, block_s=block_s, num_splits=num_splits,
+                      pages=None, interpret=interpret)
+
+
+def sparse_attention_mgpu(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask, *, page_size: int,
+                          interpret=None):
+    """`sparse_attention.sparse_attention` (same arguments) through this kernel: the cache
+    pipeline copies the chosen pages (the compacted table's first `count` ids, one TMA copy of
+    [page_size, D] each) instead of contiguous blocks."""
+    from pallas_kernels.sparse_attention import compact_pages
+    B, T, H, D = q.shape
+    S = k_cache.shape[2]
+    _check(q.dtype, D, page_size, S, what="page_size", multiple=16)
+    ids, counts = compact_pages(page_ids, lengths, S, page_size)
+    return _attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, block_s=page_size, num_splits=1,
+                      pages=(ids, counts), interpret=interpret)
+
+
+def _tiles(rows: int) -> int:
+    return -(-rows // TILE_ROWS)
+
+
+def _check(dtype, head_dim: int, block: int, S: int, what: str = "block_s", multiple: int = 64):
+    if not supports(dtype, head_dim):
+        raise ValueError(f"the Mosaic GPU attention kernel takes bfloat16 or float16 with head_dim a multiple of "
+                         f"64, got dtype={jnp.dtype(dtype).name}, head_dim={head_dim}")
+    if block % multiple or S % block:
+        raise ValueError(f"{what}={block} must be a multiple of {multiple} that divides the cache slots S={S}")
+
+
+def _attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s, num_splits, pages, interpret):
+    """The kernel of the module docstring. `pages`: None reads the contiguous blocks of
+    `block_s` slots below each row's length, in `num_splits` chunks; (ids [B, Hkv, N], counts
+    [B, Hkv]) reads only the pages ids[b, h, :counts[b, h]] of `block_s` slots."""
+    B, T, H, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    dtype = q.dtype
+    step_block_s = max(block_s, 64)                                         # step tokens per block
+    round_up = lambda n, m: -(-n // m) * m
+    q_rows, k_step, v_step, mask_rows = query_rows(q, k_new, v_new, step_mask,
+                                                   pad_rows=lambda n: round_up(n, TILE_ROWS),
+                                                   pad_tokens=lambda n: round_up(n, step_block_s))
+    bias = jnp.where(mask_rows != 0, 0.0, -jnp.inf).astype(jnp.float32)       # [B, M_pad, T_pad]
+    M_pad, T_pad = q_rows.shape[2], k_step.shape[2]
+    tiles, chunk = M_pad // TILE_ROWS, S // num_splits
     interpreting = interpret is not None
 
     # wgmma reads its shared-memory operands in 128-byte swizzled tiles of 8 rows.
-    swizzled = lambda itemsize: (plgpu.TilingTransform((8, 128 // itemsize)), plgpu.SwizzleTransform(128))
-    kv_block = lambda: plgpu.BlockSpec((block_s, D), lambda i: (i, 0), transforms=swizzled(jnp.dtype(dtype).itemsize))
-    bias_block = plgpu.BlockSpec((TILE_ROWS, block_s), lambda j: (0, j), transforms=swizzled(4))
+    swizzled = lambda itemsize, swizzle=128: (plgpu.TilingTransform((8, swizzle // itemsize)),
+                                              plgpu.SwizzleTransform(swizzle))
+    itemsize = jnp.dtype(dtype).itemsize
+    # p v contracts over a block's rows in groups of (swizzle / itemsize), 64 rows at the widest
+    # swizzle, so a block of fewer rows (a page of 16) takes a narrower one, and wgmma wants q's
+    # swizzle to match the keys'.
+    operands = swizzled(itemsize, min(128, block_s * itemsize))
+    kv_block = lambda rows, index: plgpu.BlockSpec((rows, D), index, transforms=operands)
+    step_block = lambda: kv_block(step_block_s, lambda j: (j, 0))
+    bias_block = plgpu.BlockSpec((TILE_ROWS, step_block_s), lambda j: (0, j), transforms=swizzled(4))
     wgmma_layout = (lambda x, layout: x) if interpreting else plgpu.layout_cast
 
     def product(a, b_smem, transpose_b=False):
@@ -104,8 +150,8 @@ def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *
             return acc_ref[...]
         return pl.run_scoped(on_tensor_cores, plgpu.ACC((TILE_ROWS, N), jnp.float32))
 
-    def slot_ids(start):
-        shape = (TILE_ROWS, block_s)
+    def slot_ids(start, width):
+        shape = (TILE_ROWS, width)
         if interpreting:
             return start + lax.broadcasted_iota(jnp.int32, shape, 1)
         return start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
@@ -124,7 +170,8 @@ def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *
         acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0]) + product(weights.astype(dtype), values_smem)
         return new_top, total, acc
 
-    def kernel(lengths_gmem, q_gmem, k_gmem, v_gmem, k_step_gmem, v_step_gmem, bias_gmem, part_gmem, lse_gmem):
+    def kernel(lengths_gmem, q_gmem, k_gmem, v_gmem, k_step_gmem, v_step_gmem, bias_gmem, *rest):
+        *page_table, part_gmem, lse_gmem = rest
         tile, kv_split, b = lax.axis_index("tile"), lax.axis_index("kv_split"), lax.axis_index("row")
         h, split = kv_split // num_splits, kv_split % num_splits
         length = lengths_gmem[b]
@@ -138,23 +185,33 @@ def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *
                      wgmma_layout(jnp.zeros((TILE_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
                      wgmma_layout(jnp.zeros((TILE_ROWS, D), jnp.float32), plgpu.Layout.WGMMA))
 
+            if pages is None:
+                # Only the split's blocks below the length (none when it starts past the length).
+                num_blocks = jnp.clip(pl.cdiv(length - start, block_s), 0, chunk // block_s)
+                first_slot = lambda i: start + i * block_s
+                cache_spec = kv_block(block_s, lambda i: (i, 0))
+                keys, values = k_gmem.at[b, h, pl.ds(start, chunk)], v_gmem.at[b, h, pl.ds(start, chunk)]
+            else:
+                # Only the chosen pages that hold a visible slot: the compacted table's first `count`.
+                ids_gmem, counts_gmem = page_table
+                num_blocks = counts_gmem[b, h]
+                first_slot = lambda i: ids_gmem[b, h, i] * block_s
+                cache_spec = kv_block(block_s, lambda i: (ids_gmem[b, h, i], 0))
+                keys, values = k_gmem.at[b, h], v_gmem.at[b, h]
+
             def cache_block(index, keys_smem, values_smem, carry):
-                slots = slot_ids(start + index[0] * block_s)
+                slots = slot_ids(first_slot(index[0]), block_s)
                 return fold(q_smem, keys_smem, values_smem, carry, lambda s: jnp.where(slots < length, s, -jnp.inf))
 
-            def step_block(index, keys_smem, values_smem, bias_smem, carry):
+            def step_tokens(index, keys_smem, values_smem, bias_smem, carry):
                 return fold(q_smem, keys_smem, values_smem, carry, lambda s: s + bias_smem[...])
 
-            # Only the split's blocks below the length (none when it starts past the length);
-            # the step's own tokens in the first split only.
-            prefix_blocks = jnp.clip(pl.cdiv(length - start, block_s), 0, chunk // block_s)
-            chunk_slots = pl.ds(start, chunk)
-            carry = plgpu.emit_pipeline(cache_block, grid=(prefix_blocks,), in_specs=[kv_block(), kv_block()],
-                                        max_concurrent_steps=2, init_carry=carry)(k_gmem.at[b, h, chunk_slots],
-                                                                                  v_gmem.at[b, h, chunk_slots])
+            carry = plgpu.emit_pipeline(cache_block, grid=(num_blocks,), in_specs=[cache_spec, cache_spec],
+                                        max_concurrent_steps=2, init_carry=carry)(keys, values)
+            # The step's own tokens, in the first split only.
             top, total, acc = plgpu.emit_pipeline(
-                step_block, grid=(jnp.where(split == 0, T_pad // block_s, 0),),
-                in_specs=[kv_block(), kv_block(), bias_block], max_concurrent_steps=2,
+                step_tokens, grid=(jnp.where(split == 0, T_pad // step_block_s, 0),),
+                in_specs=[step_block(), step_block(), bias_block], max_concurrent_steps=2,
                 init_carry=carry)(k_step_gmem.at[b, h], v_step_gmem.at[b, h], bias_gmem.at[b, rows])
             # The split's output normalised within it, and its log-sum-exp (-inf: saw nothing).
             seen = total > 0
@@ -165,7 +222,7 @@ def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *
             plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b, h, split, rows])
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(with_buffers, plgpu.SMEM((TILE_ROWS, D), dtype, transforms=swizzled(jnp.dtype(dtype).itemsize)),
+        pl.run_scoped(with_buffers, plgpu.SMEM((TILE_ROWS, D), dtype, transforms=operands),
                       plgpu.SMEM((TILE_ROWS, D), jnp.float32, transforms=swizzled(4)),
                       plgpu.SMEM((TILE_ROWS,), jnp.float32), plgpu.Barrier(num_barriers=1))
 
@@ -176,7 +233,7 @@ def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *
                           jax.ShapeDtypeStruct((B, Hkv, num_splits, M_pad), jnp.float32)),
         grid=(tiles, Hkv * num_splits, B), grid_names=("tile", "kv_split", "row"),
         compiler_params=plgpu.CompilerParams(), interpret=interpret,
-    )(lengths.astype(jnp.int32), q_rows, k_cache, v_cache, k_step, v_step, bias)
+    )(lengths.astype(jnp.int32), q_rows, k_cache, v_cache, k_step, v_step, bias, *(pages or ()))
     # The combine (plain XLA, small): each split weighs exp(its lse - the total's). Every real
     # query row sees its own token (split 0), so the total is finite; padding rows are dropped.
     M = H // Hkv * T

@@ -163,3 +163,39 @@ def test_bad_arguments_raise():
         sparse_attention(q, kc[:, :1].repeat(3, 1), vc, ids, lengths, kn, vn, mask, page_size=8)
     with pytest.raises(ValueError, match=r"page_size=24 must be a power of two"):   # checked before lowering
         sparse_attention(q, kc, vc, ids, lengths, kn, vn, mask, page_size=24, interpret=False)
+
+
+# The Mosaic GPU form (tree_attention_mgpu.sparse_attention_mgpu): its interpreter, and lowering.
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, S, P, N, lengths", [
+    (2, 4, 8, 2, 64, 256, 16, 5, [100, 256]),     # GQA 4, a small tree; a row inside a page, a full row
+    (3, 1, 8, 1, 128, 128, 32, 3, [0, 128, 19]),  # GQA 8, head_dim 128, a decoding step; an empty row
+])
+def test_mosaic_gpu_form_matches_reference(B, T, H, Hkv, D, S, P, N, lengths):
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    from pallas_kernels.tree_attention_mgpu import sparse_attention_mgpu
+    rng = np.random.default_rng(N + P)
+    args = _sparse_args(rng, B, T, H, Hkv, D, S, P, N, dtype=jnp.bfloat16, lengths=lengths)
+    ids = args[3].at[0, 0].set(jnp.asarray([15, -1, 0, 7, 8][:N], jnp.int32) % (S // P))  # unordered, with a hole
+    args = (*args[:3], ids, *args[4:])
+    got = sparse_attention_mgpu(*args, page_size=P, interpret=InterpretGPUParams())
+    want = sparse_reference(*args, page_size=P)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)
+
+
+def test_mosaic_gpu_form_lowers_and_is_what_a_gpu_takes(monkeypatch):
+    """An 8B decode step over 32k slots reading 64 pages of 16, lowered for CUDA through Mosaic
+    GPU when the backend query answers "gpu" (float32 still goes to Triton); pages of 8 are
+    refused (a wgmma operand's rows come in groups of 16 bfloat16)."""
+    from pallas_kernels.tree_attention_mgpu import sparse_attention_mgpu
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    B, T, H, Hkv, D, S, P, N = 1, 1, 32, 8, 128, 32768, 16, 64
+    for dtype, lowering in ((jnp.bfloat16, "mosaic_gpu"), (jnp.float32, "__gpu$xla.gpu.triton")):
+        spec = lambda *s, dtype=dtype: jax.ShapeDtypeStruct(s, dtype)
+        args = (spec(B, T, H, D), spec(B, Hkv, S, D), spec(B, Hkv, S, D), spec(B, Hkv, N, dtype=jnp.int32),
+                spec(B, dtype=jnp.int32), spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
+        run = jax.jit(lambda *a: sparse_attention(*a, page_size=P))
+        assert lowering in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    args = _sparse_args(np.random.default_rng(0), 1, 2, 2, 1, 64, 64, 8, 2, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="page_size=8"):
+        sparse_attention_mgpu(*args, page_size=8)
