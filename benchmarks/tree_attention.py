@@ -5,11 +5,11 @@
 
 Meant for a GPU (the issue's goal: the kernel at least 2x faster than the reference at 1k-32k
 slots and 16-64 nodes); there `kernel` is the Mosaic GPU kernel in bfloat16 (what
-attn_impl="pallas" runs) and `triton` the Triton one, timed beside it. For each (context, nodes): one verify step's attention for batch
-`--batch-size`, a random tree of `nodes` nodes below the root (so nodes + 1 query tokens),
-every row's cache full to `context` slots; each side jitted, run `--iterations` times inside
-one program (a lax.fori_loop, so dispatch is not timed), best of `--repeats`, alternating
-kernel and reference. Also checks the two agree. On a CPU the kernel runs in interpret mode:
+attn_impl="pallas" runs) and `triton` the Triton one, timed beside it. For each (context,
+nodes): one verify step's attention for batch `--batch-size`, a random tree of `nodes` nodes
+below the root (so nodes + 1 query tokens), every row's cache full to `context` slots; each
+side jitted, run `--iterations` times inside one program (a lax.fori_loop, so dispatch is not
+timed), best of `--repeats`, the sides alternating. Also checks they agree. On a CPU the kernel runs in interpret mode:
 only small shapes are practical, and the timings mean nothing.
 """
 

@@ -27,8 +27,8 @@ token over 32k slots of head_dim 128 in bfloat16. Not verified: compiling and ru
 or TPU (no device was lent), hence neither its speed nor the default `num_splits` heuristic,
 which assumes an H100/H200-sized GPU. On a GPU, bfloat16/float16 with head_dim a multiple of
 64 goes to `tree_attention_mgpu` (Mosaic GPU, JAX 0.11's default lowering), which splits the
-cache the same way; this kernel (Triton there) takes the rest. Known gaps: the splits cover the cache's slots, not the
-row's length, so a short row in a long cache leaves most splits empty (cheap, but its work is
+cache the same way; this kernel (Triton there) takes the rest. Known gaps: the splits cover
+the cache's slots, not the row's length, so a short row in a long cache leaves most splits empty (cheap, but its work is
 not spread; Lean Attention's stream-K balancing over the real lengths is not done); on a real
 TPU `lengths` belongs in scalar memory (scalar prefetch), where the index map could also stop
 the pipeline from copying chunks past the length.
@@ -87,10 +87,9 @@ def decode_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, n
     if num_splits < 1 or num_blocks % num_splits:
         raise ValueError(f"num_splits={num_splits} must be at least 1 and divide the number of cache blocks "
                          f"S/block_s={S}/{block_s}={num_blocks}")
-    if interpret is None and compiler_params is None and jax.default_backend() == "gpu":
-        from pallas_kernels import tree_attention_mgpu as mgpu
-        if mgpu.supports(q.dtype, D) and S % 64 == 0:  # Mosaic GPU, split the same way (blocks of 64 slots)
-            return mgpu.tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask,
+    from pallas_kernels import tree_attention_mgpu as mgpu
+    if mgpu.takes_over(interpret, compiler_params, q.dtype, D) and S % 64 == 0:  # split the same way
+        return mgpu.tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask,
                                             num_splits=num_splits)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -141,9 +140,16 @@ def decode_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, n
     # The combine: every partial weighs exp(its lse - the total lse); empty ones (lse -inf) 0.
     lse = jnp.concatenate([lse, step_lse[:, :, None]], axis=2)                          # [B, Hkv, splits+1, M]
     parts = jnp.concatenate([parts, step_part[:, :, None]], axis=2)
-    weights = jnp.exp(lse - jax.nn.logsumexp(lse, axis=2, keepdims=True))
-    out = jnp.sum(weights[..., None] * parts, axis=2).astype(q.dtype)                   # [B, Hkv, M, D]
+    out = combine_splits(parts, lse).astype(q.dtype)                                   # [B, Hkv, M, D]
     return out.reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+def combine_splits(parts, lse):
+    """Partial outputs [B, Hkv, splits, M, D], each normalised within its split, and their
+    log-sum-exps [B, Hkv, splits, M] -> the whole softmax's output [B, Hkv, M, D] (float32):
+    each split weighs exp(its lse - the total's); an empty one (lse -inf) weighs 0."""
+    weights = jnp.exp(lse - jax.nn.logsumexp(lse, axis=2, keepdims=True))
+    return jnp.sum(weights[..., None] * parts, axis=2)
 
 
 def _power_of_two(n: int) -> int:

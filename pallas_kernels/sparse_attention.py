@@ -101,11 +101,10 @@ def sparse_attention(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_
     B, T, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G, N = H // Hkv, page_ids.shape[2]
-    if interpret is None and compiler_params is None and jax.default_backend() == "gpu":
-        from pallas_kernels import tree_attention_mgpu as mgpu
-        if mgpu.supports(q.dtype, D) and page_size % 16 == 0:  # Mosaic GPU: one TMA copy per chosen page
-            return mgpu.sparse_attention_mgpu(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask,
-                                              page_size=page_size)
+    from pallas_kernels import tree_attention_mgpu as mgpu
+    if mgpu.takes_over(interpret, compiler_params, q.dtype, D) and page_size % 16 == 0:  # a TMA copy per page
+        return mgpu.sparse_attention_mgpu(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask,
+                                          page_size=page_size)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     tpu = _is_tpu_interpreter(interpret) or (jax.default_backend() == "tpu" and not interpret)

@@ -56,11 +56,9 @@ def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, blo
     block_s = min(block_s, S)
     if S % block_s:
         raise ValueError(f"cache slots S={S} must be a multiple of block_s={block_s}")
-    on_gpu = interpret is None and compiler_params is None and jax.default_backend() == "gpu"
-    if on_gpu:
-        from pallas_kernels import tree_attention_mgpu as mgpu
-        if mgpu.supports(q.dtype, D) and S % 64 == 0:
-            return mgpu.tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, block_s=64)
+    from pallas_kernels import tree_attention_mgpu as mgpu
+    if mgpu.takes_over(interpret, compiler_params, q.dtype, D) and S % 64 == 0:
+        return mgpu.tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     q_rows, k_step, v_step, mask_rows = query_rows(q, k_new, v_new, step_mask)

@@ -38,7 +38,8 @@ Checked on CPU (tests/test_tree_attention.py, test_sparse_attention.py): lowerin
 and the Mosaic GPU interpreter against the references. That interpreter (JAX 0.10) runs
 neither wgmma on a transposed operand nor layout casts, so under it the two products are
 `jnp.dot` on the blocks it copied and the layouts are left to it; the pipeline, the masks,
-the softmax and the copies are the kernel's own. Not yet verified: compiling and running it on a GPU (none has been lent).
+the softmax and the copies are the kernel's own. Not yet verified: compiling and running it
+on a GPU (none has been lent).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.decode_attention import combine_splits, default_num_splits
+from pallas_kernels.sparse_attention import compact_pages
 from pallas_kernels.tree_attention import from_rows, query_rows
 
 TILE_ROWS = 64                      # query rows per program: one warpgroup's wgmma tile
@@ -60,6 +63,14 @@ def supports(dtype, head_dim: int) -> bool:
     return jnp.dtype(dtype) in map(jnp.dtype, DTYPES) and head_dim % 64 == 0
 
 
+def takes_over(interpret, compiler_params, dtype, head_dim: int) -> bool:
+    """Whether a pallas_call kernel (tree, decode, sparse attention) hands its call to this
+    one: on a GPU, nothing asked for explicitly (no interpreter, no Triton parameters), and
+    a dtype and head_dim this kernel takes. The caller checks its own block or page size."""
+    return (interpret is None and compiler_params is None and jax.default_backend() == "gpu"
+            and supports(dtype, head_dim))
+
+
 def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s: int = 64,
                         num_splits: int | None = None, interpret=None):
     """q: [B, T, H, D]; k_cache, v_cache: [B, Hkv, S, D]; lengths: int32 [B];
@@ -68,7 +79,6 @@ def tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *
     divisor of S / block_s (default: `decode_attention.default_num_splits`, enough programs
     to fill an H100/H200). `interpret`: None compiles for the GPU; the Mosaic GPU
     interpreter's params run it on CPU."""
-    from pallas_kernels.decode_attention import default_num_splits
     B, T, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     _check(q.dtype, D, block_s, S)
@@ -87,7 +97,6 @@ def sparse_attention_mgpu(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, 
     """`sparse_attention.sparse_attention` (same arguments) through this kernel: the cache
     pipeline copies the chosen pages (the compacted table's first `count` ids, one TMA copy of
     [page_size, D] each) instead of contiguous blocks."""
-    from pallas_kernels.sparse_attention import compact_pages
     B, T, H, D = q.shape
     S = k_cache.shape[2]
     _check(q.dtype, D, page_size, S, what="page_size", multiple=16)
@@ -234,9 +243,7 @@ def _attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s
         grid=(tiles, Hkv * num_splits, B), grid_names=("tile", "kv_split", "row"),
         compiler_params=plgpu.CompilerParams(), interpret=interpret,
     )(lengths.astype(jnp.int32), q_rows, k_cache, v_cache, k_step, v_step, bias, *(pages or ()))
-    # The combine (plain XLA, small): each split weighs exp(its lse - the total's). Every real
-    # query row sees its own token (split 0), so the total is finite; padding rows are dropped.
+    # The combine (plain XLA, small). Every real query row sees its own token (split 0), so
+    # its total is finite; padding rows (which may see nothing) are dropped first.
     M = H // Hkv * T
-    parts, lse = parts[:, :, :, :M], lse[:, :, :, :M]
-    weights = jnp.exp(lse - jax.nn.logsumexp(lse, axis=2, keepdims=True))
-    return from_rows(jnp.sum(weights[..., None] * parts, axis=2).astype(dtype), T, H)
+    return from_rows(combine_splits(parts[:, :, :, :M], lse[:, :, :, :M]).astype(dtype), T, H)
