@@ -21,6 +21,8 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "backend": jax.default_backend(),
         "devices": [str(d.device_kind) for d in jax.devices()],
+        # Not on the command line, yet it changes the numbers (device count, CPU code paths).
+        "xla_flags": os.environ.get("XLA_FLAGS"),
     }
 
 

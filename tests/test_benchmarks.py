@@ -113,6 +113,8 @@ def test_decode_benchmark_runs_end_to_end(tmp_path):
     saved = json.loads(out.read_text())
     assert {"machine", "versions", "command", "settings", "methods"} <= set(saved)
     assert {"jax", "jaxlib", "flax", "jaxdec"} <= set(saved["versions"])
+    # The tests' XLA_FLAGS (tests/conftest.py) change the numbers, so the file says so.
+    assert "xla_force_host_platform_device_count=8" in saved["machine"]["xla_flags"]
     entries = saved["methods"]
     assert [(e["mesh"], e["method"]) for e in entries] == [
         ("one device", "ar"), ("one device", "draft"), ("data=1,model=2", "ar"), ("data=1,model=2", "draft")]
