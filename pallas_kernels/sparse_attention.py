@@ -27,14 +27,17 @@ Formulations of step 1 (the Triton and TPU ones share one body, `_attend`):
   - TPU (a TPU backend, or `interpret=pltpu.InterpretParams()`): a whole-row block would be
     copied into VMEM, so the caches stay in HBM (`pl.ANY`) and each chosen page is copied by
     DMA into a two-page VMEM buffer, the next page's copy in flight while the current one is
-    used; the page table, counts and lengths come by scalar prefetch (scalar memory).
+    used; the page table, counts and lengths come by scalar prefetch (scalar memory). The
+    dense tree kernel (`tree_attention`) runs this formulation on a TPU too, with every
+    block below the length chosen.
 
 Verified here, against the reference (tests/test_sparse_attention.py): the Pallas interpreter
 on CPU (random shapes, GQA 1/2/4, trees, ragged lengths, random page subsets with -1 padding,
 budgets below and above the context, pages from `jaxdec.pages`; a full budget equals dense
 tree attention; poisoning every unchosen page changes nothing), bfloat16, the TPU interpreter
 at (8, 128)-tiled shapes; and lowered for CUDA through Pallas's Triton lowering on a machine
-without a GPU (an 8B-shaped decode step over 32k slots reading 64 pages of 16). Not verified
+without a GPU (an 8B-shaped decode step over 32k slots reading 64 pages of 16), and for TPU
+as the tree kernel's prefix (tests/test_tree_attention.py). Not verified
 (no device was lent): compiling and running on a GPU (Triton's own checks, e.g. minimum dot
 sizes for small pages or step blocks, happen at compile time) or on a TPU (Mosaic's layout
 rules: pages should be a multiple of 8 slots, 16 in bfloat16; no megacore split is asked for).
@@ -105,9 +108,9 @@ def sparse_attention(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_
     if mgpu.takes_over(interpret, compiler_params, q.dtype, D) and page_size % 16 == 0:  # a TMA copy per page
         return mgpu.sparse_attention_mgpu(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask,
                                           page_size=page_size)
+    tpu = on_tpu(interpret)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    tpu = _is_tpu_interpreter(interpret) or (jax.default_backend() == "tpu" and not interpret)
     if not interpret and not tpu:
         # Triton's arrays have power-of-two shapes; a page is one [page_size, D] load.
         for name, value in (("page_size", page_size), ("head_dim", D)):
@@ -215,8 +218,10 @@ def _check(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask, page
         raise ValueError(f"page_ids and lengths must be integers, got {page_ids.dtype} and {lengths.dtype}")
 
 
-def _is_tpu_interpreter(interpret) -> bool:
-    return isinstance(interpret, pltpu.InterpretParams)
+def on_tpu(interpret) -> bool:
+    """Whether a kernel call takes the TPU formulation: the TPU interpreter asked for
+    (`pltpu.InterpretParams()`), or a TPU backend and no interpreter."""
+    return isinstance(interpret, pltpu.InterpretParams) or (not interpret and jax.default_backend() == "tpu")
 
 
 def _attend(q, length, count, load_page, k_step, v_step, mask):

@@ -13,15 +13,17 @@ Scores and softmax in float32; the output in q's dtype.
 
 Verified here, against the reference (tests/test_tree_attention.py): the Pallas interpreter
 on CPU, and the TPU interpreter (`interpret=pltpu.InterpretParams()`) at (8, 128)-tiled
-shapes; and lowered for CUDA through Pallas's Triton lowering (on a machine without a GPU:
-`jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))`), at shapes up to a 65-node
-tree over 32k slots. Not yet verified: compiling and running it on a GPU or TPU (no device
-has been lent so far). The loop reads the cache through `pl.ds` slices of a whole-row block,
-the shape the Triton lowering handles (see `gpu_compiler_params`); on a GPU, bfloat16 and
-float16 go to `tree_attention_mgpu.py` instead, the same attention written for Mosaic GPU
-(JAX 0.11's default lowering; Triton is deprecated there), with the cache blocks pipelined
-through shared memory and the products on the tensor cores. Real TPUs want explicit
-pipelining over cache blocks too, and `lengths` in scalar memory (scalar prefetch).
+shapes; and lowered for CUDA through Pallas's Triton lowering and for TPU through Mosaic TPU
+(on a machine without either: `jax.jit(...).trace(...).lower(lowering_platforms=...)`, the
+TPU under an abstract mesh of TPU devices), at shapes up to a 65-node tree over 32k slots.
+Not yet verified: compiling and running it on a GPU or TPU (no device has been lent so far).
+The loop reads the cache through `pl.ds` slices of a whole-row block, the shape the Triton
+lowering handles (see `gpu_compiler_params`); on a GPU, bfloat16 and float16 go to
+`tree_attention_mgpu.py` instead, the same attention written for Mosaic GPU (JAX 0.11's
+default lowering; Triton is deprecated there), with the cache blocks pipelined through
+shared memory and the products on the tensor cores. On a TPU, where a whole-row block would
+be copied into VMEM, the same attention runs as `sparse_attention`'s TPU kernel with every
+block of the prefix chosen: lengths and block table in scalar memory, blocks by DMA.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, blo
 
     On a GPU, bfloat16/float16 with head_dim a multiple of 64 goes to the Mosaic GPU kernel
     (`tree_attention_mgpu`, blocks of 64 slots); other dtypes, or `compiler_params` given,
-    to this module's kernel through Triton."""
+    to this module's kernel through Triton. On a TPU (or `interpret=pltpu.InterpretParams()`)
+    the blocks below each row's length come by DMA through `sparse_attention`'s TPU kernel."""
     B, T, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
@@ -59,6 +62,16 @@ def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, blo
     from pallas_kernels import tree_attention_mgpu as mgpu
     if mgpu.takes_over(interpret, compiler_params, q.dtype, D) and S % 64 == 0:
         return mgpu.tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask)
+    from pallas_kernels import sparse_attention as sparse
+    if sparse.on_tpu(interpret):
+        # A TPU copies each block of a pallas_call into VMEM, and this kernel's cache blocks
+        # are whole rows (at 32k slots of head_dim 128 in bfloat16, 16 MB of keys and values
+        # per kv head, double-buffered: past VMEM's 16-32 MB). The prefix is the sparse
+        # kernel's TPU formulation with every block chosen as a page: the cache stays in HBM,
+        # the blocks below the row's length come by DMA, two in flight.
+        blocks = jnp.broadcast_to(jnp.arange(S // block_s, dtype=jnp.int32), (B, Hkv, S // block_s))
+        return sparse.sparse_attention(q, k_cache, v_cache, blocks, lengths, k_new, v_new, step_mask,
+                                       page_size=block_s, interpret=interpret, compiler_params=compiler_params)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     q_rows, k_step, v_step, mask_rows = query_rows(q, k_new, v_new, step_mask)

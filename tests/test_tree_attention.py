@@ -108,14 +108,36 @@ def test_pallas_attention_in_the_model_equals_xla(converted_dirs):
     np.testing.assert_allclose(verify_logits(pallas), verify_logits(xla), atol=2e-4)
 
 
-def test_tpu_interpreter_runs_the_kernel():
-    """The TPU interpreter checks TPU semantics on CPU; shapes that respect the (8, 128)
-    tiling: 32 query rows of head_dim 128, cache blocks of 128 slots."""
+@pytest.mark.parametrize("B, T, H, Hkv, lengths", [
+    (2, 8, 8, 2, [100, 256]),        # GQA 4: 32 query rows; a prefix ending mid-block, a full cache
+    (3, 9, 4, 1, [0, 128, 129]),     # GQA 4, depth up to 8; an empty prefix, one on a block's edge, past it
+])
+def test_tpu_interpreter_runs_the_kernel(B, T, H, Hkv, lengths):
+    """The TPU interpreter checks TPU semantics on CPU (the TPU formulation: blocks below the
+    length copied by DMA into a two-block VMEM buffer); shapes that respect the (8, 128)
+    tiling: head_dim 128, cache blocks of 128 slots."""
     from jax.experimental.pallas import tpu as pltpu
-    rng = np.random.default_rng(5)
-    args = _case(rng, 2, 8, 8, 2, 128, 256, lengths=[100, 256])
+    rng = np.random.default_rng(5 + T)
+    args = _case(rng, B, T, H, Hkv, 128, 256, lengths=lengths)
     got = tree_attention(*args, block_s=128, interpret=pltpu.InterpretParams())
     np.testing.assert_allclose(np.asarray(got), np.asarray(reference(*args)), atol=2e-5)
+
+
+def test_kernel_lowers_for_a_tpu(monkeypatch):
+    """On a TPU backend (the backend query answers "tpu" here; an abstract mesh of TPU v5e
+    devices stands in for the chip), a 65-node tree over 32k slots at an 8B model's shapes
+    lowers through Mosaic TPU in its TPU formulation: the cache stays in HBM and the table of
+    its blocks (8 kv heads x 256 blocks) goes to scalar memory, where a whole-row block per kv
+    head (16 MB of keys and values) would not fit VMEM. Compiling needs a TPU."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    tpu = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                                                     platform="tpu"))
+    run = jax.jit(lambda *a: tree_attention(*a))  # a fresh function: no trace cached for the CPU to reuse
+    with jax.sharding.use_abstract_mesh(tpu):
+        text = run.trace(*_abstract(1, 65, 32, 8, 128, 32768)).lower(lowering_platforms=("tpu",)).as_text()
+    call = next(line for line in text.splitlines() if "tpu_custom_call" in line)
+    assert "tensor<2048xi32>" in call and "tensor<1x8x32768x128xbf16>" in call
 
 
 @pytest.mark.parametrize("shape", [(1, 65, 32, 8, 128, 32768), (2, 5, 4, 2, 64, 256)],
