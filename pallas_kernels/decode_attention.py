@@ -22,8 +22,11 @@ the probabilities are cast to the values' dtype before p @ v, as the XLA referen
 Verified here, against the reference and against `tree_attention` (tests/test_decode_attention.py):
 the Pallas interpreter on CPU, the TPU interpreter (`interpret=pltpu.InterpretParams()`) at
 (8, 128)-tiled shapes, and lowering for CUDA through Pallas's Triton lowering on a machine
-without a GPU (`jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))`), up to one decode
-token over 32k slots of head_dim 128 in bfloat16. Not verified: compiling and running on a GPU
+without a GPU (`jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))`), and for TPU
+through Mosaic TPU (under an abstract mesh of TPU devices), up to one decode token over 32k
+slots of head_dim 128 in bfloat16. On a TPU every split's chunk is copied into VMEM, the
+chunks past a row's length too (their scores are masked): fine for long rows, wasted reads
+for short ones. Not verified: compiling and running on a GPU
 or TPU (no device was lent), hence neither its speed nor the default `num_splits` heuristic,
 which assumes an H100/H200-sized GPU. On a GPU, bfloat16/float16 with head_dim a multiple of
 64 goes to `tree_attention_mgpu` (Mosaic GPU, JAX 0.11's default lowering), which splits the

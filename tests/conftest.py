@@ -72,6 +72,23 @@ def small_prefill_chunks(monkeypatch):
     jax.clear_caches()
 
 
+@pytest.fixture
+def lower_for_tpu(monkeypatch):
+    """lower(fn, *abstract args) -> the text of fn lowered for a TPU, with no TPU here: the
+    backend query answers "tpu" (the kernels pick their TPU formulation) and an abstract mesh
+    of TPU v5e devices stands in for the chip Mosaic TPU asks about. Compiling needs a TPU."""
+    import jax
+    from jax.sharding import AbstractDevice, AbstractMesh
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    chip = AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+
+    def lower(fn, *args):
+        with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=chip)):
+            # A fresh jit of a fresh function: no trace cached for the CPU to reuse.
+            return jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    return lower
+
+
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory):
     """family -> folder of a saved random HF model (with tokenizer.json)."""

@@ -116,6 +116,17 @@ def test_kernel_lowers_for_a_gpu(shape, num_splits):
     assert tuple(map(int, grid)) == (B, Hkv, num_splits)
 
 
+def test_kernel_lowers_for_a_tpu(lower_for_tpu):
+    """Through Mosaic TPU (no TPU needed to lower): one decode token of an 8B model over 32k
+    bfloat16 slots, 16 splits of 2048 slots per kv head (512 KB of keys per block)."""
+    spec = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    B, T, H, Hkv, D, S = 1, 1, 32, 8, 128, 32768
+    text = lower_for_tpu(kernel.decode_attention, spec(B, T, H, D), spec(B, Hkv, S, D), spec(B, Hkv, S, D),
+                         spec(B, dtype=jnp.int32), spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
+    call = next(line for line in text.splitlines() if "tpu_custom_call" in line)
+    assert "-> (tensor<1x8x16x4x128xf32>, tensor<1x8x16x4x1xf32>)" in call          # partial outputs, lse
+
+
 def test_default_num_splits():
     assert default_num_splits(1, 8, 32768) == 16        # 8 kv heads x 16 splits of 16 blocks
     assert default_num_splits(1, 1, 32768) == 64        # capped by 4 blocks a split

@@ -148,6 +148,19 @@ def test_kernel_lowers_for_a_gpu(shape):
     assert "__gpu$xla.gpu.triton" in text
 
 
+def test_kernel_lowers_for_a_tpu(lower_for_tpu):
+    """Through Mosaic TPU (no TPU needed to lower): an 8B decode step over 32k slots reading
+    64 pages of 16 (bfloat16's minimum tile), the page table (8 kv heads x 64) flat in scalar
+    memory and the cache left in HBM for the kernel's DMA copies."""
+    spec = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    B, T, H, Hkv, D, S, P, N = 1, 1, 32, 8, 128, 32768, 16, 64
+    text = lower_for_tpu(lambda *a: sparse_attention(*a, page_size=P), spec(B, T, H, D), spec(B, Hkv, S, D),
+                         spec(B, Hkv, S, D), spec(B, Hkv, N, dtype=jnp.int32), spec(B, dtype=jnp.int32),
+                         spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
+    call = next(line for line in text.splitlines() if "tpu_custom_call" in line)
+    assert "tensor<512xi32>" in call and "tensor<1x8x32768x128xbf16>" in call
+
+
 def test_bad_arguments_raise():
     rng = np.random.default_rng(6)
     q, kc, vc, ids, lengths, kn, vn, mask = _sparse_args(rng, 1, 2, 4, 2, 16, 48, 8, 3)

@@ -123,19 +123,12 @@ def test_tpu_interpreter_runs_the_kernel(B, T, H, Hkv, lengths):
     np.testing.assert_allclose(np.asarray(got), np.asarray(reference(*args)), atol=2e-5)
 
 
-def test_kernel_lowers_for_a_tpu(monkeypatch):
-    """On a TPU backend (the backend query answers "tpu" here; an abstract mesh of TPU v5e
-    devices stands in for the chip), a 65-node tree over 32k slots at an 8B model's shapes
-    lowers through Mosaic TPU in its TPU formulation: the cache stays in HBM and the table of
-    its blocks (8 kv heads x 256 blocks) goes to scalar memory, where a whole-row block per kv
-    head (16 MB of keys and values) would not fit VMEM. Compiling needs a TPU."""
-    from jax.sharding import AbstractDevice, AbstractMesh
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    tpu = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
-                                                                     platform="tpu"))
-    run = jax.jit(lambda *a: tree_attention(*a))  # a fresh function: no trace cached for the CPU to reuse
-    with jax.sharding.use_abstract_mesh(tpu):
-        text = run.trace(*_abstract(1, 65, 32, 8, 128, 32768)).lower(lowering_platforms=("tpu",)).as_text()
+def test_kernel_lowers_for_a_tpu(lower_for_tpu):
+    """On a TPU a 65-node tree over 32k slots at an 8B model's shapes lowers through Mosaic
+    TPU in its TPU formulation: the cache stays in HBM and the table of its blocks (8 kv heads
+    x 256 blocks) goes to scalar memory, where a whole-row block per kv head (16 MB of keys
+    and values) would not fit VMEM."""
+    text = lower_for_tpu(tree_attention, *_abstract(1, 65, 32, 8, 128, 32768))
     call = next(line for line in text.splitlines() if "tpu_custom_call" in line)
     assert "tensor<2048xi32>" in call and "tensor<1x8x32768x128xbf16>" in call
 
