@@ -24,9 +24,8 @@ the Pallas interpreter on CPU, the TPU interpreter (`interpret=pltpu.InterpretPa
 (8, 128)-tiled shapes, and lowering for CUDA through Pallas's Triton lowering on a machine
 without a GPU (`jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))`), and for TPU
 through Mosaic TPU (under an abstract mesh of TPU devices), up to one decode token over 32k
-slots of head_dim 128 in bfloat16. On a TPU every split's chunk is copied into VMEM, the
-chunks past a row's length too (their scores are masked): fine for long rows, wasted reads
-for short ones. Not verified: compiling and running on a GPU
+slots of head_dim 128 in bfloat16. On a TPU the lengths come by scalar prefetch and a split
+past its row's length re-names the block copied before it, so it reads nothing. Not verified: compiling and running on a GPU
 or TPU (no device was lent), hence neither its speed nor the default `num_splits` heuristic,
 which assumes an H100/H200-sized GPU. On a GPU, bfloat16/float16 with head_dim a multiple of
 64 goes to `tree_attention_mgpu` (Mosaic GPU, JAX 0.11's default lowering), which splits the
@@ -44,8 +43,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tree_attention import gpu_compiler_params
+from pallas_kernels.tree_attention import gpu_compiler_params, on_tpu
 from pallas_kernels.tree_attention import reference as _tree_reference
 
 # The default split count aims for about one program per SM of an H100/H200 (132 SMs) over the
@@ -94,6 +94,7 @@ def decode_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, n
     if mgpu.takes_over(interpret, compiler_params, q.dtype, D) and S % 64 == 0:  # split the same way
         return mgpu.tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask,
                                             num_splits=num_splits)
+    tpu = on_tpu(interpret)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     G = H // Hkv
@@ -108,22 +109,33 @@ def decode_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, n
         compiler_params = gpu_compiler_params(M_pad, D)  # Triton: Mosaic GPU would copy each chunk to smem
 
     chunk = S // num_splits
-    kernel = functools.partial(_split_kernel, block_s=block_s, blocks_per_split=num_blocks // num_splits)
+    kernel = functools.partial(_split_kernel, block_s=block_s, blocks_per_split=num_blocks // num_splits,
+                               all_lengths=tpu)
     # Pass 1. The cache block of split j is its chunk [j * chunk, (j + 1) * chunk) of the row's
     # slots: (chunk, D) tiles, chunk a multiple of block_s, so (8, 128)-tiled when block_s is.
-    parts, lse = pl.pallas_call(
-        kernel,
-        grid=(B, Hkv, num_splits),
+    chunk_map = lambda b, h, j, *_: (b, h, j, 0)
+    if tpu:
+        # TPU: the lengths go to scalar memory (a rank-1 block of one row's length is not a
+        # TPU tile), and a split that starts past its row's length names the row's last chunk
+        # with data, the block the pipeline copied one step before, so it copies nothing.
+        chunk_map = lambda b, h, j, lengths: (b, h, jnp.minimum(j, jnp.maximum(pl.cdiv(lengths[b], chunk) - 1, 0)), 0)
+    specs = dict(
         in_specs=[
-            pl.BlockSpec((1,), lambda b, h, j: (b,)),                                  # lengths
-            pl.BlockSpec((None, None, M_pad, D), lambda b, h, j: (b, h, 0, 0)),        # query rows
-            pl.BlockSpec((None, None, chunk, D), lambda b, h, j: (b, h, j, 0)),        # the split's chunk
-            pl.BlockSpec((None, None, chunk, D), lambda b, h, j: (b, h, j, 0)),
+            pl.BlockSpec((None, None, M_pad, D), lambda b, h, j, *_: (b, h, 0, 0)),   # query rows
+            pl.BlockSpec((None, None, chunk, D), chunk_map),                          # the split's chunk
+            pl.BlockSpec((None, None, chunk, D), chunk_map),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, M_pad, D), lambda b, h, j: (b, h, j, 0, 0)),  # partial outputs
-            pl.BlockSpec((None, None, None, M_pad, 1), lambda b, h, j: (b, h, j, 0, 0)),  # their log-sum-exp
-        ],
+            pl.BlockSpec((None, None, None, M_pad, D), lambda b, h, j, *_: (b, h, j, 0, 0)),  # partial outputs
+            pl.BlockSpec((None, None, None, M_pad, 1), lambda b, h, j, *_: (b, h, j, 0, 0)),  # their log-sum-exp
+        ])
+    if tpu:
+        grid = dict(grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=(B, Hkv, num_splits), **specs))
+    else:
+        specs["in_specs"].insert(0, pl.BlockSpec((1,), lambda b, h, j: (b,)))          # lengths
+        grid = dict(grid=(B, Hkv, num_splits), **specs)
+    parts, lse = pl.pallas_call(
+        kernel,
         out_shape=[
             jax.ShapeDtypeStruct((B, Hkv, num_splits, M_pad, D), jnp.float32),
             jax.ShapeDtypeStruct((B, Hkv, num_splits, M_pad, 1), jnp.float32),
@@ -131,6 +143,7 @@ def decode_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, n
         interpret=interpret,
         compiler_params=compiler_params,
         name="decode_attention_splits",
+        **grid,
     )(lengths.astype(jnp.int32), q_pad, k_cache, v_cache)
     parts, lse = parts[:, :, :, :M], lse[:, :, :, :M, 0]                              # [B, Hkv, splits, M(, D)]
 
@@ -177,10 +190,12 @@ def _finish(acc, total, shift):
     return lse, acc / jnp.where(seen, total, 1.0)[..., None]
 
 
-def _split_kernel(lengths_ref, q_ref, k_ref, v_ref, part_ref, lse_ref, *, block_s: int, blocks_per_split: int):
+def _split_kernel(lengths_ref, q_ref, k_ref, v_ref, part_ref, lse_ref, *, block_s: int, blocks_per_split: int,
+                  all_lengths: bool):
+    """all_lengths: lengths_ref holds every row's length (scalar prefetch), else the row's own."""
     q = q_ref[...].astype(k_ref.dtype)                                              # [M, D]
     M, D = q.shape
-    length = lengths_ref[0]
+    length = lengths_ref[pl.program_id(0)] if all_lengths else lengths_ref[0]
     start = pl.program_id(2) * (blocks_per_split * block_s)                        # the chunk's first slot
     # Only the blocks that hold part of the prefix; none when the chunk starts past the length.
     num_blocks = jnp.clip(pl.cdiv(length - start, block_s), 0, blocks_per_split)

@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxdec.attention import reference_attention
-from pallas_kernels.tree_attention import _power_of_two, fold, gpu_compiler_params, query_rows
+from pallas_kernels.tree_attention import _power_of_two, fold, gpu_compiler_params, on_tpu, query_rows
 
 
 def page_slots(page_ids, page_size: int):
@@ -216,12 +216,6 @@ def _check(q, k_cache, v_cache, page_ids, lengths, k_new, v_new, step_mask, page
         raise ValueError(f"page_ids must have shape ({B}, {Hkv}, N) with N >= 1, got {tuple(page_ids.shape)}")
     if not jnp.issubdtype(page_ids.dtype, jnp.integer) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"page_ids and lengths must be integers, got {page_ids.dtype} and {lengths.dtype}")
-
-
-def on_tpu(interpret) -> bool:
-    """Whether a kernel call takes the TPU formulation: the TPU interpreter asked for
-    (`pltpu.InterpretParams()`), or a TPU backend and no interpreter."""
-    return isinstance(interpret, pltpu.InterpretParams) or (not interpret and jax.default_backend() == "tpu")
 
 
 def _attend(q, length, count, load_page, k_step, v_step, mask):

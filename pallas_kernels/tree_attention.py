@@ -33,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from jaxdec.attention import prefix_mask, reference_attention
 
@@ -62,8 +63,8 @@ def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, blo
     from pallas_kernels import tree_attention_mgpu as mgpu
     if mgpu.takes_over(interpret, compiler_params, q.dtype, D) and S % 64 == 0:
         return mgpu.tree_attention_mgpu(q, k_cache, v_cache, lengths, k_new, v_new, step_mask)
-    from pallas_kernels import sparse_attention as sparse
-    if sparse.on_tpu(interpret):
+    if on_tpu(interpret):
+        from pallas_kernels import sparse_attention as sparse
         # A TPU copies each block of a pallas_call into VMEM, and this kernel's cache blocks
         # are whole rows (at 32k slots of head_dim 128 in bfloat16, 16 MB of keys and values
         # per kv head, double-buffered: past VMEM's 16-32 MB). The prefix is the sparse
@@ -127,6 +128,12 @@ def from_rows(out, T: int, H: int):
 
 def _power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def on_tpu(interpret) -> bool:
+    """Whether a kernel call takes its TPU formulation: the TPU interpreter asked for
+    (`pltpu.InterpretParams()`), or a TPU backend and no interpreter."""
+    return isinstance(interpret, pltpu.InterpretParams) or (not interpret and jax.default_backend() == "tpu")
 
 
 def gpu_compiler_params(rows: int, head_dim: int):

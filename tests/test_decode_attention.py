@@ -85,14 +85,16 @@ def test_bfloat16_inputs():
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(reference(*f32)), atol=3e-2)
 
 
-def test_tpu_interpreter_runs_the_kernel():
-    """The TPU interpreter checks TPU semantics on CPU, at shapes that respect the (8, 128)
-    tiling: 8 query rows (GQA 8) of head_dim 128, chunks of one 128-slot block; row 0's second
-    split lies wholly past its length."""
+@pytest.mark.parametrize("S, splits, lengths", [(256, 2, [100, 256]), (512, 4, [0, 100, 512, 300])])
+def test_tpu_interpreter_runs_the_kernel(S, splits, lengths):
+    """The TPU interpreter checks TPU semantics on CPU (the TPU formulation: lengths by scalar
+    prefetch, splits past a row's length naming its last chunk with data), at shapes that
+    respect the (8, 128) tiling: 8 query rows (GQA 8) of head_dim 128, chunks of one 128-slot
+    block; an empty row (every split past its length), short rows, a full one."""
     from jax.experimental.pallas import tpu as pltpu
-    rng = np.random.default_rng(5)
-    args = _case(rng, 1, 8, 1, 128, 256, [100, 256])
-    got = kernel.decode_attention(*args, num_splits=2, block_s=128, interpret=pltpu.InterpretParams())
+    rng = np.random.default_rng(5 + S)
+    args = _case(rng, 1, 8, 1, 128, S, lengths)
+    got = kernel.decode_attention(*args, num_splits=splits, block_s=128, interpret=pltpu.InterpretParams())
     np.testing.assert_allclose(np.asarray(got), np.asarray(reference(*args)), atol=2e-5)
 
 

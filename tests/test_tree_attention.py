@@ -133,6 +133,26 @@ def test_kernel_lowers_for_a_tpu(lower_for_tpu):
     assert "tensor<2048xi32>" in call and "tensor<1x8x32768x128xbf16>" in call
 
 
+def test_the_models_verify_step_lowers_for_a_tpu(converted_dirs, lower_for_tpu):
+    """attn_impl="pallas" on a TPU, batch 2 over 1024 slots: a verify step of a draft tree
+    (every width bucket, from a 1-token step through the split-K kernel to the whole tree
+    through the tree kernel's TPU formulation) lowers through Mosaic TPU in every layer."""
+    import re
+    from jaxdec.cache import init_cache
+    from jaxdec.verify import Draft, verify_forward
+    model = jaxdec.load(converted_dirs["llama"], attn_impl="pallas")
+    cfg, B, N = model.config, 2, 7
+    spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
+    draft = Draft(tokens=spec((B, N)), probs=spec((B, N, 1), jnp.float32), lengths=spec((B,)), parents=spec((B, N)))
+    text = lower_for_tpu(lambda params, cache, pending, draft: verify_forward(cfg, params, cache, pending, draft,
+                                                                              jnp.ones((B,), bool))[0],
+                         jax.eval_shape(lambda: model.params), jax.eval_shape(lambda: init_cache(cfg, B, 1024, jnp.float32)),
+                         spec((B,)), draft)
+    kernels = re.findall(r'kernel_name = "(\w+)"', text)
+    assert set(kernels) == {"decode_attention_splits", "_tpu_kernel"}
+    assert len(kernels) == 4 * cfg.num_hidden_layers        # widths 1, 2, 4 and 8 tokens
+
+
 @pytest.mark.parametrize("shape", [(1, 65, 32, 8, 128, 32768), (2, 5, 4, 2, 64, 256)],
                          ids=["8b-65-nodes-32k", "small"])
 def test_kernel_lowers_for_a_gpu(shape):
