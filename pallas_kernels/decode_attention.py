@@ -25,9 +25,9 @@ the Pallas interpreter on CPU, the TPU interpreter (`interpret=pltpu.InterpretPa
 without a GPU (`jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))`), and for TPU
 through Mosaic TPU (under an abstract mesh of TPU devices), up to one decode token over 32k
 slots of head_dim 128 in bfloat16. On a TPU the lengths come by scalar prefetch and a split
-past its row's length re-names the block copied before it, so it reads nothing. Not verified: compiling and running on a GPU
-or TPU (no device was lent), hence neither its speed nor the default `num_splits` heuristic,
-which assumes an H100/H200-sized GPU. On a GPU, bfloat16/float16 with head_dim a multiple of
+past its row's length re-names the block copied before it, so it reads nothing. Not verified:
+compiling and running on a GPU or TPU (no device was lent), hence neither its speed nor the
+default `num_splits` heuristic, which assumes an H100/H200-sized GPU. On a GPU, bfloat16/float16 with head_dim a multiple of
 64 goes to `tree_attention_mgpu` (Mosaic GPU, JAX 0.11's default lowering), which splits the
 cache the same way; this kernel (Triton there) takes the rest. Known gaps: the splits cover
 the cache's slots, not the row's length, so a short row in a long cache leaves most splits empty (cheap, but its work is

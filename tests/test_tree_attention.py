@@ -133,24 +133,45 @@ def test_kernel_lowers_for_a_tpu(lower_for_tpu):
     assert "tensor<2048xi32>" in call and "tensor<1x8x32768x128xbf16>" in call
 
 
+def _verify_step(model, batch_size: int, num_slots: int, num_nodes: int = 3):
+    """(the model's tree verify step as a function of (params, cache, pending, draft), its
+    abstract arguments): every width bucket of `verify_forward`, 1 to num_nodes + 1 tokens."""
+    from jaxdec.cache import init_cache
+    from jaxdec.verify import Draft, verify_forward
+    cfg, B, N = model.config, batch_size, num_nodes
+    spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
+    draft = Draft(tokens=spec((B, N)), probs=spec((B, N, 1), jnp.float32), lengths=spec((B,)), parents=spec((B, N)))
+    step = lambda params, cache, pending, draft: verify_forward(cfg, params, cache, pending, draft,
+                                                                jnp.ones((B,), bool))[0]
+    return step, (jax.eval_shape(lambda: model.params),
+                  jax.eval_shape(lambda: init_cache(cfg, B, num_slots, model.dtype)), spec((B,)), draft)
+
+
 def test_the_models_verify_step_lowers_for_a_tpu(converted_dirs, lower_for_tpu):
     """attn_impl="pallas" on a TPU, batch 2 over 1024 slots: a verify step of a draft tree
     (every width bucket, from a 1-token step through the split-K kernel to the whole tree
     through the tree kernel's TPU formulation) lowers through Mosaic TPU in every layer."""
     import re
-    from jaxdec.cache import init_cache
-    from jaxdec.verify import Draft, verify_forward
     model = jaxdec.load(converted_dirs["llama"], attn_impl="pallas")
-    cfg, B, N = model.config, 2, 7
-    spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
-    draft = Draft(tokens=spec((B, N)), probs=spec((B, N, 1), jnp.float32), lengths=spec((B,)), parents=spec((B, N)))
-    text = lower_for_tpu(lambda params, cache, pending, draft: verify_forward(cfg, params, cache, pending, draft,
-                                                                              jnp.ones((B,), bool))[0],
-                         jax.eval_shape(lambda: model.params), jax.eval_shape(lambda: init_cache(cfg, B, 1024, jnp.float32)),
-                         spec((B,)), draft)
+    step, args = _verify_step(model, 2, 1024)
+    text = lower_for_tpu(step, *args)
     kernels = re.findall(r'kernel_name = "(\w+)"', text)
     assert set(kernels) == {"decode_attention_splits", "_tpu_kernel"}
-    assert len(kernels) == 4 * cfg.num_hidden_layers        # widths 1, 2, 4 and 8 tokens
+    assert len(kernels) == 3 * model.config.num_hidden_layers        # widths 1, 2 and 4 tokens
+
+
+@pytest.mark.parametrize("dtype, call", [("bfloat16", "mosaic_gpu_v2"), ("float32", "__gpu$xla.gpu.triton")])
+def test_the_models_verify_step_lowers_for_a_gpu(monkeypatch, dtype, call):
+    """attn_impl="pallas" on a GPU (the backend query answers "gpu" here), the demo target
+    (head_dim 64) at batch 2 over 1024 slots: every width bucket of a tree verify step lowers
+    for CUDA with a kernel in every layer, bfloat16 through Mosaic GPU, float32 through Triton."""
+    import re
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    model = jaxdec.load("demo-target", attn_impl="pallas", dtype=dtype)
+    step, args = _verify_step(model, 2, 1024)
+    text = jax.jit(lambda *a: step(*a)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @([\w$.]+)", text)
+    assert set(calls) == {call} and len(calls) == 3 * model.config.num_hidden_layers      # widths 1, 2, 4
 
 
 @pytest.mark.parametrize("shape", [(1, 65, 32, 8, 128, 32768), (2, 5, 4, 2, 64, 256)],
