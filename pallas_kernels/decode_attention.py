@@ -27,8 +27,8 @@ through Mosaic TPU (under an abstract mesh of TPU devices), up to one decode tok
 slots of head_dim 128 in bfloat16. On a TPU the lengths come by scalar prefetch and a split
 past its row's length re-names the block copied before it, so it reads nothing. Not verified:
 compiling and running on a GPU or TPU (no device was lent), hence neither its speed nor the
-default `num_splits` heuristic, which assumes an H100/H200-sized GPU. On a GPU, bfloat16/float16 with head_dim a multiple of
-64 goes to `tree_attention_mgpu` (Mosaic GPU, JAX 0.11's default lowering), which splits the
+default `num_splits` heuristic, which assumes an H100/H200-sized GPU. On a GPU, bfloat16/float16
+with head_dim a multiple of 64 goes to `tree_attention_mgpu` (Mosaic GPU, JAX 0.11's default lowering), which splits the
 cache the same way; this kernel (Triton there) takes the rest. Known gaps: the splits cover
 the cache's slots, not the row's length, so a short row in a long cache leaves most splits empty (cheap, but its work is
 not spread; Lean Attention's stream-K balancing over the real lengths is not done); on a real
@@ -113,27 +113,29 @@ def decode_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, n
                                all_lengths=tpu)
     # Pass 1. The cache block of split j is its chunk [j * chunk, (j + 1) * chunk) of the row's
     # slots: (chunk, D) tiles, chunk a multiple of block_s, so (8, 128)-tiled when block_s is.
-    chunk_map = lambda b, h, j, *_: (b, h, j, 0)
-    if tpu:
-        # TPU: the lengths go to scalar memory (a rank-1 block of one row's length is not a
-        # TPU tile), and a split that starts past its row's length names the row's last chunk
-        # with data, the block the pipeline copied one step before, so it copies nothing.
-        chunk_map = lambda b, h, j, lengths: (b, h, jnp.minimum(j, jnp.maximum(pl.cdiv(lengths[b], chunk) - 1, 0)), 0)
-    specs = dict(
-        in_specs=[
-            pl.BlockSpec((None, None, M_pad, D), lambda b, h, j, *_: (b, h, 0, 0)),   # query rows
-            pl.BlockSpec((None, None, chunk, D), chunk_map),                          # the split's chunk
-            pl.BlockSpec((None, None, chunk, D), chunk_map),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, M_pad, D), lambda b, h, j, *_: (b, h, j, 0, 0)),  # partial outputs
-            pl.BlockSpec((None, None, None, M_pad, 1), lambda b, h, j, *_: (b, h, j, 0, 0)),  # their log-sum-exp
-        ])
-    if tpu:
-        grid = dict(grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=(B, Hkv, num_splits), **specs))
+    def chunk_map(b, h, j, *prefetched):
+        if prefetched:
+            # TPU: a split that starts past its row's length names the row's last chunk with
+            # data, the block the pipeline copied one step before, so it copies nothing.
+            (row_lengths,) = prefetched
+            j = jnp.minimum(j, jnp.maximum(pl.cdiv(row_lengths[b], chunk) - 1, 0))
+        return b, h, j, 0
+
+    in_specs = [
+        pl.BlockSpec((None, None, M_pad, D), lambda b, h, j, *_: (b, h, 0, 0)),       # query rows
+        pl.BlockSpec((None, None, chunk, D), chunk_map),                              # the split's chunk
+        pl.BlockSpec((None, None, chunk, D), chunk_map),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, None, M_pad, D), lambda b, h, j, *_: (b, h, j, 0, 0)),  # partial outputs
+        pl.BlockSpec((None, None, None, M_pad, 1), lambda b, h, j, *_: (b, h, j, 0, 0)),  # their log-sum-exp
+    ]
+    if tpu:  # the lengths in scalar memory: a rank-1 block of one row's length is not a TPU tile
+        grid = dict(grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=(B, Hkv, num_splits),
+                                                           in_specs=in_specs, out_specs=out_specs))
     else:
-        specs["in_specs"].insert(0, pl.BlockSpec((1,), lambda b, h, j: (b,)))          # lengths
-        grid = dict(grid=(B, Hkv, num_splits), **specs)
+        grid = dict(grid=(B, Hkv, num_splits), in_specs=[pl.BlockSpec((1,), lambda b, h, j: (b,)), *in_specs],
+                    out_specs=out_specs)
     parts, lse = pl.pallas_call(
         kernel,
         out_shape=[
