@@ -20,7 +20,12 @@ ByteLevel decoder, so decoding round-trips source code (indentation included) ex
 Target: next-token cross-entropy with AdamW and a warmup + cosine schedule. Draft: distilled
 from the frozen target, loss KL(target || draft) of the next-token distributions (teacher
 logits computed in the same jitted step), optionally plus `--ce-weight` x cross-entropy.
-Both use `jaxdec.model.sequence_logits`, the decoder every other path uses.
+Both use `jaxdec.model.sequence_logits`, the decoder every other path uses. A draft can then
+be fine-tuned on the target's own greedy continuations (`--init D --on-policy N`, see
+`jaxdec/on_policy.py`), which is what decoding asks it to predict:
+
+    python -m jaxdec.train draft --workdir W --teacher demo-target --init demo-draft \
+        --on-policy 4096 --run draft-on-policy --steps 600 --batch-size 16 --seq-len 256 --lr 1e-3 --warmup 20
 
 Everything lives in the work folder: `tokenizer.json`, the tokenized corpus, and per run
 (`W/target`, `W/draft`) orbax checkpoints of (params, optimizer state, step) every
@@ -299,18 +304,21 @@ def make_train_step(objective, optimizer):
 def make_eval_step(cfg, teacher_cfg=None):
     """Per-window sums over positions: nll, and with a teacher the argmax agreements, the
     teacher's nll, KL(teacher || model) and sum_x min(p_teacher, p_model) (the expected
-    acceptance of one drafted token at temperature 1)."""
-    def step(params, batch, teacher_params):
+    acceptance of one drafted token at temperature 1). Only the predictions of tokens
+    `first + 1`.. count (`first`: a window's prompt, whose tokens were not generated)."""
+    def step(params, batch, teacher_params, first=0):
         inputs, targets = batch[:, :-1], batch[:, 1:]
+        counted = jnp.arange(inputs.shape[1]) >= first
+        total = lambda per_position: jnp.where(counted, per_position, 0).sum(axis=1)
         logits = sequence_logits(cfg, params, inputs)
-        out = {"nll": _next_token_nll(logits, targets).sum(axis=1)}
+        out = {"nll": total(_next_token_nll(logits, targets))}
         if teacher_cfg is not None:
             t_logits = sequence_logits(teacher_cfg, teacher_params, inputs)
             t_logp, logp = jax.nn.log_softmax(t_logits), jax.nn.log_softmax(logits)
-            out["agree"] = (jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)).sum(axis=1)
-            out["teacher_nll"] = _next_token_nll(t_logits, targets).sum(axis=1)
-            out["kl"] = jnp.sum(jnp.exp(t_logp) * (t_logp - logp), axis=-1).sum(axis=1)
-            out["accept_t1"] = jnp.minimum(jnp.exp(t_logp), jnp.exp(logp)).sum(axis=-1).sum(axis=1)
+            out["agree"] = total(jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1))
+            out["teacher_nll"] = total(_next_token_nll(t_logits, targets))
+            out["kl"] = total(jnp.sum(jnp.exp(t_logp) * (t_logp - logp), axis=-1))
+            out["accept_t1"] = total(jnp.minimum(jnp.exp(t_logp), jnp.exp(logp)).sum(axis=-1))
         return out
     return jax.jit(step)
 
@@ -321,9 +329,10 @@ def _uncommitted(tree):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), tree)
 
 
-def evaluate(eval_step, params, windows: np.ndarray, batch_size: int, teacher_params=None) -> dict:
-    """Means per token over `windows` [n, T+1] (last batch padded with repeats, weighted out)."""
-    n, T = windows.shape[0], windows.shape[1] - 1
+def evaluate(eval_step, params, windows: np.ndarray, batch_size: int, teacher_params=None, first: int = 0) -> dict:
+    """Means per token over `windows` [n, T+1] (last batch padded with repeats, weighted out),
+    counting the predictions of tokens first + 1.. only."""
+    n, T = windows.shape[0], windows.shape[1] - 1 - first
     params, teacher_params = _uncommitted(params), _uncommitted(teacher_params)
     sums: dict[str, float] = {}
     for start in range(0, n, batch_size):
@@ -331,7 +340,7 @@ def evaluate(eval_step, params, windows: np.ndarray, batch_size: int, teacher_pa
         real = chunk.shape[0]
         if real < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - real, axis=0)])
-        out = jax.device_get(eval_step(params, jnp.asarray(chunk), teacher_params))
+        out = jax.device_get(eval_step(params, jnp.asarray(chunk), teacher_params, first))
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + float(np.asarray(value, np.float64)[:real].sum())
     count = n * T
@@ -358,6 +367,10 @@ class RunOptions:
     eval_windows: int = 128     # held-out windows for the final evaluation
     eval_batch_size: int = 8
     ce_weight: float = 0.0      # draft only
+    init: str | None = None     # draft only: start from this checkpoint's weights (fine-tuning)
+    on_policy: int = 0          # draft only: target continuations to mix in (jaxdec.on_policy)
+    on_policy_fraction: float = 0.75
+    prompt_len: int = 64
 
 
 def _state_meta(config: dict, opts: RunOptions, teacher: str | None) -> dict:
@@ -367,11 +380,14 @@ def _state_meta(config: dict, opts: RunOptions, teacher: str | None) -> dict:
 
 
 def train_run(run_dir: Path, cfg: ModelConfig | None, train_tokens: np.ndarray, opts: RunOptions, *,
-              teacher=None, progress: bool = True, log=_log, stop_after: int | None = None, objective=None):
+              teacher=None, progress: bool = True, log=_log, stop_after: int | None = None, objective=None,
+              init_params=None, batches=None):
     """Trains (or resumes) the run in `run_dir`; returns (params, info).
 
     `teacher`: a `jaxdec.Model` to distill from (frozen), or None for plain cross-entropy.
     `objective`: what to train (default: the decoder `cfg`, see `LanguageModel`).
+    `init_params`: the weights to start from (default: `objective.init`, a fresh model).
+    `batches(step)`: the step's int32 batch (default: `batch_at` over `train_tokens`).
     `stop_after`: stop (with a checkpoint) after this many steps of this call; for tests.
     """
     run_dir = Path(run_dir)
@@ -389,13 +405,13 @@ def train_run(run_dir: Path, cfg: ModelConfig | None, train_tokens: np.ndarray, 
                           "schedule_changes": None}
         if same(old) != same(meta):
             raise ValueError(f"{run_dir} holds a run with different settings ({meta_path}); "
-                             f"use another --workdir or pass --fresh")
+                             f"use another --run or --workdir, or pass --fresh")
     if old != meta:
         meta_path.write_text(json.dumps(meta, indent=2))
 
     teacher_params = None if teacher is None else _uncommitted(teacher.params)
     optimizer, schedule, train_step = _compiled_step(objective, opts.lr, opts.steps, opts.warmup, opts.weight_decay)
-    params = objective.init(jax.random.key(opts.seed))
+    params = objective.init(jax.random.key(opts.seed)) if init_params is None else _uncommitted(init_params)
     state = {"params": params, "opt_state": optimizer.init(params)}
     manager = ocp.CheckpointManager(
         (run_dir / "checkpoints").absolute(),
@@ -426,7 +442,8 @@ def train_run(run_dir: Path, cfg: ModelConfig | None, train_tokens: np.ndarray, 
                mininterval=5.0, dynamic_ncols=True)
     t_last, history = time.time(), []
     while step < end:
-        batch = jnp.asarray(batch_at(train_tokens, step, opts.batch_size, opts.seq_len, opts.seed))
+        batch = jnp.asarray(batches(step) if batches is not None else
+                            batch_at(train_tokens, step, opts.batch_size, opts.seq_len, opts.seed))
         params, opt_state, metrics = train_step(params, opt_state, batch, teacher_params)
         step += 1
         if step % opts.log_every == 0 or step == end:
@@ -474,6 +491,11 @@ def _load_data(workdir: Path):
             json.loads((workdir / "corpus.json").read_text()))
 
 
+def _tokenizer_vocab(path: Path) -> dict:
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(path)).get_vocab()
+
+
 def run_stage(kind: str, args) -> dict:
     import jaxdec
     workdir = Path(args.workdir)
@@ -485,11 +507,24 @@ def run_stage(kind: str, args) -> dict:
     teacher = jaxdec.load(args.teacher, dtype="float32") if kind == "draft" else None
     if teacher is not None and teacher.config.vocab_size != cfg.vocab_size:
         raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != {cfg.vocab_size}")
+    if teacher is not None and teacher.tokenizer is not None and (
+            teacher.tokenizer.get_vocab() != _tokenizer_vocab(workdir / "tokenizer.json")):
+        raise ValueError(f"teacher {args.teacher} has another tokenizer than {workdir / 'tokenizer.json'}")
+    draft_only = dict(ce_weight=args.ce_weight, init=args.init, on_policy=args.on_policy,
+                      on_policy_fraction=args.on_policy_fraction, prompt_len=args.prompt_len) if teacher else {}
     opts = RunOptions(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       warmup=args.warmup, weight_decay=args.weight_decay, save_every=args.save_every,
-                      log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows,
-                      ce_weight=getattr(args, "ce_weight", 0.0))
-    run_dir = workdir / kind
+                      log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows, **draft_only)
+    if opts.on_policy < 0 or not 0.0 < opts.on_policy_fraction <= 1.0:
+        raise ValueError(f"--on-policy must be >= 0 and --on-policy-fraction in (0, 1], got {opts.on_policy} "
+                         f"and {opts.on_policy_fraction}")
+    init = None
+    if opts.init is not None:
+        init = jaxdec.load(opts.init, dtype="float32")
+        if init.config.to_dict() != cfg.to_dict():
+            raise ValueError(f"--init {opts.init} holds a model of config {init.config.to_dict()}, but the sizes "
+                             f"given (--hidden, --layers, ...) make {cfg.to_dict()}")
+    run_dir = workdir / (args.run or kind)
     if args.fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     counts = param_counts(cfg)
@@ -498,7 +533,22 @@ def run_stage(kind: str, args) -> dict:
         t_counts = param_counts(teacher.config)
         print(f"FLOPs/token: draft {counts['flops_per_token']:,} / target {t_counts['flops_per_token']:,} "
               f"= {counts['flops_per_token'] / t_counts['flops_per_token']:.4f}", flush=True)
-    params, info = train_run(run_dir, cfg, train_tokens, opts, teacher=teacher, progress=not args.no_progress)
+    batches, generations = None, None
+    if teacher is not None:
+        from jaxdec import on_policy
+        length = opts.seq_len + 1
+        if opts.on_policy:
+            samples = on_policy.continuations(
+                teacher, train_tokens, opts.on_policy, opts.prompt_len, length, opts.seed,
+                workdir / f"{run_dir.name}-continuations.npy", progress=not args.no_progress, log=_log)
+            batches = lambda step: on_policy.mixed_batch_at(train_tokens, samples, step, opts.batch_size,
+                                                            opts.seq_len, opts.seed, opts.on_policy_fraction)
+        if args.eval_generations:  # what decoding asks of a draft: predict the target's own output
+            generations = on_policy.continuations(
+                teacher, held_tokens, args.eval_generations, opts.prompt_len, length, opts.seed + 1,
+                workdir / f"held-out-continuations-{opts.seq_len}.npy", progress=not args.no_progress, log=_log)
+    params, info = train_run(run_dir, cfg, train_tokens, opts, teacher=teacher, progress=not args.no_progress,
+                             init_params=None if init is None else init.params, batches=batches)
 
     t0 = time.time()
     eval_step = make_eval_step(cfg, None if teacher is None else teacher.config)
@@ -507,8 +557,17 @@ def run_stage(kind: str, args) -> dict:
                     opts.eval_batch_size, t_params)
     probe_windows = eval_windows(held_tokens, PROBE_LEN, PROBE_WINDOWS)
     probe = evaluate(eval_step, params, probe_windows, PROBE_WINDOWS, t_params)
+    on_generations = {}
+    if generations is not None:
+        on_gen = lambda p: evaluate(eval_step, p, generations, opts.eval_batch_size, t_params, opts.prompt_len - 1)
+        on_generations = {"held_out_generations": {
+            "what": (f"{len(generations)} held-out prompts of {opts.prompt_len} tokens, each continued greedily by "
+                     f"the teacher for {length - opts.prompt_len} tokens; metrics over the generated tokens"),
+            "draft": on_gen(params), **({"init": on_gen(init.params)} if init is not None else {})}}
     eval_seconds = round(time.time() - t0, 1)
     print(f"held-out: {json.dumps(held)}\nprobe: {json.dumps(probe)}", flush=True)
+    if on_generations:
+        print(f"held-out generations: {json.dumps(on_generations)}", flush=True)
     training = {
         "command": "python -m jaxdec.train " + " ".join(sys.argv[1:]),
         "kind": kind, "corpus": corpus, "config": cfg.to_dict(), **counts,
@@ -516,7 +575,7 @@ def run_stage(kind: str, args) -> dict:
         "steps": info["step"], "schedule_changes": info["schedule_changes"], "tokens_seen": info["step"] * opts.batch_size * opts.seq_len,
         "train_wall_seconds": info["wall_seconds"], "eval_seconds": eval_seconds,
         "final_train_metrics": info["history"][-1] if info["history"] else None,
-        "held_out": held, "uniform_loss": math.log(cfg.vocab_size),
+        "held_out": held, **on_generations, "uniform_loss": math.log(cfg.vocab_size),
         "probe": {**probe, "seq_len": PROBE_LEN, "token_ids": probe_windows.tolist()},
         "versions": {"jax": jax.__version__, "python": sys.version.split()[0]},
         "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
@@ -553,6 +612,14 @@ def main(argv=None) -> int:
         if kind == "draft":
             p.add_argument("--teacher", required=True, help="the target: anything jaxdec.load takes")
             p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy added to the KL")
+            p.add_argument("--init", default=None, help="start from this draft's weights (anything jaxdec.load takes)")
+            p.add_argument("--on-policy", type=int, default=0, metavar="N",
+                           help="distill also on N greedy continuations written by the teacher (jaxdec/on_policy.py)")
+            p.add_argument("--on-policy-fraction", type=float, default=0.75, help="share of each batch they fill")
+            p.add_argument("--prompt-len", type=int, default=64, help="corpus tokens before each continuation")
+            p.add_argument("--eval-generations", type=int, default=128, metavar="N",
+                           help="held-out teacher continuations to evaluate the draft on (0: none)")
+        p.add_argument("--run", default=None, help=f"the run's folder in --workdir (default: {kind})")
         p.add_argument("--hidden", type=int, default=model["hidden_size"])
         p.add_argument("--intermediate", type=int, default=model["intermediate_size"])
         p.add_argument("--layers", type=int, default=model["num_hidden_layers"])

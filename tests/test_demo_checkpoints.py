@@ -225,3 +225,75 @@ def _save_tokenizer(tokenizer, directory: Path) -> Path:
     path = directory / "tokenizer.json"
     tokenizer.save(str(path))
     return path
+
+
+TINY_DRAFT = ["--hidden", "16", "--intermediate", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+              "--head-dim", "8"]
+
+
+def test_on_policy_distillation_command(tmp_path):
+    """`python -m jaxdec.train draft --init D --on-policy N`: the target writes N continuations
+    (cached, resumable), the draft is fine-tuned on them mixed with corpus windows, and the
+    export records how it predicts held-out continuations before and after."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(300):
+        (corpus / f"m{i:03d}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n\nclass C{i}:\n    pass\n")
+    work = ["--workdir", str(tmp_path / "w"), "--corpus-root", str(corpus), "--vocab-size", "320",
+            "--seq-len", "32", "--batch-size", "4", "--eval-windows", "8", "--no-progress", "--save-every", "100"]
+    train.main(["target", *work, "--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2",
+                "--kv-heads", "1", "--head-dim", "16", "--steps", "24", "--lr", "1e-2", "--warmup", "2",
+                "--out", str(tmp_path / "target")])
+    draft = ["draft", *work, *TINY_DRAFT, "--teacher", str(tmp_path / "target"), "--warmup", "2",
+             "--prompt-len", "8", "--eval-generations", "6"]
+    train.main([*draft, "--steps", "4", "--out", str(tmp_path / "d0")])
+    train.main([*draft, "--steps", "16", "--lr", "1e-2", "--init", str(tmp_path / "d0"), "--on-policy", "6",
+                "--run", "ft", "--out", str(tmp_path / "d1")])
+
+    target = jaxdec.load(tmp_path / "target")
+    train_tokens = np.load(tmp_path / "w" / "train_tokens.npy")
+    rows = np.load(tmp_path / "w" / "ft-continuations.npy")
+    assert rows.shape == (6, 33)
+    from jaxdec import on_policy
+    for row, start in zip(rows, on_policy.prompt_starts(train_tokens.size, 6, 8, 0)):
+        np.testing.assert_array_equal(row[:8], train_tokens[start:start + 8])  # a corpus prompt, then
+        assert row[8] == np.argmax(jaxdec.logits(target, row[:8].tolist())[-1])  # the target's greedy token
+    record = json.loads((tmp_path / "d1" / "training.json").read_text())
+    assert record["options"]["on_policy"] == 6 and record["options"]["init"] == str(tmp_path / "d0")
+    generated = record["held_out_generations"]
+    # the init's metrics are d0's, recomputed here on the cached held-out continuations
+    held = np.load(tmp_path / "w" / "held-out-continuations-32.npy")
+    assert held.shape == (6, 33)
+    d0 = jaxdec.load(tmp_path / "d0")
+    step = train.make_eval_step(d0.config, target.config)
+    again = train.evaluate(step, d0.params, held, 8, target.params, first=7)
+    assert again["tokens"] == 6 * 25 == generated["init"]["tokens"]
+    assert again["kl"] == pytest.approx(generated["init"]["kl"], rel=1e-5)
+    assert generated["draft"]["kl"] < 0.8 * generated["init"]["kl"], generated
+
+    # interrupted generation resumes from the cache; a changed request starts over
+    cache = tmp_path / "w" / "again.npy"
+    logs = []
+    full = on_policy.continuations(target, train_tokens, 4, 8, 33, 0, cache, batch_size=2, progress=False)
+    np.save(cache, full[:2])
+    resumed = on_policy.continuations(target, train_tokens, 4, 8, 33, 0, cache, batch_size=2, progress=False,
+                                      log=logs.append)
+    np.testing.assert_array_equal(resumed, full)
+    assert any("2 of 4" in line for line in logs)
+    logs.clear()
+    other = on_policy.continuations(target, train_tokens, 2, 8, 33, 1, cache, progress=False, log=logs.append)
+    assert other.shape == (2, 33) and "0 of 2" in logs[0]
+
+    batch = on_policy.mixed_batch_at(train_tokens, rows, 0, 4, 32, 0, 0.75)
+    assert batch.shape == (4, 33) and all(any((r == s).all() for s in rows) for r in batch[:3])
+    epoch = np.concatenate([on_policy.mixed_batch_at(train_tokens, rows, s, 4, 32, 0, 0.75)[:3] for s in (0, 1)])
+    assert sorted(map(tuple, epoch)) == sorted(map(tuple, rows))  # every row once per epoch
+    with pytest.raises(ValueError, match="33"):
+        on_policy.mixed_batch_at(train_tokens, rows, 0, 4, 16, 0, 0.75)
+    with pytest.raises(ValueError, match="prompt_len"):
+        on_policy.continuations(target, train_tokens, 2, 33, 33, 0, cache)
+    with pytest.raises(ValueError, match="--init"):
+        train.main([*draft[:-4], "--hidden", "24", "--teacher", str(tmp_path / "target"), "--init",
+                    str(tmp_path / "d0"), "--run", "bad"])
+    with pytest.raises(ValueError, match="on-policy-fraction"):
+        train.main([*draft, "--on-policy", "2", "--on-policy-fraction", "0", "--run", "bad"])

@@ -65,14 +65,16 @@ def test_overlap_changes_when_drafts_are_made_not_what_they_are(models):
     to DraftModel's in one program; some rounds must really have been drafted ahead."""
     same_device_draft = jaxdec.load("demo-draft")
     drafted_ahead = 0
-    for seed in range(2):
-        for batch in (PROMPTS[:1], PROMPTS[1:3]):
-            run = lambda method: jaxdec.generate(models["target"], batch, max_new_tokens=MAX_NEW, temperature=1.0,
-                                                 seed=seed, speculative=method)
-            ahead = run(spec.Pearl(models["draft"], num_tokens=K))
-            assert ahead.tokens == run(spec.Pearl(models["draft"], num_tokens=K, overlap=False)).tokens
-            assert ahead.tokens == run(spec.DraftModel(same_device_draft, num_tokens=K)).tokens
-            drafted_ahead += ahead.stats.rounds_drafted_ahead
+    # A chain is drafted ahead only when all K drafts and the sampled token after them are
+    # what the draft guessed: at temperature 1 in about one round in twenty on these prompts,
+    # at 0.5 in one in five (8 rounds of these runs).
+    for seed, batch in enumerate((PROMPTS[:1], PROMPTS[1:3]) * 2):
+        run = lambda method: jaxdec.generate(models["target"], batch, max_new_tokens=2 * MAX_NEW, temperature=0.5,
+                                             seed=seed, speculative=method)
+        ahead = run(spec.Pearl(models["draft"], num_tokens=K))
+        assert ahead.tokens == run(spec.Pearl(models["draft"], num_tokens=K, overlap=False)).tokens
+        assert ahead.tokens == run(spec.DraftModel(same_device_draft, num_tokens=K)).tokens
+        drafted_ahead += ahead.stats.rounds_drafted_ahead
     assert drafted_ahead > 0
 
 

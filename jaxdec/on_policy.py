@@ -1,0 +1,96 @@
+"""The target's own greedy continuations, as training data for a draft model.
+
+A draft distilled on corpus text learns the target's next-token distribution where the
+target reads human-written code; at decoding time it must predict the target's *own*
+output, which drifts from the corpus (repetitive, more regular). Distilling also on windows
+the target wrote itself (on-policy distillation, as in DistillSpec) trains the draft where
+speculative decoding uses it. `python -m jaxdec.train draft --on-policy N` does this:
+
+- `continuations` draws N prompts of `prompt_len` tokens at random places of the training
+  stream and lets the target continue each greedily (`jaxdec.generate`, batched), so every
+  row is one window of `seq_len + 1` tokens; rows are cached in the work folder (rewritten
+  atomically after every batch, so an interrupted run resumes where it stopped).
+- `mixed_batch_at` builds each training batch from `fraction` of these rows and corpus
+  windows for the rest (`jaxdec.train.batch_at`), a pure function of the step like the
+  corpus batches, so a resumed run sees the batches an unbroken one would.
+
+The loss is unchanged: KL(target || draft) at every position of the window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxdec.generate import generate
+from jaxdec.train import batch_at
+
+PROMPT_SEED_SALT = 15485863  # prompts' places: independent of the corpus batches' seeds
+ORDER_SEED_SALT = 104729
+
+
+def prompt_starts(num_tokens: int, count: int, prompt_len: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, PROMPT_SEED_SALT])
+    return rng.integers(0, num_tokens - prompt_len, count)
+
+
+def continuations(teacher, tokens: np.ndarray, count: int, prompt_len: int, length: int, seed: int,
+                  cache: Path, batch_size: int = 64, progress: bool = True, log=print) -> np.ndarray:
+    """int32 [count, length]: `prompt_len` tokens of `tokens`, then the teacher's greedy
+    continuation (never stopped at EOS). Resumes from, and keeps, the rows in `cache`."""
+    if not 0 < prompt_len < length:
+        raise ValueError(f"prompt_len must be in [1, {length - 1}] (the window is {length} tokens), got {prompt_len}")
+    if count < 1:
+        raise ValueError(f"on-policy sample count must be >= 1, got {count}")
+    if tokens.size <= prompt_len:
+        raise ValueError(f"the training stream ({tokens.size} tokens) is shorter than prompt_len={prompt_len}")
+    cache = Path(cache)
+    meta = {"count": count, "prompt_len": prompt_len, "length": length, "seed": seed,
+            "teacher": teacher.config.to_dict(), "train_tokens": int(tokens.size)}
+    meta_path = cache.with_suffix(".json")
+    rows = np.zeros((0, length), np.int32)
+    if cache.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+        rows = np.load(cache)
+    starts = prompt_starts(tokens.size, count, prompt_len, seed)
+    if len(rows) < count:
+        log(f"on-policy: {len(rows)} of {count} target continuations cached in {cache}")
+    meta_path.write_text(json.dumps(meta, indent=2))
+    bar = tqdm(total=count, initial=len(rows), disable=not progress, desc="target continuations",
+               mininterval=5.0, dynamic_ncols=True)
+    t0 = time.time()
+    while len(rows) < count:
+        batch_starts = starts[len(rows):len(rows) + batch_size]
+        prompts = [tokens[s:s + prompt_len].tolist() for s in batch_starts]
+        out = generate(teacher, prompts, max_new_tokens=length - prompt_len, stop_token_ids=[])
+        new = np.asarray([p + list(t) for p, t in zip(prompts, out.tokens)], np.int32)
+        rows = np.concatenate([rows, new])
+        tmp = cache.with_name(cache.name + ".tmp.npy")
+        np.save(tmp, rows)
+        os.replace(tmp, cache)  # never a half-written cache
+        bar.update(len(new))
+        if not progress:
+            log(f"on-policy: {len(rows)}/{count} continuations ({time.time() - t0:.0f} s)")
+    bar.close()
+    return rows
+
+
+def mixed_batch_at(tokens: np.ndarray, samples: np.ndarray, step: int, batch_size: int, seq_len: int,
+                   seed: int, fraction: float) -> np.ndarray:
+    """int32 [batch_size, seq_len + 1]: round(fraction * batch_size) rows of `samples` (each
+    visited once per epoch, in an order fixed by the seed), then corpus windows."""
+    if samples.shape[1] != seq_len + 1:
+        raise ValueError(f"on-policy rows hold {samples.shape[1]} tokens, the windows {seq_len + 1}")
+    n_on = int(round(fraction * batch_size))
+    rows = []
+    for i in range(step * n_on, (step + 1) * n_on):
+        epoch, j = divmod(i, len(samples))
+        order = np.random.default_rng([seed, epoch, ORDER_SEED_SALT]).permutation(len(samples))
+        rows.append(samples[order[j]])
+    corpus = batch_at(tokens, step, batch_size - n_on, seq_len, seed) if n_on < batch_size else None
+    parts = ([np.stack(rows)] if rows else []) + ([corpus] if corpus is not None else [])
+    return np.concatenate(parts).astype(np.int32)
