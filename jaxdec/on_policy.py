@@ -19,6 +19,7 @@ The loss is unchanged: KL(target || draft) at every position of the window.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -79,6 +80,11 @@ def continuations(teacher, tokens: np.ndarray, count: int, prompt_len: int, leng
     return rows
 
 
+@functools.lru_cache(maxsize=2)
+def _sample_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, ORDER_SEED_SALT]).permutation(count)
+
+
 def mixed_batch_at(tokens: np.ndarray, samples: np.ndarray, step: int, batch_size: int, seq_len: int,
                    seed: int, fraction: float) -> np.ndarray:
     """int32 [batch_size, seq_len + 1]: round(fraction * batch_size) rows of `samples` (each
@@ -86,11 +92,9 @@ def mixed_batch_at(tokens: np.ndarray, samples: np.ndarray, step: int, batch_siz
     if samples.shape[1] != seq_len + 1:
         raise ValueError(f"on-policy rows hold {samples.shape[1]} tokens, the windows {seq_len + 1}")
     n_on = int(round(fraction * batch_size))
-    rows = []
-    for i in range(step * n_on, (step + 1) * n_on):
-        epoch, j = divmod(i, len(samples))
-        order = np.random.default_rng([seed, epoch, ORDER_SEED_SALT]).permutation(len(samples))
-        rows.append(samples[order[j]])
-    corpus = batch_at(tokens, step, batch_size - n_on, seq_len, seed) if n_on < batch_size else None
-    parts = ([np.stack(rows)] if rows else []) + ([corpus] if corpus is not None else [])
-    return np.concatenate(parts).astype(np.int32)
+    picks = [_sample_order(seed, i // len(samples), len(samples))[i % len(samples)]
+             for i in range(step * n_on, (step + 1) * n_on)]
+    rows = samples[np.asarray(picks, np.int64)]
+    if n_on < batch_size:
+        rows = np.concatenate([rows, batch_at(tokens, step, batch_size - n_on, seq_len, seed)])
+    return rows.astype(np.int32)

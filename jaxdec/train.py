@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from jaxdec import storage
 from jaxdec.config import ModelConfig
+from jaxdec.loading import _read_tokenizer
 from jaxdec.model import init_params, sequence_logits
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
@@ -491,11 +492,6 @@ def _load_data(workdir: Path):
             json.loads((workdir / "corpus.json").read_text()))
 
 
-def _tokenizer_vocab(path: Path) -> dict:
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(str(path)).get_vocab()
-
-
 def run_stage(kind: str, args) -> dict:
     import jaxdec
     workdir = Path(args.workdir)
@@ -508,7 +504,7 @@ def run_stage(kind: str, args) -> dict:
     if teacher is not None and teacher.config.vocab_size != cfg.vocab_size:
         raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != {cfg.vocab_size}")
     if teacher is not None and teacher.tokenizer is not None and (
-            teacher.tokenizer.get_vocab() != _tokenizer_vocab(workdir / "tokenizer.json")):
+            teacher.tokenizer.get_vocab() != _read_tokenizer(workdir).get_vocab()):
         raise ValueError(f"teacher {args.teacher} has another tokenizer than {workdir / 'tokenizer.json'}")
     draft_only = dict(ce_weight=args.ce_weight, init=args.init, on_policy=args.on_policy,
                       on_policy_fraction=args.on_policy_fraction, prompt_len=args.prompt_len) if teacher else {}

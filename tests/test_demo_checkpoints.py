@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -297,3 +298,17 @@ def test_on_policy_distillation_command(tmp_path):
                     str(tmp_path / "d0"), "--run", "bad"])
     with pytest.raises(ValueError, match="on-policy-fraction"):
         train.main([*draft, "--on-policy", "2", "--on-policy-fraction", "0", "--run", "bad"])
+    with pytest.raises(ValueError, match="--on-policy must be >= 0"):
+        train.main([*draft, "--on-policy", "-1", "--run", "bad"])
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        on_policy.continuations(target, train_tokens, 0, 8, 33, 0, cache)
+    # a teacher whose tokenizer numbers the tokens differently from the work folder's
+    other = tmp_path / "other-target"
+    shutil.copytree(tmp_path / "target", other)
+    tokenizer_json = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer_json["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        train.main([*draft[:-6], "--teacher", str(other), "--run", "bad"])
