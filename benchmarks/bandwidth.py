@@ -29,6 +29,11 @@ SHAPES = {
                       num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048),
     "llama-10m": dict(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048),
+    # The shipped demo pair (checkpoints/demo-target, demo-draft), for CPU cost measurements.
+    "demo-target": dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096),
+    "demo-draft": dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096),
 }
 
 

@@ -17,7 +17,14 @@ speedup of k drafts at per-token acceptance rate a:
     tokens per round  E = (1 - a**(k+1)) / (1 - a)
     speedup           E * t(1) / (k * t_draft + t(k+1))
 reported for every k and for a in --acceptance (default 0.6 and 0.8). Meant for a GPU; on
-CPU use small shapes (e.g. --target-shape llama-50m --draft-shape llama-10m).
+CPU use small shapes (e.g. --target-shape llama-50m --draft-shape llama-10m, or the shipped
+demo pair's shapes, demo-target and demo-draft).
+
+With `--rounds k1 k2 ...` it also times what the formula adds up, on the programs generate()
+runs: whole greedy `spec.DraftModel(draft, k)` rounds (`speculative_decode`, many rounds per
+dispatch) and plain decoding's step (`steps.decode`), so `round_ms` stands beside
+`formula_round_ms` and `measured_round_speedup` is the formula's E with both costs measured.
+The gap is the round's bookkeeping and what drafting and verifying cost each other on the way.
 """
 
 from __future__ import annotations
@@ -82,6 +89,70 @@ def step_seconds(cfg, params, batch_size: int, context: int, num_tokens: int, it
     return best
 
 
+def round_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: int, num_drafts: int,
+                iterations: int, slots: int):
+    """A function that times, per call, the seconds per greedy round of
+    `spec.DraftModel(draft, num_drafts)` on generate()'s own decoding program
+    (`jaxdec.speculative.speculative_decode`, `iterations` rounds in one dispatch) after a
+    prompt of `context` tokens, with caches of `slots` slots (`round_slots`: the same for every
+    num_drafts, since attention reads all of them). num_drafts = 0 times plain decoding's
+    program (`jaxdec.steps.decode`) instead. Unlike the formula's sum of separately timed
+    steps, this includes the bookkeeping (acceptance, commit, the draft's catch-up read of two
+    tokens) and what each half costs the other (caches the other one evicted)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jaxdec import spec, speculative, steps
+    from jaxdec.cache import init_cache
+    from jaxdec.loading import Model
+    from jaxdec.sampling import SamplingParams, row_keys
+
+    B, K = batch_size, num_drafts
+    new_tokens = slots - context
+    tokens = np.zeros((B, slots), np.int32)
+    tokens[:, :context] = np.random.default_rng(0).integers(3, target_cfg.vocab_size, (B, context))
+    greedy, no_stops, max_new = SamplingParams.create(), jnp.full((16,), -1, jnp.int32), jnp.int32(new_tokens)
+    inputs = (jnp.asarray(tokens), jnp.full((B,), context, jnp.int32), jnp.ones((B,), bool), greedy, row_keys(0, B),
+              no_stops, max_new)
+    cache = init_cache(target_cfg, B, slots, params_dtype(target))
+    bucket = min(steps.bucket(context, steps.MIN_PROMPT_BUCKET), slots)
+    if K == 0:
+        state, cache = steps.prefill(target_cfg, target, cache, *inputs, prompt_bucket=bucket)
+        start_point = (cache, state)  # every timed dispatch starts from a copy of it
+        run = lambda cache, state: steps.decode(target_cfg, target, cache, state, greedy, no_stops, max_new,
+                                                num_steps=iterations)[0]
+    else:
+        target_model = Model(target_cfg, target)
+        drafter, dparams, dstate = spec.DraftModel(Model(draft_cfg, draft), num_tokens=K).build(target_model, B, slots)
+        state, cache, dstate = speculative.prefill(target_cfg, drafter, target, dparams, cache, dstate, *inputs,
+                                                   prompt_bucket=bucket)
+        start_point = (cache, dstate, state)
+        run = lambda cache, dstate, state: speculative.speculative_decode(
+            target_cfg, drafter, target, dparams, cache, dstate, state, greedy, no_stops, max_new,
+            num_rounds=iterations)[0]
+    start_steps = int(start_point[-1].target_steps)
+
+    def dispatch():
+        fresh = jax.tree.map(jnp.copy, start_point)  # the dispatch donates (consumes) its inputs
+        jax.block_until_ready(fresh)
+        start = time.perf_counter()
+        state = run(*fresh)
+        jax.block_until_ready(state)
+        seconds = time.perf_counter() - start
+        if int(state.target_steps) - start_steps != iterations:
+            raise RuntimeError("a timed dispatch ended before all its rounds ran")
+        return seconds / iterations
+
+    dispatch()  # compile and warm up
+    return dispatch
+
+
+def round_slots(target_cfg, context: int, max_drafts: int, iterations: int) -> int:
+    """Cache slots with room for `iterations` rounds that each accept all `max_drafts` tokens."""
+    from jaxdec import steps
+    return steps.cache_bucket(target_cfg, context + iterations * (max_drafts + 1) + 1)
+
+
 def params_dtype(params):
     import jax
     return jax.tree_util.tree_leaves(params)[0].dtype
@@ -100,6 +171,9 @@ def main(argv=None):
     parser.add_argument("--attn-impl", choices=("xla", "pallas"), default="xla",
                         help="the models' attention: the XLA reference or the Pallas kernels (tree attention for "
                              "verifies, split-K decode attention for 1-token steps over 1024+ slots)")
+    parser.add_argument("--rounds", type=int, nargs="*", default=[],
+                        help="also time whole greedy DraftModel rounds of these draft lengths (each at most "
+                             "--max-draft) on the decoding program itself, e.g. 4 8")
     parser.add_argument("--acceptance", type=float, nargs="+", default=[0.6, 0.8])
     parser.add_argument("--iterations", type=int, default=20, help="steps per timed loop")
     parser.add_argument("--repeats", type=int, default=3)
@@ -110,12 +184,15 @@ def main(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if any(t < 1 for t in args.tree_tokens):
         parser.error(f"--tree-tokens must be >= 1, got {args.tree_tokens}")
+    if any(not 1 <= k <= args.max_draft for k in args.rounds):
+        parser.error(f"--rounds must be draft lengths in 1..--max-draft ({args.max_draft}), got {args.rounds}")
     if not all(0 <= a <= 1 for a in args.acceptance):
         parser.error(f"--acceptance rates must be in [0, 1], got {args.acceptance}")
 
     import jax
     import jax.numpy as jnp
     from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results
+    from jaxdec import steps
     from jaxdec.config import ModelConfig
     from jaxdec.model import init_params
 
@@ -138,9 +215,28 @@ def main(argv=None):
     del target
     draft = init_params(draft_cfg, jax.random.key(1), dtype)
     draft_seconds = measure(draft_cfg, draft, 1)
-    del draft
     t1 = target_seconds[1]
     print(f"draft {args.draft_shape} T=1: {draft_seconds * 1e3:.3f} ms ({draft_seconds / t1:.3f}x the target step)")
+    rounds = {}
+    if args.rounds:
+        target = init_params(target_cfg, jax.random.key(0), dtype)
+        slots = round_slots(target_cfg, args.context, max(args.rounds), args.iterations)
+        step_slots = steps.cache_bucket(target_cfg, args.context + widest)
+        if slots != step_slots:  # attention reads every slot, so the two would not compare
+            print(f"note: the rounds run with {slots} cache slots, the steps with {step_slots}; fewer --iterations "
+                  f"give the rounds the steps' cache")
+        timers = {k: round_timer(target_cfg, target, draft_cfg, draft, args.batch_size, args.context, k,
+                                 args.iterations, slots) for k in [0, *sorted(set(args.rounds))]}
+        rounds = {k: float("inf") for k in timers}
+        for _ in range(args.repeats):  # the programs take turns, so a busier moment slows them all
+            for k, timer in timers.items():
+                rounds[k] = min(rounds[k], timer())
+        for k in rounds:
+            formula = k * draft_seconds + target_seconds[k + 1]
+            print(f"{f'round of {k} drafts' if k else 'plain decoding step'}: {rounds[k] * 1e3:.3f} ms measured on "
+                  f"the decoding program, {formula * 1e3:.3f} ms by the formula ({rounds[k] / formula:.2f}x)", flush=True)
+        del target
+    del draft
 
     speedups = {}
     for a in args.acceptance:
@@ -161,6 +257,14 @@ def main(argv=None):
         "draft_over_target_step": draft_seconds / t1,
         "formula_speedup": speedups,
     }
+    if rounds:
+        # Key 0: plain decoding's step on its own program.
+        result["round_ms"] = {str(k): r * 1e3 for k, r in rounds.items()}
+        result["round_cache_slots"] = slots
+        result["formula_round_ms"] = {str(k): (k * draft_seconds + target_seconds[k + 1]) * 1e3 for k in rounds}
+        # The formula's speedup with both of its costs measured on the programs generate() runs.
+        result["measured_round_speedup"] = {
+            str(a): {str(k): expected_tokens(a, k) * rounds[0] / r for k, r in rounds.items() if k} for a in args.acceptance}
     out = args.out or RESULTS_DIR / f"verify_cost_{args.target_shape}_{jax.default_backend()}.json"
     payload = {"benchmark": "speculative round cost and formula speedup", "command": command_line(),
                "machine": machine_info(), "versions": versions(), "result": result}

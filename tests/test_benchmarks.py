@@ -51,6 +51,41 @@ def test_verify_cost_runs_and_writes_its_results(tmp_path):
     assert "command" in saved and "machine" in saved and "versions" in saved
 
 
+def test_verify_cost_times_whole_rounds_on_the_decoding_programs(tmp_path):
+    """--rounds: plain decoding's step and DraftModel rounds, each timed on generate()'s own
+    program, beside the formula's sum of separately timed steps."""
+    out = tmp_path / "cost.json"
+    result = verify_cost.main(["--target-shape", "demo-draft", "--draft-shape", "demo-draft", "--dtype", "float32",
+                               "--context", "16", "--max-draft", "2", "--rounds", "1", "2", "--iterations", "2",
+                               "--repeats", "1", "--acceptance", "0.5", "--out", str(out)])
+    assert json.loads(out.read_text())["result"] == json.loads(json.dumps(result))
+    assert set(result["round_ms"]) == {"0", "1", "2"} and all(ms > 0 for ms in result["round_ms"].values())
+    assert result["round_cache_slots"] >= 16 + 2 * 3 + 1
+    for k in (0, 1, 2):
+        formula = k * result["draft_step_ms"] + result["target_step_ms"][str(k + 1)]
+        assert result["formula_round_ms"][str(k)] == pytest.approx(formula)
+    speedup = result["measured_round_speedup"]["0.5"]
+    assert set(speedup) == {"1", "2"}
+    for k in (1, 2):
+        tokens = verify_cost.expected_tokens(0.5, k)
+        assert speedup[str(k)] == pytest.approx(tokens * result["round_ms"]["0"] / result["round_ms"][str(k)])
+
+
+def test_the_demo_shapes_are_the_shipped_checkpoints():
+    from benchmarks.bandwidth import SHAPES
+    import jaxdec
+    for name in ("demo-target", "demo-draft"):
+        config = jaxdec.load(name).config
+        assert {k: getattr(config, k) for k in SHAPES[name]} == SHAPES[name]
+
+
+@pytest.mark.parametrize("args", [["--max-draft", "2", "--rounds", "3"], ["--rounds", "0"]])
+def test_verify_cost_refuses_rounds_it_cannot_compare(args, capsys):
+    with pytest.raises(SystemExit):
+        verify_cost.main(args + ["--out", "/nonexistent/never-written.json"])
+    assert "--rounds" in capsys.readouterr().err
+
+
 def test_verify_cost_refuses_a_bad_acceptance_rate():
     with pytest.raises(SystemExit):
         verify_cost.main(["--acceptance", "1.5"])
@@ -268,3 +303,48 @@ def test_prefill_benchmark_refuses_bad_settings(args, capsys):
     with pytest.raises(SystemExit):
         prefill.main(args)
     assert "--c" in capsys.readouterr().err
+
+
+def test_xla_flags_runs_decode_under_each_setting_and_folds_the_runs(tmp_path):
+    """One real decode.py process per setting and pass, each under its own XLA_FLAGS; the
+    folded means and speedups are those of the runs' own files."""
+    from benchmarks import xla_flags
+    out = tmp_path / "flags.json"
+    payload = xla_flags.main(["--settings", "default,single_thread", "--passes", "1", "--out", str(out), "--",
+                              "--methods", "ar,draft:2", "--num-prompts", "1", "--max-new-tokens", "4",
+                              "--context", "16", "--repeats", "1"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    runs = payload["runs"]
+    assert [(r["setting"], r["pass"]) for r in runs] == [("default", 1), ("single_thread", 1)]
+    # Each run's own file says which flags it ran under (not the tests' device-count flag).
+    assert [r["run"]["machine"]["xla_flags"] for r in runs] == ["", "--xla_cpu_multi_thread_eigen=false"]
+    for r in runs:
+        tps = {e["method"]: e["tokens_per_second"] for e in r["run"]["methods"]}
+        assert payload["mean_tokens_per_second"][r["setting"]] == tps
+        assert payload["speedup_within_setting"][r["setting"]]["draft:2"] == pytest.approx(tps["draft:2"] / tps["ar"])
+        assert all(e["rows_identical_to_first_method"] == 1.0 for e in r["run"]["methods"])
+    plain = {s: m["ar"] for s, m in payload["mean_tokens_per_second"].items()}
+    fastest = max(plain, key=plain.get)
+    assert payload["fastest_plain_decoding"] == {"setting": fastest, "tokens_per_second": plain[fastest]}
+    for s, m in payload["mean_tokens_per_second"].items():
+        assert payload["speedup_vs_fastest_plain_decoding"][s]["draft:2"] == pytest.approx(m["draft:2"] / plain[fastest])
+
+
+def test_xla_flags_averages_a_settings_passes():
+    from benchmarks import xla_flags
+    run = lambda setting, ar, draft: {"setting": setting, "methods": [
+        {"method": "ar", "tokens_per_second": ar}, {"method": "draft:8", "tokens_per_second": draft}]}
+    folded = xla_flags.fold([run("a", 100.0, 150.0), run("b", 120.0, 300.0), run("a", 200.0, 250.0)])
+    assert folded["mean_tokens_per_second"] == {"a": {"ar": 150.0, "draft:8": 200.0}, "b": {"ar": 120.0, "draft:8": 300.0}}
+    assert folded["speedup_within_setting"] == {"a": {"draft:8": 200.0 / 150.0}, "b": {"draft:8": 300.0 / 120.0}}
+    assert folded["speedup_vs_fastest_plain_decoding"] == {"a": {"draft:8": 200.0 / 150.0}, "b": {"draft:8": 2.0}}
+    with pytest.raises(ValueError, match="'ar'"):
+        xla_flags.fold([{"setting": "a", "methods": [{"method": "draft:8", "tokens_per_second": 1.0}]}])
+
+
+@pytest.mark.parametrize("args", [["--settings", "turbo"], ["--passes", "0"], ["--", "--out", "x.json"]])
+def test_xla_flags_refuses_bad_settings(args, capsys):
+    from benchmarks import xla_flags
+    with pytest.raises(SystemExit):
+        xla_flags.main(args)
+    assert "error" in capsys.readouterr().err
