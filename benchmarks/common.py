@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -57,10 +56,10 @@ def command_line() -> str:
 
 
 def write_results(path, payload: dict) -> Path:
+    from jaxdec.storage import write_json
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
+    return write_json(path, payload)
 
 
 def results_payload(benchmark: str, args, rows: list, skip=("out",), **extra_options) -> dict:

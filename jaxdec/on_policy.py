@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxdec.generate import generate
+from jaxdec.storage import write_json
 from jaxdec.train import batch_at
 
 PROMPT_SEED_SALT = 15485863  # prompts' places: independent of the corpus batches' seeds
@@ -60,7 +61,7 @@ def continuations(teacher, tokens: np.ndarray, count: int, prompt_len: int, leng
     starts = prompt_starts(tokens.size, count, prompt_len, seed)
     if len(rows) < count:
         log(f"on-policy: {len(rows)} of {count} target continuations cached in {cache}")
-    meta_path.write_text(json.dumps(meta, indent=2))
+    write_json(meta_path, meta)
     bar = tqdm(total=count, initial=len(rows), disable=not progress, desc="target continuations",
                mininterval=5.0, dynamic_ncols=True)
     t0 = time.time()

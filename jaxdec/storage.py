@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -32,6 +33,19 @@ def parse_dtype(dtype) -> jnp.dtype | None:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
     return jnp.dtype(DTYPES[name])
+
+
+def write_json(path, obj) -> Path:
+    """`obj` as indented JSON at `path`, all or nothing: written beside it, then renamed over
+    it, so an interrupted run never leaves a half-written file that a later one reads."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def write_params(directory: Path, params) -> None:

@@ -170,7 +170,7 @@ def prepare(workdir: Path, vocab_size: int = 4096, corpus_root=None, include_tes
     tokenizer.save(str(workdir / "tokenizer.json"))
     np.save(workdir / "train_tokens.npy", train_ids)
     np.save(workdir / "held_out_tokens.npy", held_ids)
-    info_path.write_text(json.dumps(info, indent=2))
+    storage.write_json(info_path, info)
     log(json.dumps(info, indent=2))
     return info
 
@@ -408,7 +408,7 @@ def train_run(run_dir: Path, cfg: ModelConfig | None, train_tokens: np.ndarray, 
             raise ValueError(f"{run_dir} holds a run with different settings ({meta_path}); "
                              f"use another --run or --workdir, or pass --fresh")
     if old != meta:
-        meta_path.write_text(json.dumps(meta, indent=2))
+        storage.write_json(meta_path, meta)
 
     teacher_params = None if teacher is None else _uncommitted(teacher.params)
     optimizer, schedule, train_step = _compiled_step(objective, opts.lr, opts.steps, opts.warmup, opts.weight_decay)
@@ -430,7 +430,7 @@ def train_run(run_dir: Path, cfg: ModelConfig | None, train_tokens: np.ndarray, 
         log(f"total steps changed from {old['options']['steps']} to {opts.steps} at step {step}")
         meta["schedule_changes"].append({"at_step": step, "from_steps": old["options"]["steps"],
                                          "to_steps": opts.steps})
-        meta_path.write_text(json.dumps(meta, indent=2))
+        storage.write_json(meta_path, meta)
 
     def save(step, wall):
         manager.save(step, args=ocp.args.Composite(

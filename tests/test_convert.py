@@ -521,3 +521,24 @@ def test_stray_bin_files_are_not_weights(hf_dirs, tmp_path):
     with pytest.raises(ConversionError, match="no weight files"):
         convert(src, tmp_path / "dst2", progress=False)
     assert not (tmp_path / "dst2").exists()
+
+
+def test_write_json_is_all_or_nothing(tmp_path, monkeypatch):
+    """A write cut off midway (here: the disk fills after half the text) leaves the old file
+    whole and nothing beside it; a good write replaces it."""
+    path = tmp_path / "meta.json"
+    storage.write_json(path, {"step": 1})
+    write_text = Path.write_text
+
+    def disk_fills(self, text, *args, **kwargs):
+        write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    with pytest.raises(OSError, match="No space"):
+        storage.write_json(path, {"step": 2, "loss": 1.5})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+    storage.write_json(path, {"step": 3})
+    assert json.loads(path.read_text()) == {"step": 3}
