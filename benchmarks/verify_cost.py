@@ -24,7 +24,8 @@ With `--rounds k1 k2 ...` it also times what the formula adds up, on the program
 runs: whole greedy `spec.DraftModel(draft, k)` rounds (`speculative_decode`, many rounds per
 dispatch) and plain decoding's step (`steps.decode`), so `round_ms` stands beside
 `formula_round_ms` and `measured_round_speedup` is the formula's E with both costs measured.
-The gap is the round's bookkeeping and what drafting and verifying cost each other on the way.
+The measured rounds hold what the sum leaves out (acceptance, commit, the draft's catch-up
+read, the two models' effect on each other's caches); this does not split the gap among them.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def round_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: 
     import numpy as np
     from jaxdec import spec, speculative, steps
     from jaxdec.cache import init_cache
+    from jaxdec.generate import MAX_STOP_TOKENS
     from jaxdec.loading import Model
     from jaxdec.sampling import SamplingParams, row_keys
 
@@ -111,7 +113,8 @@ def round_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: 
     new_tokens = slots - context
     tokens = np.zeros((B, slots), np.int32)
     tokens[:, :context] = np.random.default_rng(0).integers(3, target_cfg.vocab_size, (B, context))
-    greedy, no_stops, max_new = SamplingParams.create(), jnp.full((16,), -1, jnp.int32), jnp.int32(new_tokens)
+    greedy, max_new = SamplingParams.create(), jnp.int32(new_tokens)
+    no_stops = jnp.full((MAX_STOP_TOKENS,), -1, jnp.int32)  # padding only, as generate() pads stop ids
     inputs = (jnp.asarray(tokens), jnp.full((B,), context, jnp.int32), jnp.ones((B,), bool), greedy, row_keys(0, B),
               no_stops, max_new)
     cache = init_cache(target_cfg, B, slots, params_dtype(target))
@@ -231,8 +234,8 @@ def main(argv=None):
         for _ in range(args.repeats):  # the programs take turns, so a busier moment slows them all
             for k, timer in timers.items():
                 rounds[k] = min(rounds[k], timer())
-        for k in rounds:
-            formula = k * draft_seconds + target_seconds[k + 1]
+        formula_rounds = {k: k * draft_seconds + target_seconds[k + 1] for k in rounds}
+        for k, formula in formula_rounds.items():
             print(f"{f'round of {k} drafts' if k else 'plain decoding step'}: {rounds[k] * 1e3:.3f} ms measured on "
                   f"the decoding program, {formula * 1e3:.3f} ms by the formula ({rounds[k] / formula:.2f}x)", flush=True)
         del target
@@ -261,7 +264,7 @@ def main(argv=None):
         # Key 0: plain decoding's step on its own program.
         result["round_ms"] = {str(k): r * 1e3 for k, r in rounds.items()}
         result["round_cache_slots"] = slots
-        result["formula_round_ms"] = {str(k): (k * draft_seconds + target_seconds[k + 1]) * 1e3 for k in rounds}
+        result["formula_round_ms"] = {str(k): f * 1e3 for k, f in formula_rounds.items()}
         # The formula's speedup with both of its costs measured on the programs generate() runs.
         result["measured_round_speedup"] = {
             str(a): {str(k): expected_tokens(a, k) * rounds[0] / r for k, r in rounds.items() if k} for a in args.acceptance}

@@ -39,13 +39,23 @@ SETTINGS = {
 }
 
 
+def methods_of(result: dict) -> list[dict]:
+    """decode.py's method entries from its results file, which must hold one configuration:
+    the means below average a method over runs, not over configurations."""
+    configurations = {(e["category"], e["context"], e["batch_size"], e["mesh"]) for e in result["methods"]}
+    if len(configurations) > 1:
+        raise ValueError(f"give decode.py one configuration (one category, context, batch size and mesh), "
+                         f"got {len(configurations)}: {sorted(configurations, key=str)}")
+    return result["methods"]
+
+
 def fold(runs: list[dict]) -> dict:
     """Per-setting means over runs: {"mean_tokens_per_second", "speedup_within_setting",
     "speedup_vs_fastest_plain_decoding", "fastest_plain_decoding"}. `runs`: [{"setting",
-    "methods": decode.py's method entries}], one configuration each."""
+    "run": decode.py's results file}]."""
     per_setting: dict[str, dict[str, list[float]]] = {}
     for run in runs:
-        for entry in run["methods"]:
+        for entry in methods_of(run["run"]):
             per_setting.setdefault(run["setting"], {}).setdefault(entry["method"], []).append(entry["tokens_per_second"])
     means = {s: {m: sum(v) / len(v) for m, v in methods.items()} for s, methods in per_setting.items()}
     if any("ar" not in m for m in means.values()):
@@ -95,9 +105,8 @@ def main(argv=None):
             for setting in settings:
                 print(f"pass {p}/{args.passes}, {setting}: XLA_FLAGS={SETTINGS[setting]!r}", flush=True)
                 result = run_decode(setting, decode_args, Path(tmp) / f"{setting}_{p}.json")
-                if len({(e["category"], e["context"], e["batch_size"], e["mesh"]) for e in result["methods"]}) > 1:
-                    raise ValueError("give decode.py one configuration (one category, context, batch size, mesh)")
-                runs.append({"setting": setting, "pass": p, "methods": result["methods"], "run": result})
+                methods_of(result)  # several configurations fail here, after one run, not after all
+                runs.append({"setting": setting, "pass": p, "run": result})
     folded = fold(runs)
     for setting in settings:
         row = "  ".join(f"{m} {v:.1f}" for m, v in folded["mean_tokens_per_second"][setting].items())
@@ -109,7 +118,7 @@ def main(argv=None):
                "settings": {s: SETTINGS[s] for s in settings}, "passes": args.passes,
                "aggregation": "mean over a setting's runs of each run's tokens_per_second (a method's fastest of "
                               "its repeats); speedups are those means over plain decoding's ('ar') mean",
-               **folded, "runs": [{k: r[k] for k in ("setting", "pass", "run")} for r in runs]}
+               **folded, "runs": runs}
     out = args.out or RESULTS_DIR / "decode_xla_flags.json"
     print(f"wrote {write_results(out, payload)}")
     return payload

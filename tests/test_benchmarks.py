@@ -332,14 +332,20 @@ def test_xla_flags_runs_decode_under_each_setting_and_folds_the_runs(tmp_path):
 
 def test_xla_flags_averages_a_settings_passes():
     from benchmarks import xla_flags
-    run = lambda setting, ar, draft: {"setting": setting, "methods": [
-        {"method": "ar", "tokens_per_second": ar}, {"method": "draft:8", "tokens_per_second": draft}]}
+    config = {"category": "code", "context": 256, "batch_size": 1, "mesh": "one device"}
+    run = lambda setting, ar, draft: {"setting": setting, "run": {"methods": [
+        {"method": "ar", "tokens_per_second": ar, **config}, {"method": "draft:8", "tokens_per_second": draft, **config}]}}
     folded = xla_flags.fold([run("a", 100.0, 150.0), run("b", 120.0, 300.0), run("a", 200.0, 250.0)])
     assert folded["mean_tokens_per_second"] == {"a": {"ar": 150.0, "draft:8": 200.0}, "b": {"ar": 120.0, "draft:8": 300.0}}
     assert folded["speedup_within_setting"] == {"a": {"draft:8": 200.0 / 150.0}, "b": {"draft:8": 300.0 / 120.0}}
     assert folded["speedup_vs_fastest_plain_decoding"] == {"a": {"draft:8": 200.0 / 150.0}, "b": {"draft:8": 2.0}}
     with pytest.raises(ValueError, match="'ar'"):
-        xla_flags.fold([{"setting": "a", "methods": [{"method": "draft:8", "tokens_per_second": 1.0}]}])
+        xla_flags.fold([{"setting": "a", "run": {"methods": [{"method": "draft:8", "tokens_per_second": 1.0, **config}]}}])
+    # Means over runs, never over configurations: a file of two batch sizes is refused.
+    two = run("a", 100.0, 150.0)
+    two["run"]["methods"][1]["batch_size"] = 8
+    with pytest.raises(ValueError, match="one configuration"):
+        xla_flags.fold([two])
 
 
 @pytest.mark.parametrize("args", [["--settings", "turbo"], ["--passes", "0"], ["--", "--out", "x.json"]])
