@@ -158,7 +158,7 @@ def run_configuration(target, specs, prompts, batch_size, args, tqdm, label):
             warmup_seconds[m] += time.perf_counter() - start
 
     totals = {m: {"new_tokens": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0, "target_steps": 0,
-                  "accepted_weighted": 0.0, "rows": 0, "identical": 0, "wall_seconds": 0.0,
+                  "active_row_steps": 0, "rows": 0, "identical": 0, "wall_seconds": 0.0,
                   "rounds_drafted_ahead": 0} for m in methods}
     for batch in tqdm(batches, desc=f"{label}: timed", disable=not args.progress):
         # Methods take turns, repeat after repeat, so a slow spell of the machine falls on all
@@ -179,7 +179,7 @@ def run_configuration(target, specs, prompts, batch_size, args, tqdm, label):
             t["prefill_seconds"] += out.stats.prefill_seconds
             t["target_steps"] += out.stats.target_steps
             t["rounds_drafted_ahead"] += out.stats.rounds_drafted_ahead
-            t["accepted_weighted"] += out.stats.mean_accepted * (out.stats.new_tokens - len(batch))
+            t["active_row_steps"] += out.stats.active_row_steps
             t["rows"] += len(batch)
             t["identical"] += sum(a == b for a, b in zip(out.tokens, reference))
     for m in methods:
@@ -198,12 +198,15 @@ def entries(totals, config: dict):
             "spec": METHODS[m.partition(":")[0]] + (f" with {m.partition(':')[2]}" if ":" in m else ""),
             **config,
             "tokens_per_second": tps[m],
-            "mean_accepted": t["accepted_weighted"] / emitted if emitted else 1.0,
+            # Pooled over the batches (emitted tokens over active row steps), not the mean of
+            # each batch's ratio, which overweights the batches that took few steps.
+            "mean_accepted": emitted / t["active_row_steps"] if t["active_row_steps"] else 1.0,
             "speedup_vs_ar": tps[m] / tps["ar"] if "ar" in tps else None,
             "new_tokens": t["new_tokens"],
             "decode_seconds": t["decode_seconds"],
             "prefill_seconds": t["prefill_seconds"],
             "target_steps": t["target_steps"],
+            "active_row_steps": t["active_row_steps"],
             "rounds_drafted_ahead": t["rounds_drafted_ahead"],
             "compile_seconds": t["compile_seconds"],
             "rows_identical_to_first_method": t["identical"] / t["rows"],

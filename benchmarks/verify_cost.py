@@ -25,7 +25,11 @@ runs: whole greedy `spec.DraftModel(draft, k)` rounds (`speculative_decode`, man
 dispatch) and plain decoding's step (`steps.decode`), so `round_ms` stands beside
 `formula_round_ms` and `measured_round_speedup` is the formula's E with both costs measured.
 The measured rounds hold what the sum leaves out (acceptance, commit, the draft's catch-up
-read, the two models' effect on each other's caches); this does not split the gap among them.
+read, the two models' effect on each other's caches). `round_parts_ms` splits them: each k's
+draft chain and verify forward looped alone and one after the other (`parts_timer`), so the
+chain's cost beside the verify, less its cost alone, is what the target's step costs it, and
+the round, less the pair, is what acceptance and commit add; the chain after a plain read of
+as many bytes as the target's weights tells whether that cost is the caches the step empties.
 """
 
 from __future__ import annotations
@@ -150,6 +154,81 @@ def round_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: 
     return dispatch
 
 
+# parts_timer's loops: (name, runs the draft chain, runs the verify, runs the sweep).
+PARTS = (("draft_chain", True, False, False), ("verify", False, True, False), ("draft_chain_and_verify", True, True, False),
+         ("sweep", False, False, True), ("draft_chain_and_sweep", True, False, True))
+
+
+def parts_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: int, num_drafts: int,
+                iterations: int, slots: int, chain: bool, verify: bool, sweep: bool = False):
+    """A function that times, per call, the seconds per iteration of a loop running the two
+    halves of a greedy `spec.DraftModel(draft, num_drafts)` round with generate()'s own
+    functions, without acceptance or commit: with `chain`, the draft's chain (its catch-up read
+    of two tokens, then `num_drafts` steps: `draft_chain`); with `verify`, the target's verify
+    forward over the pending token and the drafts (`verify_forward`). With both, the verify reads
+    the chain's drafts and the next chain starts from the verify's argmax, so each half runs
+    after the other as in a round; alone, each reads what it produced itself. Set against
+    each half timed alone, the pair shows what each costs the other, and against the round,
+    what acceptance and commit add. With `sweep`, each iteration first reads as many bytes as
+    the target's weights from a buffer of its own, with no arithmetic on them: the chain after
+    the sweep costs what the chain beside the verify costs if that is the caches the target's
+    step empties, not the computation it does."""
+    import jax
+    import jax.numpy as jnp
+    from jaxdec.cache import init_cache
+    from jaxdec.drafters.autoregressive import draft_chain
+    from jaxdec.sampling import SamplingParams, row_keys
+    from jaxdec.verify import Draft, verify_forward
+
+    if not (chain or verify or sweep):
+        raise ValueError("parts_timer needs chain=True, verify=True or sweep=True")
+    B, K = batch_size, num_drafts
+    greedy, keys = SamplingParams.create(), row_keys(0, B)
+    lengths = jnp.full((B,), context, jnp.int32)
+    rows_active = jnp.ones((B,), bool)
+    no_probs = jnp.zeros((B, K, target_cfg.vocab_size), jnp.float32)  # greedy acceptance never reads q
+
+    weight_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(target))
+    filler = jnp.zeros((weight_bytes // 4 + 8,) if sweep else (8,), jnp.float32)
+
+    def run(target, draft, filler, cache, dcache, pending, drafts):  # weights as arguments, as generate() passes them
+        def body(_, carry):
+            cache, dcache, pending, drafts = carry
+            if sweep:  # the offset follows the loop, so the read cannot be hoisted out of it
+                read = jnp.sum(jax.lax.dynamic_slice_in_dim(filler, pending[0] % 8, filler.shape[0] - 8))
+                pending = pending + jnp.isnan(read).astype(jnp.int32)
+            if chain:  # the catch-up read rewrites the same two slots every iteration
+                first = jnp.stack([drafts[:, -1], pending], axis=1)
+                positions = context + jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (B, 2))
+                chained, dcache = draft_chain(draft_cfg, draft, dcache.replace(lengths=lengths), first, positions, K,
+                                              greedy, keys)
+                drafts = chained.tokens
+            if verify:
+                logits, _, _ = verify_forward(target_cfg, target, cache, pending,
+                                              Draft(tokens=drafts, probs=no_probs, lengths=jnp.full((B,), K, jnp.int32)),
+                                              rows_active)
+                pending = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+            elif chain:
+                pending = drafts[:, -1]
+            return cache, dcache, pending, drafts
+        return jax.lax.fori_loop(0, iterations, body, (cache, dcache, pending, drafts))
+    run = jax.jit(run, donate_argnums=(3, 4))
+
+    carry = (init_cache(target_cfg, B, slots, params_dtype(target)).replace(lengths=jnp.copy(lengths)),
+             init_cache(draft_cfg, B, slots, params_dtype(draft)).replace(lengths=jnp.copy(lengths)),
+             jnp.full((B,), 3, jnp.int32), jnp.full((B, K), 3, jnp.int32))
+
+    def dispatch():
+        nonlocal carry
+        start = time.perf_counter()
+        carry = run(target, draft, filler, *carry)
+        jax.block_until_ready(carry)
+        return (time.perf_counter() - start) / iterations
+
+    dispatch()  # compile and warm up
+    return dispatch
+
+
 def round_slots(target_cfg, context: int, max_drafts: int, iterations: int) -> int:
     """Cache slots with room for `iterations` rounds that each accept all `max_drafts` tokens."""
     from jaxdec import steps
@@ -228,16 +307,29 @@ def main(argv=None):
         if slots != step_slots:  # attention reads every slot, so the two would not compare
             print(f"note: the rounds run with {slots} cache slots, the steps with {step_slots}; fewer --iterations "
                   f"give the rounds the steps' cache")
-        timers = {k: round_timer(target_cfg, target, draft_cfg, draft, args.batch_size, args.context, k,
-                                 args.iterations, slots) for k in [0, *sorted(set(args.rounds))]}
-        rounds = {k: float("inf") for k in timers}
+        common = (target_cfg, target, draft_cfg, draft, args.batch_size, args.context)
+        timers = {(k, "round"): round_timer(*common, k, args.iterations, slots) for k in [0, *sorted(set(args.rounds))]}
+        for k in sorted(set(args.rounds)):
+            for part, chain, verify, sweep in PARTS:
+                timers[k, part] = parts_timer(*common, k, args.iterations, slots, chain=chain, verify=verify,
+                                              sweep=sweep)
+        best = {key: float("inf") for key in timers}
         for _ in range(args.repeats):  # the programs take turns, so a busier moment slows them all
-            for k, timer in timers.items():
-                rounds[k] = min(rounds[k], timer())
+            for key, timer in timers.items():
+                best[key] = min(best[key], timer())
+        rounds = {k: seconds for (k, part), seconds in best.items() if part == "round"}
+        parts = {k: {part: best[k, part] for part, *_ in PARTS} for k in rounds if k}
         formula_rounds = {k: k * draft_seconds + target_seconds[k + 1] for k in rounds}
         for k, formula in formula_rounds.items():
             print(f"{f'round of {k} drafts' if k else 'plain decoding step'}: {rounds[k] * 1e3:.3f} ms measured on "
                   f"the decoding program, {formula * 1e3:.3f} ms by the formula ({rounds[k] / formula:.2f}x)", flush=True)
+            if k:
+                p = {part: ms * 1e3 for part, ms in parts[k].items()}
+                print(f"  its halves: draft chain {p['draft_chain']:.3f} ms alone, "
+                      f"{p['draft_chain_and_verify'] - p['verify']:.3f} ms beside the verify, "
+                      f"{p['draft_chain_and_sweep'] - p['sweep']:.3f} ms after a sweep of the target's weight bytes; "
+                      f"verify {p['verify']:.3f} ms; acceptance and commit add "
+                      f"{rounds[k] * 1e3 - p['draft_chain_and_verify']:.3f} ms", flush=True)
         del target
     del draft
 
@@ -264,6 +356,8 @@ def main(argv=None):
         # Key 0: plain decoding's step on its own program.
         result["round_ms"] = {str(k): r * 1e3 for k, r in rounds.items()}
         result["round_cache_slots"] = slots
+        # Each round's halves, looped without acceptance and commit (parts_timer).
+        result["round_parts_ms"] = {str(k): {part: t * 1e3 for part, t in p.items()} for k, p in parts.items()}
         result["formula_round_ms"] = {str(k): f * 1e3 for k, f in formula_rounds.items()}
         # The formula's speedup with both of its costs measured on the programs generate() runs.
         result["measured_round_speedup"] = {

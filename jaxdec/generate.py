@@ -34,6 +34,9 @@ class Stats:
     prefill_seconds: float
     decode_seconds: float
     tokens_per_second: float   # new_tokens / decode_seconds
+    # Target steps summed over the rows active in each (mean_accepted's denominator): to pool
+    # several calls, divide their summed emitted tokens by their summed active_row_steps.
+    active_row_steps: int = 0
     rounds_drafted_ahead: int = 0  # spec.Pearl: rounds whose chain was drafted while the last one verified
 
 
@@ -202,6 +205,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         tokens_per_second=new_tokens / decode_seconds if decode_seconds > 0 else 0.0,
+        active_row_steps=active_row_steps,
         rounds_drafted_ahead=dstate.hits if overlapped else 0,
     )
     texts = None

@@ -69,6 +69,15 @@ def test_verify_cost_times_whole_rounds_on_the_decoding_programs(tmp_path):
     for k in (1, 2):
         tokens = verify_cost.expected_tokens(0.5, k)
         assert speedup[str(k)] == pytest.approx(tokens * result["round_ms"]["0"] / result["round_ms"][str(k)])
+    # Each round's halves, looped alone and together.
+    assert set(result["round_parts_ms"]) == {"1", "2"}
+    for parts in result["round_parts_ms"].values():
+        assert set(parts) == {part for part, *_ in verify_cost.PARTS} and all(ms > 0 for ms in parts.values())
+
+
+def test_parts_timer_refuses_a_loop_with_nothing_in_it():
+    with pytest.raises(ValueError, match="chain=True, verify=True or sweep=True"):
+        verify_cost.parts_timer(None, None, None, None, 1, 16, 2, 1, 32, chain=False, verify=False, sweep=False)
 
 
 def test_the_demo_shapes_are_the_shipped_checkpoints():
@@ -158,6 +167,8 @@ def test_decode_benchmark_runs_end_to_end(tmp_path):
                 "compile_seconds", "category", "context", "batch_size", "devices"} <= set(e)
         assert e["tokens_per_second"] > 0 and e["new_tokens"] == 2 * 6
         assert e["rows_identical_to_first_method"] == 1.0
+        # Pooled over the prompts: all emitted tokens over all active row steps.
+        assert e["mean_accepted"] == pytest.approx((e["new_tokens"] - 2) / e["active_row_steps"])
     assert [e["speedup_vs_ar"] for e in entries if e["method"] == "ar"] == [1.0, 1.0]
     assert [e["devices"] for e in entries] == [1, 1, 2, 2]
     assert all(e["context_tokens"] == [16, 16] and e["cache_slots"] == [64] for e in entries)

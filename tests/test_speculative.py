@@ -91,7 +91,8 @@ def _check_stats(out, num_rows, num_tokens):
     assert 1.0 <= stats.mean_accepted <= num_tokens + 1
     active_row_rounds = (stats.new_tokens - num_rows) / stats.mean_accepted
     assert active_row_rounds == pytest.approx(round(active_row_rounds), abs=1e-6)
-    assert stats.target_steps <= round(active_row_rounds) <= num_rows * stats.target_steps
+    assert stats.active_row_steps == round(active_row_rounds)
+    assert stats.target_steps <= stats.active_row_steps <= num_rows * stats.target_steps
 
 
 @st.composite
