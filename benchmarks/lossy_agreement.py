@@ -37,11 +37,11 @@ def agreement(dense: list[list[int]], sparse: list[list[int]]) -> dict:
 
 
 def timed(model, prompts, max_new_tokens, method):
-    """(tokens, tokens/s): one run to compile, one timed."""
+    """(tokens, (new tokens, decode seconds)): one run to compile, one timed."""
     import jaxdec
     jaxdec.generate(model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=[], speculative=method)
     out = jaxdec.generate(model, prompts, max_new_tokens=max_new_tokens, stop_token_ids=[], speculative=method)
-    return out.tokens, out.stats.tokens_per_second
+    return out.tokens, (out.stats.new_tokens, out.stats.decode_seconds)
 
 
 def parse_layers(text: str) -> list[tuple[int, ...] | None]:
@@ -92,23 +92,24 @@ def main(argv=None):
     for context in contexts:
         prompts = [prompt_ids(target.tokenizer, p, context, [q["context"] for q in texts[i + 1:] + texts[:i]],
                               max_tokens=room) for i, p in enumerate(texts[:args.num_prompts])]
-        dense, dense_tps = [], []
+        dense, dense_runs = [], []
         for start in range(0, len(prompts), args.batch_size):
-            tokens, tps = timed(target, prompts[start:start + args.batch_size], args.max_new_tokens, None)
+            tokens, run = timed(target, prompts[start:start + args.batch_size], args.max_new_tokens, None)
             dense += tokens
-            dense_tps.append(tps)
+            dense_runs.append(run)
         progress.update()
+        rate = lambda timings: sum(n for n, _ in timings) / sum(s for _, s in timings)  # pooled over the batches
         for (budget, layers), method in methods.items():
-            sparse, tps_all = [], []
+            sparse, runs = [], []
             for start in range(0, len(prompts), args.batch_size):
-                tokens, tps = timed(target, prompts[start:start + args.batch_size], args.max_new_tokens, method)
+                tokens, run = timed(target, prompts[start:start + args.batch_size], args.max_new_tokens, method)
                 sparse += tokens
-                tps_all.append(tps)
+                runs.append(run)
             results.append({"context": context, "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
                             "budget": budget, "selection_layers": "default" if layers is None else list(layers),
-                            **agreement(dense, sparse), "tokens_per_second": float(np.mean(tps_all)),
-                            "dense_tokens_per_second": float(np.mean(dense_tps)),
-                            "speedup_vs_dense": float(np.mean(tps_all) / np.mean(dense_tps))})
+                            **agreement(dense, sparse), "tokens_per_second": rate(runs),
+                            "dense_tokens_per_second": rate(dense_runs),
+                            "speedup_vs_dense": rate(runs) / rate(dense_runs)})
             progress.update()
     progress.close()
     path = write_results(args.out, {"machine": machine_info(), "versions": versions(), "command": command_line(),

@@ -120,8 +120,10 @@ def test_agreement_benchmark(tmp_path):
     assert got == {"identical_rows": 0.5, "first_divergence": 3.0, "token_agreement": 0.875}
     out = tmp_path / "lossy.json"
     main(["--context", "200", "--budgets", "48", "--selection-layers", "default,0", "--num-prompts", "2",
-          "--max-new-tokens", "4", "--out", str(out)])
+          "--max-new-tokens", "4", "--batch-size", "1", "--out", str(out)])
     results = json.loads(out.read_text())["results"]
+    for r in results:  # rates pooled over the two batches: all tokens over all seconds
+        assert r["speedup_vs_dense"] == pytest.approx(r["tokens_per_second"] / r["dense_tokens_per_second"])
     assert [(r["budget"], r["selection_layers"]) for r in results] == [(48, "default"), (48, [0])]
     assert all(0 <= r["token_agreement"] <= 1 and r["speedup_vs_dense"] > 0 for r in results)
     with pytest.raises(SystemExit):
