@@ -160,7 +160,7 @@ PARTS = (("draft_chain", True, False, False), ("verify", False, True, False), ("
 
 
 def parts_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: int, num_drafts: int,
-                iterations: int, slots: int, chain: bool, verify: bool, sweep: bool = False):
+                iterations: int, slots: int, chain: bool, verify: bool, sweep=None):
     """A function that times, per call, the seconds per iteration of a loop running the two
     halves of a greedy `spec.DraftModel(draft, num_drafts)` round with generate()'s own
     functions, without acceptance or commit: with `chain`, the draft's chain (its catch-up read
@@ -169,10 +169,10 @@ def parts_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: 
     the chain's drafts and the next chain starts from the verify's argmax, so each half runs
     after the other as in a round; alone, each reads what it produced itself. Set against
     each half timed alone, the pair shows what each costs the other, and against the round,
-    what acceptance and commit add. With `sweep`, each iteration first reads as many bytes as
-    the target's weights from a buffer of its own, with no arithmetic on them: the chain after
-    the sweep costs what the chain beside the verify costs if that is the caches the target's
-    step empties, not the computation it does."""
+    what acceptance and commit add. With `sweep` (a buffer, `sweep_buffer`), each iteration
+    first reads it whole, with no arithmetic on it: when the buffer holds as many bytes as the
+    target's weights, the chain after the sweep costs what the chain beside the verify costs if
+    that is the caches the target's step empties, not the computation it does."""
     import jax
     import jax.numpy as jnp
     from jaxdec.cache import init_cache
@@ -180,22 +180,22 @@ def parts_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: 
     from jaxdec.sampling import SamplingParams, row_keys
     from jaxdec.verify import Draft, verify_forward
 
-    if not (chain or verify or sweep):
-        raise ValueError("parts_timer needs chain=True, verify=True or sweep=True")
+    if not (chain or verify or sweep is not None):
+        raise ValueError("parts_timer needs chain=True, verify=True or a sweep buffer")
     B, K = batch_size, num_drafts
     greedy, keys = SamplingParams.create(), row_keys(0, B)
     lengths = jnp.full((B,), context, jnp.int32)
     rows_active = jnp.ones((B,), bool)
     no_probs = jnp.zeros((B, K, target_cfg.vocab_size), jnp.float32)  # greedy acceptance never reads q
 
-    weight_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(target))
-    filler = jnp.zeros((weight_bytes // 4 + 8,) if sweep else (8,), jnp.float32)
+    filler = jnp.zeros((SWEEP_SLACK,), jnp.float32) if sweep is None else sweep
 
     def run(target, draft, filler, cache, dcache, pending, drafts):  # weights as arguments, as generate() passes them
         def body(_, carry):
             cache, dcache, pending, drafts = carry
-            if sweep:  # the offset follows the loop, so the read cannot be hoisted out of it
-                read = jnp.sum(jax.lax.dynamic_slice_in_dim(filler, pending[0] % 8, filler.shape[0] - 8))
+            if sweep is not None:  # the offset follows the loop, so the read cannot be hoisted out of it
+                read = jnp.sum(jax.lax.dynamic_slice_in_dim(filler, pending[0] % SWEEP_SLACK,
+                                                            filler.shape[0] - SWEEP_SLACK))
                 pending = pending + jnp.isnan(read).astype(jnp.int32)
             if chain:  # the catch-up read rewrites the same two slots every iteration
                 first = jnp.stack([drafts[:, -1], pending], axis=1)
@@ -227,6 +227,19 @@ def parts_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: 
 
     dispatch()  # compile and warm up
     return dispatch
+
+
+SWEEP_SLACK = 8  # elements of the sweep buffer past the bytes read, for the moving offset
+
+
+def sweep_buffer(params):
+    """A float32 buffer of as many bytes as `params` (plus SWEEP_SLACK elements): what a sweep
+    reads in parts_timer. Made once and shared, since at real shapes it is as large as the
+    target."""
+    import jax
+    import jax.numpy as jnp
+    weight_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
+    return jnp.zeros((weight_bytes // 4 + SWEEP_SLACK,), jnp.float32)
 
 
 def round_slots(target_cfg, context: int, max_drafts: int, iterations: int) -> int:
@@ -309,10 +322,11 @@ def main(argv=None):
                   f"give the rounds the steps' cache")
         common = (target_cfg, target, draft_cfg, draft, args.batch_size, args.context)
         timers = {(k, "round"): round_timer(*common, k, args.iterations, slots) for k in [0, *sorted(set(args.rounds))]}
+        filler = sweep_buffer(target)
         for k in sorted(set(args.rounds)):
             for part, chain, verify, sweep in PARTS:
                 timers[k, part] = parts_timer(*common, k, args.iterations, slots, chain=chain, verify=verify,
-                                              sweep=sweep)
+                                              sweep=filler if sweep else None)
         best = {key: float("inf") for key in timers}
         for _ in range(args.repeats):  # the programs take turns, so a busier moment slows them all
             for key, timer in timers.items():
@@ -330,7 +344,7 @@ def main(argv=None):
                       f"{p['draft_chain_and_sweep'] - p['sweep']:.3f} ms after a sweep of the target's weight bytes; "
                       f"verify {p['verify']:.3f} ms; acceptance and commit add "
                       f"{rounds[k] * 1e3 - p['draft_chain_and_verify']:.3f} ms", flush=True)
-        del target
+        del target, filler
     del draft
 
     speedups = {}

@@ -76,8 +76,15 @@ def test_verify_cost_times_whole_rounds_on_the_decoding_programs(tmp_path):
 
 
 def test_parts_timer_refuses_a_loop_with_nothing_in_it():
-    with pytest.raises(ValueError, match="chain=True, verify=True or sweep=True"):
-        verify_cost.parts_timer(None, None, None, None, 1, 16, 2, 1, 32, chain=False, verify=False, sweep=False)
+    with pytest.raises(ValueError, match="chain=True, verify=True or a sweep buffer"):
+        verify_cost.parts_timer(None, None, None, None, 1, 16, 2, 1, 32, chain=False, verify=False)
+
+
+def test_sweep_buffer_holds_as_many_bytes_as_the_weights():
+    import jax.numpy as jnp
+    params = {"a": jnp.zeros((10, 4), jnp.float32), "b": jnp.zeros((6,), jnp.bfloat16)}
+    buffer = verify_cost.sweep_buffer(params)
+    assert buffer.nbytes - verify_cost.SWEEP_SLACK * 4 == (160 + 12) // 4 * 4
 
 
 def test_the_demo_shapes_are_the_shipped_checkpoints():
