@@ -3,7 +3,7 @@
     python benchmarks/decode.py --target demo-target --draft demo-draft \
         --methods ar,draft,layerskip,lookup,tree,sparse --max-new-tokens 128 --num-prompts 8 \
         [--mesh data=1,model=8 ...] [--batch-size 1,8] [--context 256,1024] \
-        [--category code,rewrite,qa,free] [--temperature 0] --out results.json
+        [--category code,rewrite,qa,free] [--temperature 0 [--top-k K] [--top-p P]] --out results.json
 
 Prompts come from benchmarks/data/prompts.json (built from text on the machine by
 benchmarks/data/build_prompts.py), in four Spec-Bench-like categories: `code` completion of
@@ -147,7 +147,8 @@ def run_configuration(target, specs, prompts, batch_size, args, tqdm, label):
     methods = list(specs)
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     run = lambda m, batch: jaxdec.generate(target, batch, max_new_tokens=args.max_new_tokens,
-                                           temperature=args.temperature, seed=0, speculative=specs[m])
+                                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=0,
+                                           speculative=specs[m])
     # Warm-up: one untimed pass compiles every step function of every method at every shape
     # bucket the prompts fall into. Its time, minus the timed pass's, is reported as compilation.
     warmup_seconds = {m: 0.0 for m in methods}
@@ -237,6 +238,8 @@ def main(argv=None):
     parser.add_argument("--category", "--prompt-set", dest="category", default="code",
                         help="comma-separated prompt categories: code, rewrite, qa, free (or all)")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0, help="sampling filter (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sampling filter (1: off)")
     parser.add_argument("--attn-impl", choices=("xla", "pallas"), default="xla",
                         help="the target's attention (jaxdec.load's attn_impl): on a CPU pallas runs interpreted")
     parser.add_argument("--mesh", nargs="+", default=None,
@@ -273,9 +276,11 @@ def main(argv=None):
     import jax
     import jaxdec
     from benchmarks.common import RESULTS_DIR, command_line, git_revision, machine_info, versions, write_results
+    from jaxdec.sampling import SamplingParams
 
-    try:  # every mesh made before anything runs: a bad one fails at once
+    try:  # every mesh and the sampling made before anything runs: a bad one fails at once
         meshes = [(shape, None if shape is None else jaxdec.make_mesh(*shape)) for shape in meshes]
+        SamplingParams.create(args.temperature, args.top_k, args.top_p)
     except ValueError as err:
         parser.error(str(err))
     results = []

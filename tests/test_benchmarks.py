@@ -261,7 +261,8 @@ def test_decode_benchmark_runs_the_pallas_kernels(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args", [["--context", "16,x"], ["--batch-size", "0"], ["--category", "poetry"],
                                   ["--mesh", "data=64,model=2"], ["--methods", "ar,telepathy"],
                                   ["--cpu-devices", "0"], ["--methods", "ar,sparse:8"], ["--methods", "sparse:abc"],
-                                  ["--attn-impl", "cuda"]])
+                                  ["--attn-impl", "cuda"], ["--temperature", "1", "--top-p", "1.5"],
+                                  ["--temperature", "1", "--top-k", "-2"]])
 def test_decode_benchmark_refuses_bad_settings(args, capsys):
     from benchmarks import decode
     with pytest.raises(SystemExit):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 import jaxdec
-from jaxdec.sampling import SamplingParams, probabilities, process_logits, row_keys, sample
+from jaxdec.sampling import SamplingParams, probabilities, process_logits, row_keys, sample, sample_with_probabilities
 
 # A float32 decision closer than this to its cut-off may round either way: such cases are
 # not evidence of anything and are skipped (hypothesis) or ruled out (fixed cases).
@@ -145,6 +145,16 @@ def test_masked_logits_stay_impossible():
         assert probs[1] == probs[3] == 0 and np.isclose(probs.sum(), 1)
 
 
+def test_cuts_keep_ties_by_value():
+    """The cuts are found on the values' bit patterns: equal values tie there too (0.0 and
+    -0.0), and negative, masked and extreme values keep their order."""
+    logits = jnp.array([1.0, 0.0, -0.0, -1.0, -jnp.inf, -3e38, 3e38, -2.0], jnp.float32)
+    processed = np.asarray(_process_logits(logits, _params(temperature=1.0, top_k=3)))
+    np.testing.assert_array_equal(np.isfinite(processed), [True, True, True, False, False, False, True, False])
+    processed = np.asarray(_process_logits(logits[jnp.array([0, 1, 2, 3, 7])], _params(temperature=1.0, top_k=4)))
+    np.testing.assert_array_equal(np.isfinite(processed), [True, True, True, True, False])
+
+
 # ---------------------------------------------------------------------------------------------
 # Draws
 
@@ -218,6 +228,19 @@ def test_greedy_is_argmax_of_raw_logits():
     for combo in (dict(temperature=0.0), dict(temperature=0.0, top_k=2, top_p=0.3, min_p=0.9)):
         tokens = np.asarray(_sample(jnp.asarray(logits), _params(**combo), keys, counters))
         np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
+
+
+def test_sample_with_probabilities_is_sample_and_probabilities():
+    """The drafters' one-branch form draws the same tokens with the same keys and returns the
+    same distribution, greedy or sampled, with and without the filters."""
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(size=(64, 8)).astype(np.float32) * 2)
+    keys, counters = row_keys(7, 64), jnp.arange(64, dtype=jnp.int32)
+    for combo in (dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_k=3, top_p=0.8, min_p=0.05)):
+        params = _params(**combo)
+        tokens, q = jax.jit(sample_with_probabilities)(logits, params, keys, counters)
+        np.testing.assert_array_equal(np.asarray(tokens), np.asarray(_sample(logits, params, keys, counters)))
+        np.testing.assert_allclose(np.asarray(q), np.asarray(_probabilities(logits, params)), rtol=1e-6, atol=1e-7)
 
 
 def test_rows_and_counters_get_independent_streams():

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdec.model import causal_mask, forward
-from jaxdec.sampling import probabilities, sample
+from jaxdec.sampling import sample_with_probabilities
 from jaxdec.verify import Draft
 
 
@@ -37,9 +37,9 @@ def draft_chain(cfg, params, cache, first_tokens, first_positions, num_tokens, s
 
     def draw(i, logits, tokens, probs, lengths, live):
         """Token i of every row from its draft logits; rows that stop drafting turn not live."""
-        token = sample(logits, sampling, keys, jnp.full((B,), i, jnp.int32))
+        token, q = sample_with_probabilities(logits, sampling, keys, jnp.full((B,), i, jnp.int32))
         tokens = tokens.at[:, i].set(token)
-        probs = probs.at[:, i].set(probabilities(logits, sampling))
+        probs = probs.at[:, i].set(q)
         lengths = lengths + live
         live = live & (i + 1 < max_lengths)
         if confidence_threshold > 0:
