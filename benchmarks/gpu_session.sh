@@ -17,7 +17,9 @@
 #   decode      the demo pair end to end with attn_impl="pallas" (float32: the Triton tree
 #               kernel in every verify): tokens/s, and every method's tokens equal plain decoding's;
 #   long        one layer's attention at 8B shapes up to 128k slots: dense, sparse and the
-#               kernels (split-K decode, sparse pages, tree).
+#               kernels (split-K decode, sparse pages, tree);
+#   sampling    the top-k / top-p cut (32 passes over the vocabulary) against a sort, at a
+#               128k vocabulary, last: the one step the 600 s of a call may cut short.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -48,3 +50,5 @@ step decode 60 python benchmarks/decode.py --methods ar,draft:8,tree:16x2x16,eag
     --num-prompts 4 --repeats 2 --attn-impl pallas --no-progress --out "$OUT/decode_code_b1_pallas_$gpu.json"
 step long 80 python benchmarks/long_context_attention.py --shapes llama3-8b --contexts 4096 32768 131072 \
     --batch-sizes 1 --no-progress --out "$OUT/long_context_attention_$gpu.json"
+step sampling 30 python benchmarks/sampling_cost.py --vocab 128256 --rows 1 9 \
+    --out "$OUT/sampling_cost_$gpu.json"

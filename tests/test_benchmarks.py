@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import verify_cost
@@ -373,3 +374,33 @@ def test_xla_flags_refuses_bad_settings(args, capsys):
     with pytest.raises(SystemExit):
         xla_flags.main(args)
     assert "error" in capsys.readouterr().err
+
+
+def test_sampling_cost_sorts_to_the_same_cut_as_jaxdec():
+    """The benchmark's baseline (a vocabulary sort) keeps exactly the tokens jaxdec's bit-by-bit
+    cut keeps, on full-size vocabularies: the two implementations check each other."""
+    import jax
+    import jax.numpy as jnp
+    from benchmarks import sampling_cost
+    from jaxdec.sampling import SamplingParams, process_logits
+    x = 3 * jax.random.normal(jax.random.key(0), (6, 4096), jnp.float32)
+    x = x.at[0, :100].set(1.5)  # a tie across the top-k cut
+    for top_k, top_p in ((50, 1.0), (0, 0.95), (50, 0.9), (0, 0.3), (4000, 0.999)):
+        ours = process_logits(x, SamplingParams.create(0.8, top_k, top_p))
+        theirs = sampling_cost.sorted_cut(x / 0.8, top_k, top_p)
+        np.testing.assert_array_equal(np.isfinite(np.asarray(ours)), np.isfinite(np.asarray(theirs)), err_msg=f"{top_k}, {top_p}")
+        assert 0 < np.isfinite(np.asarray(ours)).sum() < x.size
+
+
+def test_sampling_cost_runs_and_writes_its_results(tmp_path, capsys):
+    from benchmarks import sampling_cost
+    out = tmp_path / "sampling.json"
+    results = sampling_cost.main(["--vocab", "256", "--rows", "1", "3", "--filters", "top_p", "--iterations", "2",
+                                  "--repeats", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(results)) and len(results) == 2
+    assert all(r["cut_us"] > 0 and r["sort_us"] > 0 and r["sort_over_cut"] == pytest.approx(r["sort_us"] / r["cut_us"])
+               for r in results)
+    with pytest.raises(SystemExit):
+        sampling_cost.main(["--temperature", "0", "--out", str(out)])
+    assert "--temperature" in capsys.readouterr().err
