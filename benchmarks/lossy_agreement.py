@@ -88,6 +88,7 @@ def main(argv=None):
     texts = load_prompts(["code"])["code"]
     room = target.config.max_position_embeddings - args.max_new_tokens
     results = []
+    rate = lambda timings: sum(n for n, _ in timings) / sum(s for _, s in timings)  # pooled over the batches
     progress = tqdm(total=len(contexts) * (1 + len(methods)), desc="lossy agreement")
     for context in contexts:
         prompts = [prompt_ids(target.tokenizer, p, context, [q["context"] for q in texts[i + 1:] + texts[:i]],
@@ -98,7 +99,6 @@ def main(argv=None):
             dense += tokens
             dense_runs.append(run)
         progress.update()
-        rate = lambda timings: sum(n for n, _ in timings) / sum(s for _, s in timings)  # pooled over the batches
         for (budget, layers), method in methods.items():
             sparse, runs = [], []
             for start in range(0, len(prompts), args.batch_size):

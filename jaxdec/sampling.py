@@ -133,25 +133,26 @@ def row_keys(seed: int, batch_size: int) -> jax.Array:
 
 def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array, counters: jax.Array) -> jax.Array:
     """One token per row. logits [B, V]; keys: row keys [B]; counters [B]: new tokens so far."""
-    def draw(logits):
-        step_keys = jax.vmap(jax.random.fold_in)(keys, counters)
-        return jax.vmap(jax.random.categorical)(step_keys, process_logits(logits, params)).astype(jnp.int32)
-
-    # A real branch, not a select: greedy decoding skips the vocabulary sort of process_logits.
-    return jax.lax.cond(params.temperature > 0, draw, argmax, logits)
+    # A real branch, not a select: greedy decoding skips process_logits.
+    return jax.lax.cond(params.temperature > 0, lambda x: _draw(process_logits(x, params), keys, counters),
+                        argmax, logits)
 
 
 def sample_with_probabilities(logits: jax.Array, params: SamplingParams, keys: jax.Array, counters: jax.Array):
     """(`sample(...)`, `probabilities(logits, params)`) in one branch: a drafter that draws a
     token from q and keeps q processes the logits once, and decides greedy or not once."""
-    def draw(logits):
+    def sampled(logits):
         processed = process_logits(logits, params)
-        step_keys = jax.vmap(jax.random.fold_in)(keys, counters)
-        tokens = jax.vmap(jax.random.categorical)(step_keys, processed).astype(jnp.int32)
-        return tokens, jax.nn.softmax(processed, axis=-1)
+        return _draw(processed, keys, counters), jax.nn.softmax(processed, axis=-1)
 
     def greedy(logits):
         tokens = argmax(logits)
         return tokens, jax.nn.one_hot(tokens, logits.shape[-1], dtype=jnp.float32)
 
-    return jax.lax.cond(params.temperature > 0, draw, greedy, logits)
+    return jax.lax.cond(params.temperature > 0, sampled, greedy, logits)
+
+
+def _draw(processed, keys, counters):
+    """int32 [B]: row b's token from its processed logits, with key fold_in(keys[b], counters[b])."""
+    step_keys = jax.vmap(jax.random.fold_in)(keys, counters)
+    return jax.vmap(jax.random.categorical)(step_keys, processed).astype(jnp.int32)

@@ -392,7 +392,7 @@ def test_sampling_cost_sorts_to_the_same_cut_as_jaxdec():
         assert 0 < np.isfinite(np.asarray(ours)).sum() < x.size
 
 
-def test_sampling_cost_runs_and_writes_its_results(tmp_path, capsys):
+def test_sampling_cost_runs_and_writes_its_results(tmp_path):
     from benchmarks import sampling_cost
     out = tmp_path / "sampling.json"
     results = sampling_cost.main(["--vocab", "256", "--rows", "1", "3", "--filters", "top_p", "--iterations", "2",
@@ -401,6 +401,12 @@ def test_sampling_cost_runs_and_writes_its_results(tmp_path, capsys):
     assert saved["results"] == json.loads(json.dumps(results)) and len(results) == 2
     assert all(r["cut_us"] > 0 and r["sort_us"] > 0 and r["sort_over_cut"] == pytest.approx(r["sort_us"] / r["cut_us"])
                for r in results)
+
+
+@pytest.mark.parametrize("args", [["--temperature", "0"], ["--vocab", "0"], ["--rows", "0"], ["--iterations", "0"],
+                                  ["--repeats", "0"], ["--filters", "top_z"]])
+def test_sampling_cost_refuses_bad_settings(args, capsys):
+    from benchmarks import sampling_cost
     with pytest.raises(SystemExit):
-        sampling_cost.main(["--temperature", "0", "--out", str(out)])
-    assert "--temperature" in capsys.readouterr().err
+        sampling_cost.main(args + ["--out", "/nonexistent/never-written.json"])
+    assert args[0] in capsys.readouterr().err
