@@ -35,11 +35,12 @@ head_dim a multiple of 64, cache blocks a multiple of 64 slots and pages of 16 o
 operands' swizzle is a page row's size in bytes, up to 128).
 
 Checked on CPU (tests/test_tree_attention.py, test_sparse_attention.py): lowering for CUDA,
-and the Mosaic GPU interpreter against the references. That interpreter (JAX 0.10) runs
-neither wgmma on a transposed operand nor layout casts, so under it the two products are
-`jnp.dot` on the blocks it copied and the layouts are left to it; the pipeline, the masks,
-the softmax and the copies are the kernel's own. Not yet verified: compiling and running it
-on a GPU (none has been lent).
+and the Mosaic GPU interpreter against the references. Under JAX 0.11's interpreter (the GPU
+machines' version) everything is the kernel's own except p v, a `jnp.dot`: that interpreter
+does not run a wgmma whose left operand is in registers. JAX 0.10's runs no wgmma and no layout
+cast, so under it both products are `jnp.dot` on the blocks it copied and the layouts are
+left to it; the pipeline, the masks, the softmax and the copies are still the kernel's own.
+Not yet verified: compiling and running it on a GPU (none has been lent).
 """
 
 from __future__ import annotations
@@ -132,7 +133,11 @@ def _attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s
     bias = jnp.where(mask_rows != 0, 0.0, -jnp.inf).astype(jnp.float32)       # [B, M_pad, T_pad]
     M_pad, T_pad = q_rows.shape[2], k_step.shape[2]
     tiles, chunk = M_pad // TILE_ROWS, S // num_splits
+    # Under an interpreter, what it cannot run is done in plain jnp instead: JAX 0.10's runs no
+    # wgmma, layout cast or iota with a layout; 0.11's runs them all except a wgmma whose left
+    # operand is in registers (p v), which is a jnp.dot under both.
     interpreting = interpret is not None
+    stand_ins = interpreting and jax.__version_info__ < (0, 11)
 
     # wgmma reads its shared-memory operands in 128-byte swizzled tiles of 8 rows.
     swizzled = lambda itemsize, swizzle=128: (plgpu.TilingTransform((8, swizzle // itemsize)),
@@ -145,38 +150,39 @@ def _attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s
     kv_block = lambda rows, index: plgpu.BlockSpec((rows, D), index, transforms=operands)
     step_block = lambda: kv_block(step_block_s, lambda j: (j, 0))
     bias_block = plgpu.BlockSpec((TILE_ROWS, step_block_s), lambda j: (0, j), transforms=swizzled(4))
-    wgmma_layout = (lambda x, layout: x) if interpreting else plgpu.layout_cast
+    wgmma_layout = (lambda x, layout: x) if stand_ins else plgpu.layout_cast
 
-    def product(a, b_smem, transpose_b=False):
+    def product(a, b_smem, transpose_b=False, a_in_registers=False):
         """a [64, K] (in shared memory or registers) @ b_smem [K, N] (or its transpose) in float32."""
-        if interpreting:
+        if stand_ins or (interpreting and a_in_registers):
+            a = a if a_in_registers else a[...]
             b = b_smem[...]
             return jnp.dot(a, b.T if transpose_b else b, preferred_element_type=jnp.float32)
         N = b_smem.shape[0] if transpose_b else b_smem.shape[1]
 
         def on_tensor_cores(acc_ref):
-            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem)
+            plgpu.wgmma(acc_ref, a, b_smem.transpose((1, 0)) if transpose_b else b_smem)
             return acc_ref[...]
         return pl.run_scoped(on_tensor_cores, plgpu.ACC((TILE_ROWS, N), jnp.float32))
 
     def slot_ids(start, width):
         shape = (TILE_ROWS, width)
-        if interpreting:
+        if stand_ins:
             return start + lax.broadcasted_iota(jnp.int32, shape, 1)
         return start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
 
     def fold(q_smem, keys_smem, values_smem, carry, visible):
         """One block into the running softmax (max [64], sum [64], output [64, D])."""
         top, total, acc = carry
-        q = q_smem[...] if interpreting else q_smem                             # wgmma reads q in shared memory
-        scores = visible(product(q, keys_smem, transpose_b=True))          # [64, block_s], -inf where hidden
+        scores = visible(product(q_smem, keys_smem, transpose_b=True))     # [64, block_s], -inf where hidden
         new_top = jnp.maximum(top, scores.max(axis=1))
         # A row that has seen only hidden keys keeps top = -inf; shift by 0 then (exp(-inf) = 0).
         shift = jnp.where(new_top == -jnp.inf, 0.0, new_top)
         weights = jnp.exp(scores - lax.broadcast_in_dim(shift, scores.shape, [0]))
         rescale = jnp.exp(top - shift)
         total = total * rescale + weights.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0]) + product(weights.astype(dtype), values_smem)
+        acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0]) + product(weights.astype(dtype), values_smem,
+                                                                        a_in_registers=True)
         return new_top, total, acc
 
     def kernel(lengths_gmem, q_gmem, k_gmem, v_gmem, k_step_gmem, v_step_gmem, bias_gmem, *rest):

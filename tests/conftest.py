@@ -8,6 +8,14 @@ import shutil
 import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+    """jaxlib's (major, minor), read without importing JAX (XLA_FLAGS must be set first)."""
+    from importlib.metadata import version
+    return tuple(int(part) for part in version("jaxlib").split(".")[:2])
+
+
 # Eight CPU devices for the sharding tests (set before JAX starts; other tests use device 0).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -19,8 +27,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     # Also XLA:CPU's older loop emitters and no expensive LLVM passes: together a fifth less
     # compile time again (test_speculative's layer-skip and lookup sweeps: 52 s -> 39 s).
-    os.environ["XLA_FLAGS"] += (" --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-                                " --xla_llvm_disable_expensive_passes=true")
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    # jaxlib 0.11 dropped the older emitters, and XLA aborts the process on a flag it does not
+    # know, so the flag goes only to the jaxlib versions that have it.
+    if _jaxlib_version() < (0, 11):
+        os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 _xla_cache = tempfile.mkdtemp(prefix="jaxdec-tests-xla-cache-")
 atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
@@ -72,21 +83,37 @@ def small_prefill_chunks(monkeypatch):
     jax.clear_caches()
 
 
-@pytest.fixture
-def lower_for_tpu(monkeypatch):
-    """lower(fn, *abstract args) -> the text of fn lowered for a TPU, with no TPU here: the
-    backend query answers "tpu" (the kernels pick their TPU formulation) and an abstract mesh
-    of TPU v5e devices stands in for the chip Mosaic TPU asks about. Compiling needs a TPU."""
+def _lowering(monkeypatch, backend: str, platform: str, chip):
+    """lower(fn, *args) -> the text of fn lowered for `platform`, with the backend query
+    answering `backend` (the kernels pick that formulation) and an abstract mesh of `chip`
+    standing in for the device the lowering asks about."""
     import jax
-    from jax.sharding import AbstractDevice, AbstractMesh
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    chip = AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    from jax.sharding import AbstractMesh
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
 
     def lower(fn, *args):
         with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=chip)):
             # A fresh jit of a fresh function: no trace cached for the CPU to reuse.
-            return jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+            return jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     return lower
+
+
+@pytest.fixture
+def lower_for_tpu(monkeypatch):
+    """lower(fn, *abstract args) -> the text of fn lowered for a TPU, with no TPU here: Mosaic
+    TPU asks about the chip, a TPU v5e here. Compiling needs a TPU."""
+    from jax.sharding import AbstractDevice
+    return _lowering(monkeypatch, "tpu", "tpu", AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
+
+
+@pytest.fixture
+def lower_for_gpu(monkeypatch):
+    """lower(fn, *args) -> the text of fn lowered for CUDA, with no GPU here: since JAX 0.11
+    Pallas's Triton lowering asks for the GPU's compute capability, an H100's here (JAX 0.10
+    asked nothing). Compiling needs a GPU."""
+    from jax.sharding import AbstractDevice
+    return _lowering(monkeypatch, "gpu", "cuda", AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
+                                                                platform="gpu"))
 
 
 @pytest.fixture(scope="session")

@@ -100,7 +100,7 @@ def test_tpu_interpreter_runs_the_kernel(S, splits, lengths):
 
 @pytest.mark.parametrize("shape, num_splits", [((1, 1, 32, 8, 128, 32768), 16), ((2, 5, 4, 2, 64, 1024), 2)],
                          ids=["8b-decode-32k", "small-tree"])
-def test_kernel_lowers_for_a_gpu(shape, num_splits):
+def test_kernel_lowers_for_a_gpu(lower_for_gpu, shape, num_splits):
     """Lowering for CUDA (Pallas's Triton lowering) needs no GPU: one decode token of an 8B
     model (32 query heads, 8 kv heads) over 32k bfloat16 slots gets a grid of 8 kv heads x 16
     splits by default; a small tree with 10 query rows (padded to 16) lowers too. Compiling
@@ -111,8 +111,7 @@ def test_kernel_lowers_for_a_gpu(shape, num_splits):
     args = (spec(B, T, H, D), spec(B, Hkv, S, D), spec(B, Hkv, S, D), spec(B, dtype=jnp.int32),
             spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
     params = gpu_compiler_params(16, D)
-    run = jax.jit(lambda *a: kernel.decode_attention(*a, interpret=False, compiler_params=params))
-    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(lambda *a: kernel.decode_attention(*a, interpret=False, compiler_params=params), *args)
     assert "__gpu$xla.gpu.triton" in text
     grid = re.search(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32", text).groups()
     assert tuple(map(int, grid)) == (B, Hkv, num_splits)
@@ -180,13 +179,11 @@ def test_plain_decoding_at_long_context_runs_split_k_and_equals_xla(llama):
 
 
 @pytest.mark.parametrize("dtype, lowering", [(jnp.bfloat16, "mosaic_gpu"), (jnp.float32, "__gpu$xla.gpu.triton")])
-def test_a_gpu_takes_the_mosaic_kernel_for_half_precision(monkeypatch, dtype, lowering):
+def test_a_gpu_takes_the_mosaic_kernel_for_half_precision(lower_for_gpu, dtype, lowering):
     """What `decode_attention` picks on a GPU backend (the backend query answers "gpu" here):
     half precision goes to the Mosaic GPU tree kernel, split the same way."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     spec = lambda *s, dtype=dtype: jax.ShapeDtypeStruct(s, dtype)
     B, T, H, Hkv, D, S = 1, 1, 8, 2, 64, 4096
     args = (spec(B, T, H, D), spec(B, Hkv, S, D), spec(B, Hkv, S, D), spec(B, dtype=jnp.int32),
             spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
-    text = jax.jit(lambda *a: kernel.decode_attention(*a)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert lowering in text
+    assert lowering in lower_for_gpu(kernel.decode_attention, *args)

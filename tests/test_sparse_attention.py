@@ -135,7 +135,7 @@ def test_tpu_interpreter_runs_the_kernel():
 
 @pytest.mark.parametrize("shape", [(1, 1, 32, 8, 128, 32768, 16, 64), (2, 5, 4, 2, 64, 256, 16, 3)],
                          ids=["8b-decode-32k-64-pages", "small-tree"])
-def test_kernel_lowers_for_a_gpu(shape):
+def test_kernel_lowers_for_a_gpu(lower_for_gpu, shape):
     """Lowering for CUDA (Pallas's Triton lowering) needs no GPU: an 8B decode step over 32k
     slots reading 64 pages of 16, and a small tree. Compiling and running need a device."""
     B, T, H, Hkv, D, S, P, N = shape
@@ -143,8 +143,7 @@ def test_kernel_lowers_for_a_gpu(shape):
     args = (spec(B, T, H, D), spec(B, Hkv, S, D), spec(B, Hkv, S, D), spec(B, Hkv, N, dtype=jnp.int32),
             spec(B, dtype=jnp.int32), spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
     params = tree_attention.gpu_compiler_params(H // Hkv * T, D)
-    run = jax.jit(lambda *a: sparse_attention(*a, page_size=P, interpret=False, compiler_params=params))
-    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(lambda *a: sparse_attention(*a, page_size=P, interpret=False, compiler_params=params), *args)
     assert "__gpu$xla.gpu.triton" in text
 
 
@@ -196,19 +195,17 @@ def test_mosaic_gpu_form_matches_reference(B, T, H, Hkv, D, S, P, N, lengths):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)
 
 
-def test_mosaic_gpu_form_lowers_and_is_what_a_gpu_takes(monkeypatch):
+def test_mosaic_gpu_form_lowers_and_is_what_a_gpu_takes(lower_for_gpu):
     """An 8B decode step over 32k slots reading 64 pages of 16, lowered for CUDA through Mosaic
     GPU when the backend query answers "gpu" (float32 still goes to Triton); pages of 8 are
     refused (a wgmma operand's rows come in groups of 16 bfloat16)."""
     from pallas_kernels.tree_attention_mgpu import sparse_attention_mgpu
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     B, T, H, Hkv, D, S, P, N = 1, 1, 32, 8, 128, 32768, 16, 64
     for dtype, lowering in ((jnp.bfloat16, "mosaic_gpu"), (jnp.float32, "__gpu$xla.gpu.triton")):
         spec = lambda *s, dtype=dtype: jax.ShapeDtypeStruct(s, dtype)
         args = (spec(B, T, H, D), spec(B, Hkv, S, D), spec(B, Hkv, S, D), spec(B, Hkv, N, dtype=jnp.int32),
                 spec(B, dtype=jnp.int32), spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
-        run = jax.jit(lambda *a: sparse_attention(*a, page_size=P))
-        assert lowering in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert lowering in lower_for_gpu(lambda *a: sparse_attention(*a, page_size=P), *args)
     args = _sparse_args(np.random.default_rng(0), 1, 2, 2, 1, 64, 64, 8, 2, dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="page_size=8"):
         sparse_attention_mgpu(*args, page_size=8)

@@ -161,22 +161,21 @@ def test_the_models_verify_step_lowers_for_a_tpu(converted_dirs, lower_for_tpu):
 
 
 @pytest.mark.parametrize("dtype, call", [("bfloat16", "mosaic_gpu_v2"), ("float32", "__gpu$xla.gpu.triton")])
-def test_the_models_verify_step_lowers_for_a_gpu(monkeypatch, dtype, call):
+def test_the_models_verify_step_lowers_for_a_gpu(lower_for_gpu, dtype, call):
     """attn_impl="pallas" on a GPU (the backend query answers "gpu" here), the demo target
     (head_dim 64) at batch 2 over 1024 slots: every width bucket of a tree verify step lowers
     for CUDA with a kernel in every layer, bfloat16 through Mosaic GPU, float32 through Triton."""
     import re
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     model = jaxdec.load("demo-target", attn_impl="pallas", dtype=dtype)
     step, args = _verify_step(model, 2, 1024)
-    text = jax.jit(lambda *a: step(*a)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(step, *args)
     calls = re.findall(r"custom_call @([\w$.]+)", text)
     assert set(calls) == {call} and len(calls) == 3 * model.config.num_hidden_layers      # widths 1, 2, 4
 
 
 @pytest.mark.parametrize("shape", [(1, 65, 32, 8, 128, 32768), (2, 5, 4, 2, 64, 256)],
                          ids=["8b-65-nodes-32k", "small"])
-def test_kernel_lowers_for_a_gpu(shape):
+def test_kernel_lowers_for_a_gpu(lower_for_gpu, shape):
     """Lowering for CUDA (Pallas's Triton lowering) needs no GPU: the kernel's shapes and ops
     must pass its rules (power-of-two arrays among them), here at an 8B shape with a 65-node
     tree over 32k slots, and at a small ragged one. Compiling and running need a device."""
@@ -186,8 +185,7 @@ def test_kernel_lowers_for_a_gpu(shape):
     args = (spec(B, T, H, D), spec(B, Hkv, S, D), spec(B, Hkv, S, D), spec(B, dtype=jnp.int32),
             spec(B, T, Hkv, D), spec(B, T, Hkv, D), spec(B, T, T, dtype=jnp.bool_))
     params = gpu_compiler_params(128, D)
-    run = jax.jit(lambda *a: tree_attention(*a, interpret=False, compiler_params=params))
-    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(lambda *a: tree_attention(*a, interpret=False, compiler_params=params), *args)
     assert "__gpu$xla.gpu.triton" in text
 
 
@@ -224,22 +222,18 @@ def test_mosaic_gpu_kernel_matches_reference(B, T, H, Hkv, D, S, lengths, num_sp
 
 @pytest.mark.parametrize("T, num_splits", [(65, 1), (65, None), (1, None)], ids=["65-nodes", "65-nodes-split",
                                                                               "decode-split"])
-def test_mosaic_gpu_kernel_lowers_for_a_gpu(T, num_splits):
+def test_mosaic_gpu_kernel_lowers_for_a_gpu(lower_for_gpu, T, num_splits):
     """Through Mosaic GPU at an 8B model's shapes over 32k slots: a 65-node tree (5 row tiles
     of GQA 4, 2 blocks of step tokens) and a decoding step, whole or in the default splits."""
     from pallas_kernels.tree_attention_mgpu import tree_attention_mgpu
-    run = jax.jit(lambda *a: tree_attention_mgpu(*a, num_splits=num_splits))
-    text = run.trace(*_abstract(1, T, 32, 8, 128, 32768)).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(lambda *a: tree_attention_mgpu(*a, num_splits=num_splits), *_abstract(1, T, 32, 8, 128, 32768))
     assert "mosaic_gpu" in text and "triton" not in text
 
 
 @pytest.mark.parametrize("dtype, lowering", [(jnp.bfloat16, "mosaic_gpu"), (jnp.float32, "__gpu$xla.gpu.triton")])
-def test_a_gpu_takes_the_mosaic_kernel_for_half_precision(monkeypatch, dtype, lowering):
+def test_a_gpu_takes_the_mosaic_kernel_for_half_precision(lower_for_gpu, dtype, lowering):
     """What `tree_attention` picks on a GPU backend (the backend query answers "gpu" here)."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    run = jax.jit(lambda *a: tree_attention(*a))  # a fresh function: no trace cached for the CPU to reuse
-    text = run.trace(*_abstract(2, 5, 4, 2, 64, 256, dtype)).lower(lowering_platforms=("cuda",)).as_text()
-    assert lowering in text
+    assert lowering in lower_for_gpu(tree_attention, *_abstract(2, 5, 4, 2, 64, 256, dtype))
 
 
 @pytest.mark.parametrize("dtype, D, S, block_s, match", [
