@@ -16,6 +16,16 @@ def _jaxlib_version() -> tuple[int, ...]:
     return tuple(int(part) for part in version("jaxlib").split(".")[:2])
 
 
+def _accelerator_plugin_installed() -> bool:
+    """Whether JAX will find a GPU or TPU: a jaxlib plugin for one is installed and
+    JAX_PLATFORMS does not hold JAX to the CPU (read without importing JAX)."""
+    from importlib.metadata import distributions
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return False
+    names = {(dist.metadata["Name"] or "").lower().replace("_", "-") for dist in distributions()}
+    return any(name.startswith(("jax-cuda", "jax-rocm", "libtpu")) for name in names)
+
+
 # Eight CPU devices for the sharding tests (set before JAX starts; other tests use device 0).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -24,7 +34,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # a compilation cache on disk, so that a program compiled again after the per-module
 # `jax.clear_caches()` below, or by a CLI subprocess, is loaded instead. One cache per
 # process: JAX's file cache does not lock between concurrent writers (pytest-xdist workers).
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+# The flags only where JAX runs on the CPU alone: they hold for every backend, and XLA's GPU
+# backend has refused optimization levels below 2 (on the GPU machines, gpu_session.sh runs
+# the kernel tests compiled for the GPU).
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"] and not _accelerator_plugin_installed():
     # Also XLA:CPU's older loop emitters and no expensive LLVM passes: together a fifth less
     # compile time again (test_speculative's layer-skip and lookup sweeps: 52 s -> 39 s).
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
