@@ -129,6 +129,20 @@ def lower_for_gpu(monkeypatch):
                                                                 platform="gpu"))
 
 
+@pytest.fixture
+def mosaic_gpu_interpret():
+    """`interpret` for the Mosaic GPU kernels: None on a GPU (compiled and run for real, as
+    gpu_session.sh runs these tests), elsewhere Mosaic GPU's interpreter (public from JAX 0.11)."""
+    import jax
+    if jax.default_backend() == "gpu":
+        return None
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    if hasattr(plgpu, "InterpretGPUParams"):
+        return plgpu.InterpretGPUParams()
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # JAX 0.10
+    return InterpretGPUParams()
+
+
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory):
     """family -> folder of a saved random HF model (with tokenizer.json)."""

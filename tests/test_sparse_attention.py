@@ -177,20 +177,19 @@ def test_bad_arguments_raise():
         sparse_attention(q, kc, vc, ids, lengths, kn, vn, mask, page_size=24, interpret=False)
 
 
-# The Mosaic GPU form (tree_attention_mgpu.sparse_attention_mgpu): its interpreter, and lowering.
+# The Mosaic GPU form (tree_attention_mgpu.sparse_attention_mgpu): its interpreter (compiled on a GPU), and lowering.
 
 @pytest.mark.parametrize("B, T, H, Hkv, D, S, P, N, lengths", [
     (2, 4, 8, 2, 64, 256, 16, 5, [100, 256]),     # GQA 4, a small tree; a row inside a page, a full row
     (3, 1, 8, 1, 128, 128, 32, 3, [0, 128, 19]),  # GQA 8, head_dim 128, a decoding step; an empty row
 ])
-def test_mosaic_gpu_form_matches_reference(B, T, H, Hkv, D, S, P, N, lengths):
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+def test_mosaic_gpu_form_matches_reference(mosaic_gpu_interpret, B, T, H, Hkv, D, S, P, N, lengths):
     from pallas_kernels.tree_attention_mgpu import sparse_attention_mgpu
     rng = np.random.default_rng(N + P)
     args = _sparse_args(rng, B, T, H, Hkv, D, S, P, N, dtype=jnp.bfloat16, lengths=lengths)
     ids = args[3].at[0, 0].set(jnp.asarray([15, -1, 0, 7, 8][:N], jnp.int32) % (S // P))  # unordered, with a hole
     args = (*args[:3], ids, *args[4:])
-    got = sparse_attention_mgpu(*args, page_size=P, interpret=InterpretGPUParams())
+    got = sparse_attention_mgpu(*args, page_size=P, interpret=mosaic_gpu_interpret)
     want = sparse_reference(*args, page_size=P)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)
 

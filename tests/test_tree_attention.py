@@ -189,14 +189,7 @@ def test_kernel_lowers_for_a_gpu(lower_for_gpu, shape):
     assert "__gpu$xla.gpu.triton" in text
 
 
-# The Mosaic GPU kernel (tree_attention_mgpu.py): the GPU interpreter on CPU, and lowering.
-
-def _gpu_interpreter():
-    """Mosaic GPU's interpreter: simulated shared memory, TMA copies and barriers on CPU
-    (private in JAX 0.10; nothing public names it yet)."""
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()
-
+# The Mosaic GPU kernel (tree_attention_mgpu.py): the GPU interpreter on CPU (compiled on a GPU), and lowering.
 
 def _abstract(B, T, H, Hkv, D, S, dtype=jnp.bfloat16):
     spec = lambda *s, dtype=dtype: jax.ShapeDtypeStruct(s, dtype)
@@ -210,11 +203,11 @@ def _abstract(B, T, H, Hkv, D, S, dtype=jnp.bfloat16):
     (2, 5, 8, 1, 128, 128, [64, 1], 2),       # GQA 8, head_dim 128; prefixes ending on a split's edge, in it
     (1, 70, 4, 2, 64, 128, [100], None),      # 140 query rows (3 tiles), 70 step tokens (2 blocks)
 ], ids=["gqa4-ragged", "gqa4-ragged-3-splits", "gqa8-d128-2-splits", "three-tiles"])
-def test_mosaic_gpu_kernel_matches_reference(B, T, H, Hkv, D, S, lengths, num_splits):
+def test_mosaic_gpu_kernel_matches_reference(mosaic_gpu_interpret, B, T, H, Hkv, D, S, lengths, num_splits):
     from pallas_kernels.tree_attention_mgpu import tree_attention_mgpu
     rng = np.random.default_rng(T + S)
     args = _case(rng, B, T, H, Hkv, D, S, dtype=jnp.bfloat16, lengths=lengths)
-    got = tree_attention_mgpu(*args, num_splits=num_splits, interpret=_gpu_interpreter())
+    got = tree_attention_mgpu(*args, num_splits=num_splits, interpret=mosaic_gpu_interpret)
     assert got.dtype == jnp.bfloat16 and got.shape == (B, T, H, D)
     want = reference(*args)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)
