@@ -177,7 +177,7 @@ def parts_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: 
     import jax.numpy as jnp
     from jaxdec.cache import init_cache
     from jaxdec.drafters.autoregressive import draft_chain
-    from jaxdec.sampling import SamplingParams, row_keys
+    from jaxdec.sampling import SamplingParams, argmax, row_keys
     from jaxdec.verify import Draft, verify_forward
 
     if not (chain or verify or sweep is not None):
@@ -207,7 +207,7 @@ def parts_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: 
                 logits, _, _ = verify_forward(target_cfg, target, cache, pending,
                                               Draft(tokens=drafts, probs=no_probs, lengths=jnp.full((B,), K, jnp.int32)),
                                               rows_active)
-                pending = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+                pending = argmax(logits[:, -1])  # the argmax greedy acceptance takes
             elif chain:
                 pending = drafts[:, -1]
             return cache, dcache, pending, drafts
