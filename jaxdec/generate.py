@@ -51,6 +51,17 @@ def _is_token_id(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _first_bad_token_id(ids, vocab: int) -> str | None:
+    """'<id> outside the vocabulary [0, V)' (or '<value>, not an integer token id, ...') for the
+    first id that is not a token of the vocabulary; None when all are."""
+    for t in ids:
+        if not _is_token_id(t):
+            return f"{t!r}, not an integer token id of the vocabulary [0, {vocab})"
+        if not 0 <= t < vocab:
+            return f"{t!r} outside the vocabulary [0, {vocab})"
+    return None
+
+
 def encode_prompts(model: Model, prompts) -> list[list[int]]:
     """Token ids of each prompt, checked: non-empty, ids inside the vocabulary."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
@@ -65,9 +76,9 @@ def encode_prompts(model: Model, prompts) -> list[list[int]]:
             ids = model.tokenizer.encode(prompt).ids
         elif isinstance(prompt, Sequence) or isinstance(prompt, np.ndarray):
             ids = list(prompt)
-            bad = [t for t in ids if not _is_token_id(t) or not 0 <= t < vocab]
+            bad = _first_bad_token_id(ids, vocab)
             if bad:
-                raise ValueError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {vocab})")
+                raise ValueError(f"prompt {i} has token id {bad}")
             ids = [int(t) for t in ids]
         else:
             raise ValueError(f"prompt {i} must be a string or a list of token ids, got {prompt!r:.40}")
@@ -83,9 +94,9 @@ def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise ValueError(f"stop_token_ids must be a list of token ids or None, got {ids!r:.80}")
     ids = list(ids)
-    bad = [t for t in ids if not _is_token_id(t) or not 0 <= t < model.config.vocab_size]
+    bad = _first_bad_token_id(ids, model.config.vocab_size)
     if bad:
-        raise ValueError(f"stop token id {bad[0]!r} is outside the vocabulary [0, {model.config.vocab_size})")
+        raise ValueError(f"stop token id {bad}")
     if len(ids) > MAX_STOP_TOKENS:
         raise ValueError(f"at most {MAX_STOP_TOKENS} stop_token_ids are supported, got {len(ids)}")
     return np.array(ids + [-1] * (MAX_STOP_TOKENS - len(ids)), np.int32)
@@ -143,6 +154,12 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
 
     if speculative is not None:
         drafter, dparams, dstate = speculative.build(model, batch, slots)
+        # The verify step scores the pending token and every draft slot at once: a window the
+        # model's positions cannot hold would only fail later, as XLA running out of memory.
+        if drafter is not None and drafter.num_tokens + 1 > cfg.max_position_embeddings:
+            raise ValueError(f"{type(speculative).__name__} drafts {drafter.num_tokens} tokens per step: with the "
+                             f"pending token more than the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
 
     start = time.perf_counter()
     cache = init_cache(cfg, batch, slots, model.dtype)

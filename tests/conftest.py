@@ -68,6 +68,11 @@ SLOWEST_MODULES = ("test_speculative.py", "test_sparse_self.py", "test_sharding.
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    # Marked from the fixtures, not by hand: a test that builds the tiny HF models (hf_dirs, and
+    # every fixture above it) needs torch; `-m "not torch"` leaves those out where it is missing.
+    for item in items:
+        if "hf_dirs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.torch)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -44,9 +44,16 @@ def test_malformed_prompts(llama, prompts, pattern):
         jaxdec.generate(llama, prompts, max_new_tokens=4)
 
 
-@pytest.mark.parametrize("bad", [-1, VOCAB_SIZE, VOCAB_SIZE + 1000, 2.5, "7", True, None])
+@pytest.mark.parametrize("bad", [-1, VOCAB_SIZE, VOCAB_SIZE + 1000])
 def test_token_id_outside_vocabulary(llama, bad):
-    with pytest.raises(ValueError, match=rf"prompt 1 has token id {named(bad)}.*vocabulary"):
+    with pytest.raises(ValueError, match=rf"prompt 1 has token id {named(bad)} outside the vocabulary"):
+        jaxdec.generate(llama, [[1, 2], [3, bad, 4]], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("bad", [2.5, 3.0, "7", True, None])
+def test_token_id_that_is_not_an_integer(llama, bad):
+    """Not "outside the vocabulary": 3.0 and True are inside it, as numbers."""
+    with pytest.raises(ValueError, match=rf"prompt 1 has token id {named(bad)}, not an integer token id"):
         jaxdec.generate(llama, [[1, 2], [3, bad, 4]], max_new_tokens=4)
 
 
@@ -81,6 +88,19 @@ def test_longest_allowed_prompt_is_accepted(llama):
     """The bound is inclusive: this is the edge the test above stands on (no compile at 0 new)."""
     out = jaxdec.generate(llama, [[3] * MAX_POSITIONS], max_new_tokens=0)
     assert out.tokens == [[]]
+
+
+@pytest.mark.parametrize("method", [
+    lambda llama, k: jaxdec.spec.DraftModel(llama, k),
+    lambda llama, k: jaxdec.spec.LayerSkip([0], k),
+    lambda llama, k: jaxdec.spec.PromptLookup(3, k),
+    lambda llama, k: jaxdec.spec.DraftTree(llama, depth=k, top_k=1, max_nodes=k),
+], ids=["DraftModel", "LayerSkip", "PromptLookup", "DraftTree"])
+def test_draft_window_longer_than_the_model(llama, method):
+    """A verify of the pending token and K drafts needs K + 1 positions; a larger K used to
+    compile and then fail in XLA, out of memory (num_tokens=10**6 asked for 73 TB)."""
+    with pytest.raises(ValueError, match=rf"drafts {MAX_POSITIONS} tokens.*max_position_embeddings={MAX_POSITIONS}"):
+        jaxdec.generate(llama, OK, max_new_tokens=4, speculative=method(llama, MAX_POSITIONS))
 
 
 @pytest.mark.parametrize("bad", [-1, -100, 2.5, "8", None, True])
@@ -119,7 +139,8 @@ def test_bad_seed(llama, bad):
 
 
 @pytest.mark.parametrize("bad, pattern", [
-    ([-1], named(-1)), ([2, VOCAB_SIZE], named(VOCAB_SIZE)), ([1.5], named(1.5)), (["2"], named("2")),
+    ([-1], rf"{named(-1)} outside"), ([2, VOCAB_SIZE], rf"{named(VOCAB_SIZE)} outside"),
+    ([1.5], rf"{named(1.5)}, not an integer"), (["2"], rf"{named('2')}, not an integer"),
     (2, r"stop_token_ids.*\b2\b"), ("2", r"'2'"), (list(range(3, 20)), r"\b17\b"),
 ])
 def test_bad_stop_token_ids(llama, bad, pattern):
