@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,9 @@ def _shipped_roots() -> list[Path]:
 
 
 def _resolve(path_or_name) -> Path:
+    if not isinstance(path_or_name, (str, os.PathLike)):
+        raise ValueError(f"expected a checkpoint directory or a shipped name ({', '.join(map(repr, SHIPPED_CHECKPOINTS))}), "
+                         f"got {path_or_name!r:.80}")
     path = Path(path_or_name).expanduser()
     if path.exists():
         return path

@@ -176,6 +176,14 @@ def test_load_missing_path(tmp_path):
         jaxdec.load(missing)
 
 
+@pytest.mark.parametrize("load", [jaxdec.load, jaxdec.load_heads])
+@pytest.mark.parametrize("bad", [None, 3, ["demo-target"]])
+def test_load_something_that_is_not_a_path(load, bad):
+    """Not a TypeError from pathlib: a ValueError naming the value and what is expected."""
+    with pytest.raises(ValueError, match=rf"checkpoint directory or a shipped name .*demo-target.*got {re.escape(repr(bad))}"):
+        load(bad)
+
+
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(dtype="float16"), r"float16"), (dict(dtype="int8"), r"int8"), (dict(dtype=np.float16), r"float16"),
     (dict(attn_impl="bogus"), r"bogus"),

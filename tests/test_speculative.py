@@ -411,10 +411,11 @@ def _paths(tokens, parents, count):
     return paths
 
 
-@pytest.mark.parametrize("max_ngram, num_tokens, num_candidates", [(2, 3, 3), (1, 4, 4), (3, 2, 2)])
+@pytest.mark.parametrize("max_ngram, num_tokens, num_candidates", [(2, 3, 3), (1, 4, 4), (3, 2, 2), (1, 2, 40)])
 def test_prompt_lookup_tree_merges_the_matches(llama, max_ngram, num_tokens, num_candidates):
     """The tree's nodes are exactly the distinct prefixes of the candidate continuations,
-    each once, with the right parents; padding past the count."""
+    each once, with the right parents; padding past the count. (1, 2, 40): more candidates
+    than the rows have tokens (32), so every match is one."""
     B, S = 64, 32
     rng = np.random.default_rng(10 + max_ngram)
     rows = [rng.integers(0, [2, 3, 5, VOCAB_SIZE][b % 4], size=rng.integers(1, S + 1)).tolist() for b in range(B)]

@@ -73,8 +73,10 @@ def _matches(tokens, lengths, max_ngram: int, num_candidates: int):
     if num_candidates == 1:  # the earliest match: a min, cheaper than a top-k
         earliest = jnp.min(jnp.where(chosen, starts, S), axis=1, keepdims=True)
         return jnp.where(earliest < S, earliest, -1).astype(jnp.int32), chosen_n
-    # The earliest C matches: the C largest of S - j over matching j.
-    key, _ = jax.lax.top_k(jnp.where(chosen, S - starts, 0), num_candidates)
+    # The earliest C matches: the C largest of S - j over matching j. A row of S tokens has
+    # fewer than S matches, so candidates past S stay empty (-1).
+    key, _ = jax.lax.top_k(jnp.where(chosen, S - starts, 0), min(num_candidates, S))
+    key = jnp.pad(key, ((0, 0), (0, num_candidates - key.shape[1])))
     return jnp.where(key > 0, S - key, -1).astype(jnp.int32), chosen_n
 
 
