@@ -152,7 +152,7 @@ def eagle_sequence(cfg: HeadsConfig, target_params, params, features, tokens):
 
 def save_heads(directory, cfg: HeadsConfig, params, training: dict | None = None) -> Path:
     """Writes `directory` atomically (a temporary folder renamed into place)."""
-    directory = Path(directory)
+    directory = storage.check_replaceable(directory, HEADS_FILE)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     storage.write_params(tmp, jax.device_get(params))

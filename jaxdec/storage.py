@@ -48,6 +48,18 @@ def write_json(path, obj) -> Path:
     return path
 
 
+def check_replaceable(directory, marker: str) -> Path:
+    """`directory` may be replaced by an export: it does not exist, or is an empty folder, or
+    holds `marker` (what an earlier export wrote). Anything else is refused before a byte is
+    deleted: an export's target is removed whole, and `--out .` must not take the user's folder."""
+    directory = Path(directory)
+    if directory.exists() and not (directory.is_dir() and (not any(directory.iterdir())
+                                                          or (directory / marker).is_file())):
+        raise ValueError(f"{directory} exists and is not an export of this kind (no {marker}): "
+                         f"refusing to replace it; choose another output folder")
+    return directory
+
+
 def write_params(directory: Path, params) -> None:
     """The parameter pytree into DIR/params (orbax); `read_params` reads it back."""
     directory = Path(directory)

@@ -474,7 +474,7 @@ def train_run(run_dir: Path, cfg: ModelConfig | None, train_tokens: np.ndarray, 
 
 def export(out: Path, cfg: ModelConfig, params, tokenizer_path: Path, training: dict) -> Path:
     """Writes a `jaxdec.load`-able folder (atomically replaced)."""
-    out = Path(out)
+    out = storage.check_replaceable(out, storage.CONFIG_FILE)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     storage.save(tmp, cfg, jax.device_get(params), "float32")
@@ -492,9 +492,19 @@ def _load_data(workdir: Path):
             json.loads((workdir / "corpus.json").read_text()))
 
 
+def run_folder(workdir: Path, run: str) -> Path:
+    """The run's folder in the work folder; `--fresh` removes it, so a name, never a path."""
+    if not run or Path(run).name != run or run in (".", ".."):
+        raise ValueError(f"--run must be a folder name inside --workdir, got {run!r}")
+    return workdir / run
+
+
 def run_stage(kind: str, args) -> dict:
     import jaxdec
     workdir = Path(args.workdir)
+    run_dir = run_folder(workdir, args.run or kind)
+    if args.out:  # before hours of training, not at the export
+        storage.check_replaceable(args.out, storage.CONFIG_FILE)
     corpus = prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
     train_tokens, held_tokens, corpus = _load_data(workdir)
     sizes = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
@@ -520,7 +530,6 @@ def run_stage(kind: str, args) -> dict:
         if init.config.to_dict() != cfg.to_dict():
             raise ValueError(f"--init {opts.init} holds a model of config {init.config.to_dict()}, but the sizes "
                              f"given (--hidden, --layers, ...) make {cfg.to_dict()}")
-    run_dir = workdir / (args.run or kind)
     if args.fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     counts = param_counts(cfg)
@@ -589,13 +598,29 @@ def run_stage(kind: str, args) -> dict:
     return training
 
 
+def at_least(low, kind=int, strict=False):
+    """An argparse type: a `kind` >= low (> low if strict), so a bad value fails in one line
+    before any work (`--steps 0` used to train the teacher's continuations first)."""
+    def parse(text):
+        value = kind(text)  # a ValueError here is argparse's "invalid int value"
+        if not (value > low if strict else value >= low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE, COUNT, RATE = at_least(1), at_least(0), at_least(0.0, float, strict=True)
+WEIGHT = at_least(0.0, float)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxdec.train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
         p.add_argument("--workdir", required=True, help="work folder: tokenized corpus and resumable runs")
-        p.add_argument("--vocab-size", type=int, default=4096)
+        p.add_argument("--vocab-size", type=POSITIVE, default=4096)
         p.add_argument("--corpus-root", default=None, help="default: sysconfig.get_paths()['stdlib']")
         p.add_argument("--include-tests", action="store_true", help="keep test/, tests/, idle_test/")
 
@@ -607,30 +632,30 @@ def main(argv=None) -> int:
         p.add_argument("--out", default=None, help="export folder (jaxdec.load-able)")
         if kind == "draft":
             p.add_argument("--teacher", required=True, help="the target: anything jaxdec.load takes")
-            p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy added to the KL")
+            p.add_argument("--ce-weight", type=WEIGHT, default=0.0, help="weight of cross-entropy added to the KL")
             p.add_argument("--init", default=None, help="start from this draft's weights (anything jaxdec.load takes)")
-            p.add_argument("--on-policy", type=int, default=0, metavar="N",
+            p.add_argument("--on-policy", type=COUNT, default=0, metavar="N",
                            help="distill also on N greedy continuations written by the teacher (jaxdec/on_policy.py)")
             p.add_argument("--on-policy-fraction", type=float, default=0.75, help="share of each batch they fill")
-            p.add_argument("--prompt-len", type=int, default=64, help="corpus tokens before each continuation")
-            p.add_argument("--eval-generations", type=int, default=128, metavar="N",
+            p.add_argument("--prompt-len", type=POSITIVE, default=64, help="corpus tokens before each continuation")
+            p.add_argument("--eval-generations", type=COUNT, default=128, metavar="N",
                            help="held-out teacher continuations to evaluate the draft on (0: none)")
         p.add_argument("--run", default=None, help=f"the run's folder in --workdir (default: {kind})")
-        p.add_argument("--hidden", type=int, default=model["hidden_size"])
-        p.add_argument("--intermediate", type=int, default=model["intermediate_size"])
-        p.add_argument("--layers", type=int, default=model["num_hidden_layers"])
-        p.add_argument("--heads", type=int, default=model["num_attention_heads"])
-        p.add_argument("--kv-heads", type=int, default=model["num_key_value_heads"])
-        p.add_argument("--head-dim", type=int, default=model["head_dim"])
-        p.add_argument("--steps", type=int, default=defaults["steps"])
-        p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
-        p.add_argument("--seq-len", type=int, default=defaults["seq_len"])
-        p.add_argument("--lr", type=float, default=defaults["lr"])
-        p.add_argument("--warmup", type=int, default=defaults["warmup"])
-        p.add_argument("--weight-decay", type=float, default=0.1)
-        p.add_argument("--save-every", type=int, default=50)
-        p.add_argument("--log-every", type=int, default=25)
-        p.add_argument("--eval-windows", type=int, default=1024,
+        p.add_argument("--hidden", type=POSITIVE, default=model["hidden_size"])
+        p.add_argument("--intermediate", type=POSITIVE, default=model["intermediate_size"])
+        p.add_argument("--layers", type=POSITIVE, default=model["num_hidden_layers"])
+        p.add_argument("--heads", type=POSITIVE, default=model["num_attention_heads"])
+        p.add_argument("--kv-heads", type=POSITIVE, default=model["num_key_value_heads"])
+        p.add_argument("--head-dim", type=POSITIVE, default=model["head_dim"])
+        p.add_argument("--steps", type=POSITIVE, default=defaults["steps"])
+        p.add_argument("--batch-size", type=POSITIVE, default=defaults["batch_size"])
+        p.add_argument("--seq-len", type=POSITIVE, default=defaults["seq_len"])
+        p.add_argument("--lr", type=RATE, default=defaults["lr"])
+        p.add_argument("--warmup", type=COUNT, default=defaults["warmup"])
+        p.add_argument("--weight-decay", type=WEIGHT, default=0.1)
+        p.add_argument("--save-every", type=POSITIVE, default=50)
+        p.add_argument("--log-every", type=POSITIVE, default=25)
+        p.add_argument("--eval-windows", type=POSITIVE, default=1024,
                        help="held-out windows of --seq-len tokens to evaluate (at most all of them)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--fresh", action="store_true", help="discard this run's checkpoints first")
@@ -639,12 +664,15 @@ def main(argv=None) -> int:
     train_heads.add_commands(sub, common)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    if args.command in train_heads.HEAD_DEFAULTS:
-        train_heads.run_heads_stage(args.command, args)
-    elif args.command == "tokenizer":
-        prepare(Path(args.workdir), args.vocab_size, args.corpus_root, args.include_tests)
-    else:
-        run_stage(args.command, args)
+    try:
+        if args.command in train_heads.HEAD_DEFAULTS:
+            train_heads.run_heads_stage(args.command, args)
+        elif args.command == "tokenizer":
+            prepare(Path(args.workdir), args.vocab_size, args.corpus_root, args.include_tests)
+        else:
+            run_stage(args.command, args)
+    except (ValueError, FileNotFoundError) as err:  # bad settings or inputs: one line, as argparse's
+        parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
     return 0
 
 

@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdec import storage
 from jaxdec.config import ModelConfig
-from jaxdec.heads import HeadsConfig, best_static_tree, eagle_sequence, init_heads, medusa_logits, save_heads
+from jaxdec.heads import HEADS_FILE, HeadsConfig, best_static_tree, eagle_sequence, init_heads, medusa_logits, save_heads
 from jaxdec.model import causal_mask, lm_head, step_hidden
 
 RANKS = 8              # accuracies are measured for the draft's top RANKS tokens per depth
@@ -142,6 +143,9 @@ def run_heads_stage(kind: str, args) -> dict:
     import jaxdec
     from jaxdec import train
     workdir = Path(args.workdir)
+    run_dir = train.run_folder(workdir, kind)
+    if args.out:  # before the training, not at the export
+        storage.check_replaceable(args.out, HEADS_FILE)
     train.prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
     train_tokens, held_tokens, corpus = train._load_data(workdir)
     teacher = jaxdec.load(args.teacher, dtype="float32")
@@ -154,7 +158,6 @@ def run_heads_stage(kind: str, args) -> dict:
     opts = train.RunOptions(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                             warmup=args.warmup, weight_decay=args.weight_decay, save_every=args.save_every,
                             log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows)
-    run_dir = workdir / kind
     if args.fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     params, info = train.train_run(run_dir, None, train_tokens, opts, teacher=teacher, progress=not args.no_progress,
@@ -196,20 +199,22 @@ def run_heads_stage(kind: str, args) -> dict:
 
 def add_commands(sub, common) -> None:
     """The `medusa` and `eagle` subcommands of `python -m jaxdec.train`."""
+    from jaxdec import train
     for kind, defaults in HEAD_DEFAULTS.items():
         p = sub.add_parser(kind, help=f"train {kind} draft heads on a frozen target")
         common(p)
         p.add_argument("--teacher", required=True, help="the target: anything jaxdec.load takes")
         p.add_argument("--out", default=None, help="export folder (jaxdec.load_heads-able)")
         if kind == "medusa":
-            p.add_argument("--num-heads", type=int, default=4, help="heads, for tree depths 1..K")
+            p.add_argument("--num-heads", type=train.POSITIVE, default=4, help="heads, for tree depths 1..K")
         for name in ("steps", "batch_size", "seq_len", "warmup"):
-            p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
-        p.add_argument("--lr", type=float, default=defaults["lr"])
-        p.add_argument("--weight-decay", type=float, default=0.0)
-        p.add_argument("--save-every", type=int, default=50)
-        p.add_argument("--log-every", type=int, default=25)
-        p.add_argument("--eval-windows", type=int, default=64, help="held-out windows for the accuracies")
+            p.add_argument("--" + name.replace("_", "-"), type=train.COUNT if name == "warmup" else train.POSITIVE,
+                           default=defaults[name])
+        p.add_argument("--lr", type=train.RATE, default=defaults["lr"])
+        p.add_argument("--weight-decay", type=train.WEIGHT, default=0.0)
+        p.add_argument("--save-every", type=train.POSITIVE, default=50)
+        p.add_argument("--log-every", type=train.POSITIVE, default=25)
+        p.add_argument("--eval-windows", type=train.POSITIVE, default=64, help="held-out windows for the accuracies")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--fresh", action="store_true", help="discard this run's checkpoints first")
         p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")

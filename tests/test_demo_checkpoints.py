@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -232,7 +233,52 @@ TINY_DRAFT = ["--hidden", "16", "--intermediate", "32", "--layers", "1", "--head
               "--head-dim", "8"]
 
 
-def test_on_policy_distillation_command(tmp_path):
+def refused(capsys, argv, pattern):
+    """`python -m jaxdec.train ARGV` stops with exit status 2 and a one-line reason matching pattern."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 2
+    reason = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(pattern, reason), reason
+
+
+@pytest.mark.parametrize("command", ["target", "draft", "medusa", "eagle"])
+def test_training_command_refuses_bad_settings_before_any_work(tmp_path, capsys, command):
+    """Each refusal comes before the corpus is read or a model is loaded (the work folder stays
+    empty), and nothing the user had is deleted: an --out that is not an export of this kind,
+    a --run that is a path (--fresh removes the run's folder)."""
+    work = ["--workdir", str(tmp_path / "w")] + (["--teacher", "demo-target"] if command != "target" else [])
+    refused(capsys, [command, *work, "--steps", "0"], r"--steps: must be >= 1, got 0")
+    refused(capsys, [command, *work, "--lr", "-0.001"], r"--lr: must be > 0.0, got -0.001")
+    refused(capsys, [command, *work, "--batch-size", "-2"], r"--batch-size: must be >= 1")
+    refused(capsys, [command, *work, "--warmup", "-1"], r"--warmup: must be >= 0")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    marker = "heads.json" if command in ("medusa", "eagle") else "jaxdec_config.json"
+    refused(capsys, [command, *work, "--out", str(mine)], rf"{re.escape(str(mine))} exists .*no {marker}.*refusing")
+    assert (mine / "notes.txt").read_text() == "keep me"
+    if command in ("target", "draft"):
+        for run in ("..", "/", "a/b"):
+            refused(capsys, [command, *work, "--run", run, "--fresh"], rf"--run must be a folder name.*{re.escape(repr(run))}")
+    refused(capsys, [command, *work, "--log-every", "0"], r"--log-every: must be >= 1")
+    assert not (tmp_path / "w").exists()
+
+
+def test_exports_do_not_replace_other_folders(tmp_path):
+    """The functions themselves refuse too (they remove the old export whole)."""
+    from jaxdec.heads import save_heads
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="no jaxdec_config.json"):
+        train.export(mine, None, {}, tmp_path / "tokenizer.json", {})
+    with pytest.raises(ValueError, match="no heads.json"):
+        save_heads(mine, None, {})
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_on_policy_distillation_command(tmp_path, capsys):
     """`python -m jaxdec.train draft --init D --on-policy N`: the target writes N continuations
     (cached, resumable), the draft is fine-tuned on them mixed with corpus windows, and the
     export records how it predicts held-out continuations before and after."""
@@ -293,13 +339,10 @@ def test_on_policy_distillation_command(tmp_path):
         on_policy.mixed_batch_at(train_tokens, rows, 0, 4, 16, 0, 0.75)
     with pytest.raises(ValueError, match="prompt_len"):
         on_policy.continuations(target, train_tokens, 2, 33, 33, 0, cache)
-    with pytest.raises(ValueError, match="--init"):
-        train.main([*draft[:-4], "--hidden", "24", "--teacher", str(tmp_path / "target"), "--init",
-                    str(tmp_path / "d0"), "--run", "bad"])
-    with pytest.raises(ValueError, match="on-policy-fraction"):
-        train.main([*draft, "--on-policy", "2", "--on-policy-fraction", "0", "--run", "bad"])
-    with pytest.raises(ValueError, match="--on-policy must be >= 0"):
-        train.main([*draft, "--on-policy", "-1", "--run", "bad"])
+    refused(capsys, [*draft[:-4], "--hidden", "24", "--teacher", str(tmp_path / "target"), "--init",
+                     str(tmp_path / "d0"), "--run", "bad"], "--init")
+    refused(capsys, [*draft, "--on-policy", "2", "--on-policy-fraction", "0", "--run", "bad"], "on-policy-fraction")
+    refused(capsys, [*draft, "--on-policy", "-1", "--run", "bad"], "--on-policy: must be >= 0")
     with pytest.raises(ValueError, match="count must be >= 1"):
         on_policy.continuations(target, train_tokens, 0, 8, 33, 0, cache)
     # a teacher whose tokenizer numbers the tokens differently from the work folder's
@@ -310,5 +353,4 @@ def test_on_policy_distillation_command(tmp_path):
     a, b = sorted(vocab, key=vocab.get)[-2:]
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    with pytest.raises(ValueError, match="another tokenizer"):
-        train.main([*draft[:-6], "--teacher", str(other), "--run", "bad"])
+    refused(capsys, [*draft[:-6], "--teacher", str(other), "--run", "bad"], "another tokenizer")
