@@ -131,13 +131,13 @@ def prompt_ids(tokenizer, prompt: dict, context: int, filler=(), max_tokens: int
     return (ids[-context:] if context > 0 else []) + task
 
 
-def parse_list(text: str, name: str) -> list[int]:
+def parse_list(text: str, name: str, low: int = 1) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or min(values) < (0 if name == "--context" else 1):
-        raise ValueError(f"{name} must be a comma-separated list of integers, got {text!r}")
+    if not values or min(values) < low:
+        raise ValueError(f"{name} must be a comma-separated list of integers >= {low}, got {text!r}")
     return values
 
 
@@ -254,14 +254,15 @@ def main(argv=None):
     for m in (m.partition(":")[0] for m in methods):
         if m not in METHODS:
             parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    for name in ("repeats", "num_prompts", "max_new_tokens", "num_tokens"):  # counts: none may be 0
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.cpu_devices is not None and args.cpu_devices < 1:
         parser.error(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
     from jaxdec import sharding, steps
     try:
         batch_sizes = parse_list(args.batch_size, "--batch-size")
-        contexts = parse_list(args.context, "--context")
+        contexts = parse_list(args.context, "--context", low=0)
         categories = ["code", "rewrite", "qa", "free"] if args.category == "all" else args.category.split(",")
         prompt_sets = load_prompts(categories)
         meshes = [None if m == "none" else sharding.parse_mesh(m) for m in (args.mesh or ["none"])]
@@ -285,15 +286,19 @@ def main(argv=None):
         parser.error(str(err))
     results = []
     for shape, mesh in meshes:
-        target = jaxdec.load(args.target, mesh=mesh, attn_impl=args.attn_impl)
+        try:  # a missing or wrong checkpoint, or --skip-layers that are not layers: one line
+            target = jaxdec.load(args.target, mesh=mesh, attn_impl=args.attn_impl)
+            draft = jaxdec.load(args.draft, mesh=mesh) if any(m.startswith(("draft", "tree", "triforce")) for m in methods) else None
+            skip = (parse_list(args.skip_layers, "--skip-layers", low=0) if args.skip_layers
+                    else list(range(1, target.config.num_hidden_layers - 1, 2)))
+            heads = {kind: jaxdec.load_heads(getattr(args, kind), mesh=mesh) for kind in ("medusa", "eagle")
+                     if any(m.partition(":")[0] == kind for m in methods)}
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(str(err))
+        if max(skip, default=0) >= target.config.num_hidden_layers:
+            parser.error(f"--skip-layers {args.skip_layers}: the target has {target.config.num_hidden_layers} layers")
         if target.tokenizer is None:
             parser.error(f"--target {args.target!r} has no tokenizer; the prompts are text")
-        draft = jaxdec.load(args.draft, mesh=mesh) if any(m.startswith(("draft", "tree", "triforce")) for m in methods) else None
-        layers = target.config.num_hidden_layers
-        skip = ([int(i) for i in args.skip_layers.split(",")] if args.skip_layers
-                else list(range(1, layers - 1, 2)))
-        heads = {kind: jaxdec.load_heads(getattr(args, kind), mesh=mesh) for kind in ("medusa", "eagle")
-                 if any(m.partition(":")[0] == kind for m in methods)}
         pearl_draft = None
         if any(m.startswith("pearl") for m in methods):  # the draft on a device the target does not use
             used = set(mesh.devices.flat) if mesh is not None else {jax.devices()[0]}

@@ -76,7 +76,7 @@ def main(argv=None):
     import jaxdec
     from tqdm import tqdm
 
-    contexts, budgets = parse_list(args.context, "--context"), parse_list(args.budgets, "--budgets")
+    contexts, budgets = parse_list(args.context, "--context", low=0), parse_list(args.budgets, "--budgets")
     layer_choices = parse_layers(args.selection_layers)
     try:
         methods = {(b, layers): jaxdec.spec.LossySparseDecode(budget=b, page_size=args.page_size,

@@ -263,7 +263,10 @@ def test_decode_benchmark_runs_the_pallas_kernels(tmp_path, monkeypatch):
                                   ["--mesh", "data=64,model=2"], ["--methods", "ar,telepathy"],
                                   ["--cpu-devices", "0"], ["--methods", "ar,sparse:8"], ["--methods", "sparse:abc"],
                                   ["--attn-impl", "cuda"], ["--temperature", "1", "--top-p", "1.5"],
-                                  ["--temperature", "1", "--top-k", "-2"]])
+                                  ["--temperature", "1", "--top-k", "-2"], ["--num-prompts", "0"],
+                                  ["--max-new-tokens", "0"], ["--target", "/nonexistent/model"],
+                                  ["--methods", "draft", "--draft", "demo-medusa"],
+                                  ["--methods", "layerskip", "--skip-layers", "99"], ["--skip-layers", "1,a"]])
 def test_decode_benchmark_refuses_bad_settings(args, capsys):
     from benchmarks import decode
     with pytest.raises(SystemExit):
