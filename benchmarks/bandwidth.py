@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jaxdec.cli import POSITIVE, RATE  # noqa: E402
+
 SHAPES = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
@@ -55,10 +57,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--prompt-length", type=int, default=128)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--copy-gib", type=float, default=2.0, help="buffer size of the copy measurement")
+    parser.add_argument("--batch-size", type=POSITIVE, default=1)
+    parser.add_argument("--prompt-length", type=POSITIVE, default=128)
+    parser.add_argument("--max-new-tokens", type=POSITIVE, default=256)
+    parser.add_argument("--copy-gib", type=RATE, default=2.0, help="buffer size of the copy measurement")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bandwidth import SHAPES  # noqa: E402
+from jaxdec.cli import COUNT, POSITIVE, RATE  # noqa: E402
 
 # Vendor peak figures (bf16 dense FLOP/s, HBM bytes/s, one direction of the interconnect per
 # device along one mesh axis, bytes/s) and assumed latencies: a fixed cost per collective, and
@@ -75,12 +76,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--device", choices=sorted(DEVICES), default="h100-nvlink")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 5], help="tokens per step (1, or K+1 to verify)")
-    parser.add_argument("--model-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--data-sizes", type=int, nargs="+", default=[1])
-    parser.add_argument("--efficiency", type=float, default=0.8, help="share of peak bandwidth and FLOP/s reached")
+    parser.add_argument("--batch-size", type=POSITIVE, default=1)
+    parser.add_argument("--context", type=COUNT, default=4096)
+    parser.add_argument("--tokens", type=POSITIVE, nargs="+", default=[1, 5], help="tokens per step (1, or K+1 to verify)")
+    parser.add_argument("--model-sizes", type=POSITIVE, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--data-sizes", type=POSITIVE, nargs="+", default=[1])
+    parser.add_argument("--efficiency", type=RATE, default=0.8, help="share of peak bandwidth and FLOP/s reached")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 

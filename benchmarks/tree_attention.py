@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jaxdec.cli import POSITIVE  # noqa: E402
+
 
 def random_case(rng, batch, nodes, heads, kv_heads, head_dim, context, dtype):
     import jax.numpy as jnp
@@ -55,17 +57,17 @@ def seconds_per_call(fn, args, iterations: int) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
-    parser.add_argument("--nodes", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--contexts", type=POSITIVE, nargs="+", default=[1024, 4096, 16384, 32768])
+    parser.add_argument("--nodes", type=POSITIVE, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--batch-size", type=POSITIVE, default=1)
+    parser.add_argument("--heads", type=POSITIVE, default=32)
+    parser.add_argument("--kv-heads", type=POSITIVE, default=8)
+    parser.add_argument("--head-dim", type=POSITIVE, default=128)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    parser.add_argument("--block-s", type=int, default=128,
+    parser.add_argument("--block-s", type=POSITIVE, default=128,
                         help="cache slots per block of the pallas_call kernel (the Mosaic GPU kernel takes 64)")
-    parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iterations", type=POSITIVE, default=20)
+    parser.add_argument("--repeats", type=POSITIVE, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.heads % args.kv_heads:

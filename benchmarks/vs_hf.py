@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results
+from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results  # noqa: E402
+from jaxdec.cli import POSITIVE  # noqa: E402
 
 
 def load_pair(target: str, draft: str, workdir: Path):
@@ -70,15 +70,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="demo-target")
     parser.add_argument("--draft", default="demo-draft")
-    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--num-prompts", type=POSITIVE, default=8)
     parser.add_argument("--category", default="code", help="a prompt category of benchmarks/data/prompts.json")
-    parser.add_argument("--context", type=int, default=128, help="prompt tokens kept from each prompt's context")
+    parser.add_argument("--context", type=POSITIVE, default=128, help="prompt tokens kept from each prompt's context")
     parser.add_argument("--batch-sizes", default="1,8", help="for plain decoding")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-tokens", type=int, default=4, help="draft tokens per round (K)")
-    parser.add_argument("--lookup-tokens", type=int, default=8, help="prompt-lookup tokens per round (L)")
-    parser.add_argument("--lookup-ngram", type=int, default=2, help="longest n-gram matched (N)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=POSITIVE, default=128)
+    parser.add_argument("--num-tokens", type=POSITIVE, default=4, help="draft tokens per round (K)")
+    parser.add_argument("--lookup-tokens", type=POSITIVE, default=8, help="prompt-lookup tokens per round (L)")
+    parser.add_argument("--lookup-ngram", type=POSITIVE, default=2, help="longest n-gram matched (N)")
+    parser.add_argument("--repeats", type=POSITIVE, default=3)
     parser.add_argument("--out", default=str(RESULTS_DIR / "vs_hf_cpu.json"))
     args = parser.parse_args(argv)
 

@@ -20,6 +20,23 @@ import argparse
 import io
 import sys
 
+
+def at_least(low, kind=int, strict=False):
+    """An argparse type: a `kind` >= low (> low if strict), so a bad count or rate fails in one
+    line before any work (the training and benchmark commands use these too)."""
+    def parse(text):
+        value = kind(text)  # a ValueError here is argparse's "invalid int value"
+        if not (value > low if strict else value >= low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# Integers >= 1 and >= 0; floats > 0 (learning rates) and >= 0 (weights of losses, decays).
+POSITIVE, COUNT, RATE = at_least(1), at_least(0), at_least(0.0, float, strict=True)
+WEIGHT = at_least(0.0, float)
+
 METHODS = ("ar", "draft", "tree", "medusa", "eagle", "layerskip", "sparse", "triforce", "lookup")
 DEMO_PROMPT = "def fibonacci(n):"
 

@@ -58,6 +58,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from jaxdec import storage
+from jaxdec.cli import COUNT, POSITIVE, RATE, WEIGHT
 from jaxdec.config import ModelConfig
 from jaxdec.loading import _read_tokenizer
 from jaxdec.model import init_params, sequence_logits
@@ -598,20 +599,6 @@ def run_stage(kind: str, args) -> dict:
     return training
 
 
-def at_least(low, kind=int, strict=False):
-    """An argparse type: a `kind` >= low (> low if strict), so a bad value fails in one line
-    before any work (`--steps 0` used to train the teacher's continuations first)."""
-    def parse(text):
-        value = kind(text)  # a ValueError here is argparse's "invalid int value"
-        if not (value > low if strict else value >= low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-POSITIVE, COUNT, RATE = at_least(1), at_least(0), at_least(0.0, float, strict=True)
-WEIGHT = at_least(0.0, float)
 
 
 def main(argv=None) -> int:

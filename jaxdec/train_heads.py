@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from jaxdec import storage
+from jaxdec.cli import COUNT, POSITIVE, RATE, WEIGHT
 from jaxdec.config import ModelConfig
 from jaxdec.heads import HEADS_FILE, HeadsConfig, best_static_tree, eagle_sequence, init_heads, medusa_logits, save_heads
 from jaxdec.model import causal_mask, lm_head, step_hidden
@@ -199,22 +200,21 @@ def run_heads_stage(kind: str, args) -> dict:
 
 def add_commands(sub, common) -> None:
     """The `medusa` and `eagle` subcommands of `python -m jaxdec.train`."""
-    from jaxdec import train
     for kind, defaults in HEAD_DEFAULTS.items():
         p = sub.add_parser(kind, help=f"train {kind} draft heads on a frozen target")
         common(p)
         p.add_argument("--teacher", required=True, help="the target: anything jaxdec.load takes")
         p.add_argument("--out", default=None, help="export folder (jaxdec.load_heads-able)")
         if kind == "medusa":
-            p.add_argument("--num-heads", type=train.POSITIVE, default=4, help="heads, for tree depths 1..K")
+            p.add_argument("--num-heads", type=POSITIVE, default=4, help="heads, for tree depths 1..K")
         for name in ("steps", "batch_size", "seq_len", "warmup"):
-            p.add_argument("--" + name.replace("_", "-"), type=train.COUNT if name == "warmup" else train.POSITIVE,
+            p.add_argument("--" + name.replace("_", "-"), type=COUNT if name == "warmup" else POSITIVE,
                            default=defaults[name])
-        p.add_argument("--lr", type=train.RATE, default=defaults["lr"])
-        p.add_argument("--weight-decay", type=train.WEIGHT, default=0.0)
-        p.add_argument("--save-every", type=train.POSITIVE, default=50)
-        p.add_argument("--log-every", type=train.POSITIVE, default=25)
-        p.add_argument("--eval-windows", type=train.POSITIVE, default=64, help="held-out windows for the accuracies")
+        p.add_argument("--lr", type=RATE, default=defaults["lr"])
+        p.add_argument("--weight-decay", type=WEIGHT, default=0.0)
+        p.add_argument("--save-every", type=POSITIVE, default=50)
+        p.add_argument("--log-every", type=POSITIVE, default=25)
+        p.add_argument("--eval-windows", type=POSITIVE, default=64, help="held-out windows for the accuracies")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--fresh", action="store_true", help="discard this run's checkpoints first")
         p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")

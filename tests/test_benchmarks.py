@@ -151,6 +151,22 @@ def test_long_context_attention_refuses_bad_settings(args, capsys):
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("module, args", [
+    ("tree_attention", ["--kv-heads", "0"]), ("tree_attention", ["--nodes", "16", "-4"]),
+    ("tree_attention", ["--iterations", "0"]), ("bandwidth", ["--batch-size", "0"]),
+    ("bandwidth", ["--copy-gib", "0"]), ("scaling_model", ["--efficiency", "0"]),
+    ("scaling_model", ["--model-sizes", "0"]), ("vs_hf", ["--num-tokens", "0"]), ("vs_hf", ["--repeats", "-1"]),
+])
+def test_counts_and_rates_are_refused_in_one_line(module, args, capsys):
+    """A zero or negative count stops at the argument (it was a ZeroDivisionError or an empty
+    table), before anything is built or loaded."""
+    import importlib
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"benchmarks.{module}").main(args + ["--out", "/nonexistent/never-written.json"])
+    assert stop.value.code == 2
+    assert f"argument {args[0]}: must be" in capsys.readouterr().err
+
+
 def _is_png(path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
