@@ -15,7 +15,6 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -184,38 +183,12 @@ def convert(src, dst, *, dtype: str | None = None, overwrite: bool = False,
         raise ConversionError("config.json has tie_word_embeddings=true but lm_head.weight differs from the "
                               "embedding: the config does not match the weights")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
+    with storage.written_atomically(dst) as tmp:
         storage.save(tmp, cfg, params, out_dtype)
         for name in storage.TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
-
-
-def _replace(new: Path, dst: Path) -> None:
-    """Moves `new` to `dst`; an old `dst` is moved aside first and deleted only afterwards,
-    so a crash in between leaves the old checkpoint (as .NAME.old-*) rather than nothing."""
-    if not dst.exists():
-        new.rename(dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    old.rmdir()
-    dst.rename(old)
-    try:
-        new.rename(dst)
-    except BaseException:
-        old.rename(dst)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from jaxdec import storage
 from jaxdec.config import ModelConfig
-from jaxdec.convert import ConversionError, _replace, expected_tensors
+from jaxdec.convert import ConversionError, expected_tensors
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
@@ -88,9 +87,7 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True) -> Path:
         assert tensors[name].shape == shape, (name, tensors[name].shape, shape)
     generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": config["eos_token_id"]}
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
+    with storage.written_atomically(dst) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -100,10 +97,6 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True) -> Path:
         if (tmp / "tokenizer.json").is_file() and not (tmp / "tokenizer_config.json").is_file():
             # transformers needs this file to pick the fast tokenizer class for tokenizer.json.
             (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

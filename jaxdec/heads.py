@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -153,16 +152,13 @@ def eagle_sequence(cfg: HeadsConfig, target_params, params, features, tokens):
 def save_heads(directory, cfg: HeadsConfig, params, training: dict | None = None) -> Path:
     """Writes `directory` atomically (a temporary folder renamed into place)."""
     directory = storage.check_replaceable(directory, HEADS_FILE)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    storage.write_params(tmp, jax.device_get(params))
-    dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
-    (tmp / HEADS_FILE).write_text(json.dumps({"format": storage.FORMAT_VERSION, "dtype": dtype,
-                                              "config": cfg.to_dict()}, indent=2))
-    if training is not None:
-        (tmp / "training.json").write_text(json.dumps(training, indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+    with storage.written_atomically(directory) as tmp:
+        storage.write_params(tmp, jax.device_get(params))
+        dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
+        (tmp / HEADS_FILE).write_text(json.dumps({"format": storage.FORMAT_VERSION, "dtype": dtype,
+                                                  "config": cfg.to_dict()}, indent=2))
+        if training is not None:
+            (tmp / "training.json").write_text(json.dumps(training, indent=2))
     return directory
 
 

@@ -7,8 +7,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -58,6 +61,43 @@ def check_replaceable(directory, marker: str) -> Path:
         raise ValueError(f"{directory} exists and is not an export of this kind (no {marker}): "
                          f"refusing to replace it; choose another output folder")
     return directory
+
+
+@contextlib.contextmanager
+def written_atomically(dst):
+    """Yields an empty temporary folder beside `dst` to write into; when the block ends, the
+    folder replaces `dst` (or is removed, if the block raised). A failed or interrupted export
+    leaves the old `dst` (or no `dst`), never a half-written one."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+        _replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(new: Path, dst: Path) -> None:
+    """Moves `new` to `dst`; an old `dst` is moved aside first and deleted only afterwards,
+    so a crash in between leaves the old checkpoint (as .NAME.old-*) rather than nothing."""
+    if not dst.exists():
+        new.rename(dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    old.rmdir()
+    dst.rename(old)
+    try:
+        new.rename(dst)
+    except BaseException:
+        old.rename(dst)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
 
 
 def write_params(directory: Path, params) -> None:

@@ -476,15 +476,12 @@ def train_run(run_dir: Path, cfg: ModelConfig | None, train_tokens: np.ndarray, 
 def export(out: Path, cfg: ModelConfig, params, tokenizer_path: Path, training: dict) -> Path:
     """Writes a `jaxdec.load`-able folder (atomically replaced)."""
     out = storage.check_replaceable(out, storage.CONFIG_FILE)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    storage.save(tmp, cfg, jax.device_get(params), "float32")
-    shutil.copy(tokenizer_path, tmp / "tokenizer.json")
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID}, indent=2))
-    (tmp / "training.json").write_text(json.dumps(training, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with storage.written_atomically(out) as tmp:
+        storage.save(tmp, cfg, jax.device_get(params), "float32")
+        shutil.copy(tokenizer_path, tmp / "tokenizer.json")
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID}, indent=2))
+        (tmp / "training.json").write_text(json.dumps(training, indent=2))
     return out
 
 

@@ -278,6 +278,23 @@ def test_exports_do_not_replace_other_folders(tmp_path):
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
+def test_exports_replace_the_old_one_whole_or_not_at_all(tmp_path):
+    """storage.written_atomically, under every export (convert, export, the trained models and
+    heads): the new folder replaces the old one only when its writing finished."""
+    from jaxdec.storage import written_atomically
+    dst = tmp_path / "out"
+    with written_atomically(dst) as tmp:
+        (tmp / "a").write_text("first")
+    with pytest.raises(RuntimeError):
+        with written_atomically(dst) as tmp:
+            (tmp / "a").write_text("second, half-written")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (dst / "a").read_text() == "first"
+    with written_atomically(dst) as tmp:
+        (tmp / "b").write_text("third")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in dst.iterdir()] == ["b"]
+
+
 def test_on_policy_distillation_command(tmp_path, capsys):
     """`python -m jaxdec.train draft --init D --on-policy N`: the target writes N continuations
     (cached, resumable), the draft is fine-tuned on them mixed with corpus windows, and the
