@@ -123,7 +123,8 @@ class DraftTree:
     """A token tree grown from a draft model each round (EAGLE-2 / DySpec style): `depth`
     levels, expanding the `top_k` likeliest frontier nodes by their `top_k` likeliest
     children, scored by cumulative draft log-probability; the best `max_nodes` nodes are
-    verified in one target step, and each row keeps the deepest path the target accepts."""
+    verified in one target step, and each row keeps the deepest path the target accepts.
+    A depth above max_nodes grows only max_nodes levels: deeper nodes could never be kept."""
     model: Model
     depth: int = 5
     top_k: int = 4
@@ -136,8 +137,8 @@ class DraftTree:
     def build(self, target: Model, batch_size: int, num_slots: int):
         _check_draft_model("DraftTree", self.model, target, num_slots)
         same = self.model.params is target.params
-        drafter = DraftTreeDrafter(self.model.config, int(self.depth), int(self.top_k), int(self.max_nodes),
-                                   drafts_with_target=same)
+        drafter = DraftTreeDrafter(self.model.config, _grown_levels(self.depth, self.max_nodes), int(self.top_k),
+                                   int(self.max_nodes), drafts_with_target=same)
         state = DraftTreeState(cache=init_cache(self.model.config, batch_size, num_slots, self.model.dtype),
                                node_slots=jnp.full((batch_size, self.max_nodes), -1, jnp.int32),
                                tree_start=jnp.zeros((batch_size,), jnp.int32))
@@ -196,6 +197,13 @@ def _check_tree_options(depth, top_k, max_nodes, vocab_size):
                          f"and top_k={top_k} scores")
 
 
+def _grown_levels(depth, max_nodes) -> int:
+    """The levels worth growing: a node below level max_nodes is never kept (its ancestors
+    alone fill the tree: none ranks below its descendants, and ties keep the shallower), so
+    deeper levels would only lengthen the compiled program (the levels are unrolled)."""
+    return min(int(depth), int(max_nodes))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Medusa:
     """Medusa heads (`jaxdec.load_heads`) trained on the target's own features draft a
@@ -249,7 +257,8 @@ class Eagle:
         if num_slots > layer.max_position_embeddings:
             raise ValueError(f"{num_slots} cache slots exceed the EAGLE layer's max_position_embeddings="
                              f"{layer.max_position_embeddings}")
-        drafter = EagleDrafter(self.heads.config, int(self.depth), int(self.top_k), int(self.max_nodes))
+        drafter = EagleDrafter(self.heads.config, _grown_levels(self.depth, self.max_nodes), int(self.top_k),
+                               int(self.max_nodes))
         width = drafter.catch_up_width
         state = EagleState(cache=init_cache(layer, batch_size, num_slots, target.dtype),
                            features=jnp.zeros((batch_size, width, layer.hidden_size), target.dtype),

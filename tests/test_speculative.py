@@ -185,6 +185,22 @@ def test_greedy_draft_tree_equals_plain(llama, small_draft, noisy_draft, case, d
     _check_greedy_equal(llama, prompts, max_new_tokens, method, data)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_tree_levels_deeper_than_max_nodes_change_nothing(llama, noisy_draft, monkeypatch, temperature):
+    """DraftTree grows at most max_nodes levels: a deeper node is never among the kept ones
+    (its ancestors alone fill the tree). Checked with the cap lifted: depth max_nodes + 3
+    verifies the same trees as depth max_nodes (the same tokens, accepted in the same steps)."""
+    method = lambda depth: spec.DraftTree(noisy_draft, depth=depth, top_k=2, max_nodes=4)
+    assert method(7).build(llama, 4, 64)[0].depth == 4  # the program unrolls 4 levels, not 7
+    monkeypatch.setattr(spec, "_grown_levels", lambda depth, max_nodes: int(depth))
+    assert method(7).build(llama, 4, 64)[0].depth == 7
+    prompts = [[5, 17, 33, 2, 90], list(range(40, 52)), [9, 9, 9, 12]]
+    shallow, deep = (jaxdec.generate(llama, prompts, max_new_tokens=12, temperature=temperature, seed=1,
+                                     stop_token_ids=[], speculative=method(depth)) for depth in (4, 7))
+    assert shallow.tokens == deep.tokens and shallow.stats.target_steps == deep.stats.target_steps
+    assert 1.0 < shallow.stats.mean_accepted < 5.0  # ragged: the trees decide how many tokens a step takes
+
+
 # (batch bucket, paths, draft): a wide shallow tree, a deep one with branches, a lone node.
 STATIC_TREE_COMBOS = [(8, ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0)), "small"),
                       (4, ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0), (1,), (0, 1), (0, 0, 1)), "noisy"),
