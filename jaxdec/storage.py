@@ -71,6 +71,9 @@ def written_atomically(dst):
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would stay with the export: the mode mkdir gives
     try:
         yield tmp
         _replace(tmp, dst)

@@ -293,6 +293,8 @@ def test_exports_replace_the_old_one_whole_or_not_at_all(tmp_path):
     with written_atomically(dst) as tmp:
         (tmp / "b").write_text("third")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in dst.iterdir()] == ["b"]
+    (tmp_path / "made").mkdir()  # the folder's mode is what mkdir gives, not mkdtemp's private 0700
+    assert dst.stat().st_mode & 0o777 == (tmp_path / "made").stat().st_mode & 0o777
 
 
 def test_on_policy_distillation_command(tmp_path, capsys):
