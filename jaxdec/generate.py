@@ -119,6 +119,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         raise ValueError(f"speculative must be None or one of jaxdec.spec."
                          f"{{{', '.join(m.__name__ for m in spec.METHODS)}}}, got {speculative!r:.80}")
     rows = encode_prompts(model, prompts)
+    if on_progress is not None and not callable(on_progress):  # else a TypeError after the prefill
+        raise ValueError(f"on_progress must be a function of the rows' new tokens, or None; got {on_progress!r:.80}")
     if not _is_token_id(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     # jax.random.key takes a C long: a larger seed would fail later with an OverflowError.

@@ -103,6 +103,12 @@ def test_draft_window_longer_than_the_model(llama, method):
         jaxdec.generate(llama, OK, max_new_tokens=4, speculative=method(llama, MAX_POSITIONS))
 
 
+@pytest.mark.parametrize("bad", [True, "print", [print]])
+def test_on_progress_that_is_not_a_function(llama, bad):
+    with pytest.raises(ValueError, match=rf"on_progress .*{named(bad)}"):
+        jaxdec.generate(llama, OK, max_new_tokens=4, on_progress=bad)
+
+
 @pytest.mark.parametrize("bad", [-1, -100, 2.5, "8", None, True])
 def test_bad_max_new_tokens(llama, bad):
     with pytest.raises(ValueError, match=rf"max_new_tokens.*{named(bad)}"):
