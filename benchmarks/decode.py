@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import plots  # noqa: E402
+from jaxdec.cli import POSITIVE  # noqa: E402
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "prompts.json"
 
@@ -223,14 +224,14 @@ def main(argv=None):
     parser.add_argument("--eagle", default="demo-eagle", help="an EAGLE layer (jaxdec.load_heads)")
     parser.add_argument("--methods", default="ar,draft,layerskip,lookup",
                         help="comma-separated; NAME:K sets that method's draft length, e.g. draft:6")
-    parser.add_argument("--num-tokens", type=int, default=4)
+    parser.add_argument("--num-tokens", type=POSITIVE, default=4)
     parser.add_argument("--skip-layers", default=None, help="comma-separated; default: every other inner layer")
     parser.add_argument("--confidence-threshold", type=float, default=0.3, help="of draft-confidence")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=POSITIVE, default=3,
                         help="timed passes; each (method, prompt batch) keeps its fastest, which filters out "
                              "the noise of a shared machine")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-prompts", type=int, default=8, help="prompts per category")
+    parser.add_argument("--max-new-tokens", type=POSITIVE, default=128)
+    parser.add_argument("--num-prompts", type=POSITIVE, default=8, help="prompts per category")
     parser.add_argument("--batch-size", default="1", help="comma-separated batch sizes, e.g. 1,8")
     parser.add_argument("--context", default="256",
                         help="comma-separated context lengths in tokens, e.g. 256,1024 (short contexts are preceded "
@@ -244,7 +245,7 @@ def main(argv=None):
                         help="the target's attention (jaxdec.load's attn_impl): on a CPU pallas runs interpreted")
     parser.add_argument("--mesh", nargs="+", default=None,
                         help="one or more meshes, e.g. data=1,model=8 data=2,model=4 (none: one device)")
-    parser.add_argument("--cpu-devices", type=int, default=None,
+    parser.add_argument("--cpu-devices", type=POSITIVE, default=None,
                         help="on a CPU host, split it into N devices (for --mesh and pearl); sets XLA_FLAGS")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--out", default=None)
@@ -254,11 +255,6 @@ def main(argv=None):
     for m in (m.partition(":")[0] for m in methods):
         if m not in METHODS:
             parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    for name in ("repeats", "num_prompts", "max_new_tokens", "num_tokens"):  # counts: none may be 0
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        parser.error(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
     from jaxdec import sharding, steps
     try:
         batch_sizes = parse_list(args.batch_size, "--batch-size")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jaxdec.cli import POSITIVE, RATE  # noqa: E402
+
 FILTERS = {"top_p": dict(top_p=0.95), "top_k": dict(top_k=50), "top_k_top_p": dict(top_k=50, top_p=0.95)}
 
 
@@ -61,22 +63,14 @@ def microseconds(fn, x, iterations: int, repeats: int) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=int, nargs="+", default=[4096, 32000, 128256])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 9], help="1: a decoding step; K + 1: a verify")
+    parser.add_argument("--vocab", type=POSITIVE, nargs="+", default=[4096, 32000, 128256])
+    parser.add_argument("--rows", type=POSITIVE, nargs="+", default=[1, 9], help="1: a decoding step; K + 1: a verify")
     parser.add_argument("--filters", nargs="+", choices=sorted(FILTERS), default=sorted(FILTERS))
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--iterations", type=int, default=20, help="calls per timed loop")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--temperature", type=RATE, default=0.8, help="> 0: greedy applies no filter")
+    parser.add_argument("--iterations", type=POSITIVE, default=20, help="calls per timed loop")
+    parser.add_argument("--repeats", type=POSITIVE, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    for name in ("vocab", "rows"):
-        if min(getattr(args, name)) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("iterations", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.temperature <= 0:
-        parser.error(f"--temperature must be > 0 (greedy applies no filter), got {args.temperature}")
 
     import jax
     import jax.numpy as jnp

@@ -102,7 +102,6 @@ def _replace(new: Path, dst: Path) -> None:
         old.unlink()
 
 
-
 def write_params(directory: Path, params) -> None:
     """The parameter pytree into DIR/params (orbax); `read_params` reads it back."""
     directory = Path(directory)

@@ -596,8 +596,6 @@ def run_stage(kind: str, args) -> dict:
     return training
 
 
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxdec.train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -144,7 +144,6 @@ def run_heads_stage(kind: str, args) -> dict:
     import jaxdec
     from jaxdec import train
     workdir = Path(args.workdir)
-    run_dir = train.run_folder(workdir, kind)
     if args.out:  # before the training, not at the export
         storage.check_replaceable(args.out, HEADS_FILE)
     train.prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
@@ -159,6 +158,7 @@ def run_heads_stage(kind: str, args) -> dict:
     opts = train.RunOptions(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                             warmup=args.warmup, weight_decay=args.weight_decay, save_every=args.save_every,
                             log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows)
+    run_dir = workdir / kind
     if args.fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     params, info = train.train_run(run_dir, None, train_tokens, opts, teacher=teacher, progress=not args.no_progress,
