@@ -9,6 +9,8 @@ it sees (besides the cached prefix) exactly its ancestors and itself.
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -57,6 +59,12 @@ def gather_steps(new_kv, path):
     return jax.tree.map(take, new_kv, is_leaf=lambda x: x is None)
 
 
+def _rank(r) -> int:
+    if not isinstance(r, numbers.Integral) or isinstance(r, bool):
+        raise TypeError(r)
+    return int(r)
+
+
 class StaticTree:
     """A fixed tree shape given as paths of child ranks (Medusa / Sequoia style).
 
@@ -67,8 +75,9 @@ class StaticTree:
     """
 
     def __init__(self, paths):
+        # int() alone would take 1.5 as rank 1 and "1" as 1: a different tree, silently.
         try:
-            nodes = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+            nodes = sorted({tuple(_rank(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
         except (TypeError, ValueError):
             raise ValueError(f"paths must be a list of tuples of child ranks, e.g. [(0,), (1,), (0, 0)], "
                              f"got {paths!r:.80}") from None

@@ -632,6 +632,8 @@ def test_bad_draft_tree_options(llama, kwargs, pattern):
     ([], r"paths must be non-empty"), ([()], r"non-empty"), ([(0,), (-1,)], r"ranks >= 0"),
     ([(0,), (0, 1, 0)], r"path \(0, 1\) is missing"), ("abc", r"paths must be a list of tuples.*abc"),
     ([(0,), (VOCAB_SIZE,)], rf"rank {VOCAB_SIZE}.*vocabulary"),
+    ([(0,), (1.5,)], r"tuples of child ranks.*1\.5"), ([(0,), ("1",)], r"tuples of child ranks.*'1'"),
+    ([(True,)], r"tuples of child ranks.*True"), ([0, 1], r"tuples of child ranks.*\[0, 1\]"),
 ])
 def test_bad_static_tree_paths(llama, paths, pattern):
     with pytest.raises(ValueError, match=pattern):
