@@ -103,7 +103,6 @@ def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, h
     return spec.PromptLookup(max_ngram=3, num_tokens=int(k) if k else 2 * num_tokens)
 
 
-
 def load_prompts(categories):
     data = json.loads(PROMPTS_FILE.read_text())["categories"]
     unknown = [c for c in categories if c not in data]
