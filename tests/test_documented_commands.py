@@ -1,4 +1,5 @@
-"""Every shell command the docs and gpu_session.sh show is one the program accepts.
+"""Every shell command the docs, the scripts' docstrings and gpu_session.sh show is one the
+program accepts.
 
 A flag renamed in a script but not in the README, or a method name that decode.py no longer
 knows, would otherwise be found by a user pasting the command, or by the one timed call of a
@@ -9,6 +10,7 @@ stopped before any work; decode.py's --methods are also built into spec objects.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import re
 import shlex
@@ -74,11 +76,20 @@ def program(argv: list[str]):
     raise AssertionError(f"a documented command this test does not know how to check: {shlex.join(argv)}")
 
 
+def docstring_commands(path: Path) -> str:
+    """The commands a script's docstring shows (indented `python ...` lines), all but synopses
+    with `[optional]` parts and placeholders."""
+    text = (ast.get_docstring(ast.parse(path.read_text())) or "").replace("\\\n", " ")
+    return "\n".join(line for line in text.splitlines() if line.startswith("    python ") and "[" not in line)
+
+
 def documented():
     found = []
     for name in DOCS:
         for block in shell_blocks(ROOT / name):
             found += [(name, argv) for argv in commands(block)]
+    for path in sorted(ROOT.glob("benchmarks/*.py")) + [ROOT / "jaxdec" / "train.py"]:
+        found += [(str(path.relative_to(ROOT)), argv) for argv in commands(docstring_commands(path))]
     # The script's steps only: its other lines are shell plumbing.
     steps = [line for line in (ROOT / GPU_SESSION).read_text().replace("\\\n", " ").splitlines()
              if line.startswith("step ")]
@@ -135,10 +146,14 @@ RUNS_A_PROGRAM = [c for c in COMMANDS if c[1][0] != GPU_SESSION]  # the script's
 @pytest.mark.parametrize("source, command, text", RUNS_A_PROGRAM, ids=[f"{s}:{t[:60]}" for s, _, t in RUNS_A_PROGRAM])
 def test_documented_command_parses(source, command, text, monkeypatch, demo_methods):
     module, args = command
-    try:
-        namespace = parse(module, args, monkeypatch)
-    except SystemExit as exit_:  # argparse's error: its message is on stderr
-        pytest.fail(f"{source}: `{text}` is refused by {module} (exit {exit_.code})")
-    if module == "benchmarks.decode":
-        for method in namespace.methods.split(","):
-            demo_methods(method)
+    parts = [command]
+    if module == "benchmarks.xla_flags" and "--" in args:  # what follows "--" goes to decode.py
+        parts = [(module, args[:args.index("--")]), ("benchmarks.decode", args[args.index("--") + 1:])]
+    for module, args in parts:
+        try:
+            namespace = parse(module, args, monkeypatch)
+        except SystemExit as exit_:  # argparse's error: its message is on stderr
+            pytest.fail(f"{source}: `{text}` is refused by {module} (exit {exit_.code})")
+        if module == "benchmarks.decode":
+            for method in namespace.methods.split(","):
+                demo_methods(method)
