@@ -22,13 +22,10 @@ from tqdm import tqdm
 
 from jaxdec import storage
 from jaxdec.config import ModelConfig
+from jaxdec.storage import ConversionError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-class ConversionError(ValueError):
-    """A refusal with a one-line reason."""
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], bool]]:
@@ -119,9 +116,9 @@ def convert(src, dst, *, dtype: str | None = None, overwrite: bool = False,
     """Converts SRC (a local HF folder) into DST; raises ConversionError with a one-line reason."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
-        raise ConversionError(f"source folder {src} does not exist")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise ConversionError(f"destination {dst} exists and is not empty (pass --overwrite to replace it)")
+        raise ConversionError(f"source {src} is a file, not a model folder" if src.exists()
+                              else f"source folder {src} does not exist")
+    storage.check_destination(dst, overwrite)
     if dtype is not None and dtype not in storage.DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(storage.DTYPES)}, got {dtype!r}")
     if not (src / "config.json").is_file():

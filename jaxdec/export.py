@@ -66,8 +66,7 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True) -> Path:
     from safetensors.numpy import save_file
     from jaxdec.loading import _resolve
     dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise ConversionError(f"destination {dst} exists and is not empty (pass --overwrite to replace it)")
+    storage.check_destination(dst, overwrite)
     try:
         directory = _resolve(src)
         cfg, dtype = storage.read_config(directory)

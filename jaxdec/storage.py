@@ -51,6 +51,22 @@ def write_json(path, obj) -> Path:
     return path
 
 
+class ConversionError(ValueError):
+    """A refusal of convert / export, with a one-line reason (the CLIs print it alone)."""
+
+
+def check_destination(dst, overwrite: bool) -> Path:
+    """`dst` may be written by convert / export: it does not exist, or is an empty folder, or
+    is a folder and `overwrite` is set. A file is never replaced by a folder: a path such as
+    .../model.safetensors is a slip, not a request."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"destination {dst} is a file, not a folder: give the folder to write")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise ConversionError(f"destination {dst} exists and is not empty (pass --overwrite to replace it)")
+    return dst
+
+
 def check_replaceable(directory, marker: str) -> Path:
     """`directory` may be replaced by an export: it does not exist, or is an empty folder, or
     holds `marker` (what an earlier export wrote). Anything else is refused before a byte is

@@ -24,6 +24,7 @@ import jaxdec
 from jaxdec import storage
 from jaxdec.config import ModelConfig
 from jaxdec.convert import ConversionError, convert, main
+from jaxdec.export import export
 from jaxdec.loading import model_from_params
 from tests.hf_models import SLIDING_WINDOW, VOCAB_SIZE, build_hf_model, load_hf_model
 
@@ -392,6 +393,27 @@ def test_cli_refusal(case, request, tmp_path):
 
 # ----------------------------------------------------------------------------- more refusals, in-process
 
+@pytest.mark.parametrize("write", ["convert", "export"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_is_not_a_destination(tmp_path, write, overwrite):
+    """--overwrite replaces a folder; a file (say .../model.safetensors, a slip) stays a file."""
+    (tmp_path / "src").mkdir()
+    dst = tmp_path / "model.safetensors"
+    dst.write_bytes(b"precious")
+    run = {"convert": lambda: convert(tmp_path / "src", dst, overwrite=overwrite, progress=False),
+           "export": lambda: export("demo-draft", dst, overwrite=overwrite, progress=False)}[write]
+    with pytest.raises(ConversionError, match=rf"destination {re.escape(str(dst))} is a file, not a folder"):
+        run()
+    assert dst.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == [dst.name, "src"]
+
+
+def test_a_file_is_not_a_source(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConversionError, match=r"source .*config\.json is a file, not a model folder"):
+        convert(tmp_path / "config.json", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("source, changes, reason", [
     ("single", dict(num_hidden_layers=3), r"missing tensor 'model\.layers\.2\..*does not match"),
     ("single", dict(num_hidden_layers=1), r"unexpected tensor 'model\.layers\.1\..*does not match"),
@@ -499,14 +521,6 @@ def test_progress_bar_on_a_terminal_is_erased_before_a_refusal(variant, tmp_path
     assert "\x1b" not in shown
     lines = _render(shown)
     assert len(lines) == 1 and lines[0].startswith("jaxdec.convert: error: unexpected tensor"), lines
-
-
-def test_overwrite_replaces_a_file_destination(single, tmp_path):
-    src, dst = single, tmp_path / "dst"
-    dst.write_text("not a checkpoint")
-    convert(src, dst, overwrite=True, progress=False)
-    assert jaxdec.load(dst).config.model_type == "llama"
-    assert not list(dst.parent.glob(f".{dst.name}.*"))
 
 
 def test_stray_bin_files_are_not_weights(hf_dirs, tmp_path):
