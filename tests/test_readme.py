@@ -1,9 +1,14 @@
-"""The README's Python examples run as written (in order, sharing one namespace)."""
+"""The README's Python examples run as written (in order, sharing one namespace), and so does
+examples/quickstart.py."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import jaxdec
 
@@ -29,3 +34,14 @@ def test_readme_python_examples_run(monkeypatch):
     assert len(out.tokens) == 2 and out.stats.mean_accepted >= 1.0
     assert {type(method).__name__ for method in calls if method is not None} >= {
         "DraftModel", "DraftTree", "Medusa", "Eagle", "LayerSkip", "PromptLookup", "SparseSelf"}
+
+
+@pytest.mark.torch
+def test_quickstart_example_runs(tmp_path):
+    """examples/quickstart.py, as the README tells a newcomer to run it: build, convert, decode,
+    and compare with transformers (the script exits 1 when the tokens differ)."""
+    script = README.parent / "examples" / "quickstart.py"
+    done = subprocess.run([sys.executable, str(script), "--workdir", str(tmp_path), "--max-new-tokens", "12"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "identical to transformers' greedy output: True" in done.stdout
