@@ -38,10 +38,13 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
     for name, n in (("data", data), ("model", model)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"make_mesh: {name} must be an integer >= 1, got {n!r}")
+    where = "available" if devices is None else "given"
     devices = list(jax.devices()[:data * model] if devices is None else devices)
     if data * model != len(devices):
-        raise ValueError(f"make_mesh: data={data} x model={model} = {data * model} devices, but "
-                         f"{len(devices)} are available ({devices[0].platform if devices else 'none'}); "
+        verb = "is" if len(devices) == 1 else "are"
+        raise ValueError(f"make_mesh: data={data} x model={model} needs {data * model} "
+                         f"device{'s' * (data * model > 1)}, but {len(devices)} {verb} {where} "
+                         f"({devices[0].platform if devices else 'none'}); "
                          f"on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices")
     return Mesh(np.asarray(devices, dtype=object).reshape(data, model), AXES)
 

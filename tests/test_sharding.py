@@ -186,8 +186,10 @@ def test_pallas_kernel_runs_under_shard_map(reference):
 
 
 def test_mesh_errors():
-    with pytest.raises(ValueError, match="data=3 x model=3"):
+    with pytest.raises(ValueError, match="data=3 x model=3 needs 9 devices, but 8 are available"):
         jaxdec.make_mesh(data=3, model=3)
+    with pytest.raises(ValueError, match="data=1 x model=2 needs 2 devices, but 1 is given"):
+        jaxdec.make_mesh(model=2, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="model must be an integer"):
         jaxdec.make_mesh(data=8, model=0)
     with pytest.raises(ValueError, match="data=N,model=M"):
