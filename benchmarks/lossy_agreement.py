@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import command_line, machine_info, versions, write_results  # noqa: E402
 from benchmarks.decode import load_prompts, parse_list, prompt_ids  # noqa: E402
+from jaxdec.cli import POSITIVE  # noqa: E402
 
 
 def agreement(dense: list[list[int]], sparse: list[list[int]]) -> dict:
@@ -55,7 +56,7 @@ def parse_layers(text: str) -> list[tuple[int, ...] | None]:
         try:
             out.append(tuple(int(i) for i in item.split("+")))
         except ValueError:
-            raise SystemExit(f"--selection-layers: {item!r} is neither 'default' nor layer indices like 1+3")
+            raise ValueError(f"--selection-layers: {item!r} is neither 'default' nor layer indices like 1+3") from None
     return out
 
 
@@ -66,25 +67,24 @@ def main(argv=None):
     parser.add_argument("--budgets", default="256,512,1024")
     parser.add_argument("--selection-layers", default="default,0",
                         help="comma-separated: 'default' or layer indices joined by '+'")
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--num-prompts", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--page-size", type=POSITIVE, default=16)
+    parser.add_argument("--num-prompts", type=POSITIVE, default=8)
+    parser.add_argument("--batch-size", type=POSITIVE, default=8)
+    parser.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     parser.add_argument("--out", default="benchmarks/results/lossy_agreement.json")
     args = parser.parse_args(argv)
 
     import jaxdec
     from tqdm import tqdm
 
-    contexts, budgets = parse_list(args.context, "--context", low=0), parse_list(args.budgets, "--budgets")
-    layer_choices = parse_layers(args.selection_layers)
-    try:
+    try:  # bad lists, settings or checkpoints: one line
+        contexts, budgets = parse_list(args.context, "--context", low=0), parse_list(args.budgets, "--budgets")
         methods = {(b, layers): jaxdec.spec.LossySparseDecode(budget=b, page_size=args.page_size,
                                                               selection_layers=layers)
-                   for b in budgets for layers in layer_choices}
-    except ValueError as err:
+                   for b in budgets for layers in parse_layers(args.selection_layers)}
+        target = jaxdec.load(args.target)
+    except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    target = jaxdec.load(args.target)
     texts = load_prompts(["code"])["code"]
     room = target.config.max_position_embeddings - args.max_new_tokens
     results = []

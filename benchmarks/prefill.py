@@ -20,24 +20,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jaxdec.cli import COUNT, POSITIVE  # noqa: E402
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="demo-target")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
-    parser.add_argument("--chunks", type=int, nargs="+", default=[0, 512],
+    parser.add_argument("--contexts", type=POSITIVE, nargs="+", default=[1024, 4096])
+    parser.add_argument("--batch-size", type=POSITIVE, nargs="+", default=[1])
+    parser.add_argument("--chunks", type=COUNT, nargs="+", default=[0, 512],
                         help="prompt tokens per forward; 0 reads the whole prompt in one")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=POSITIVE, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    for name in ("contexts", "batch_size"):
-        if any(v < 1 for v in getattr(args, name)):
-            parser.error(f"--{name.replace('_', '-')} values must be >= 1, got {getattr(args, name)}")
-    if any(c < 0 for c in args.chunks):
-        parser.error(f"--chunks values must be >= 0, got {args.chunks}")
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
 
     import jax
     import numpy as np
@@ -46,7 +41,10 @@ def main(argv=None):
     from jaxdec.cache import init_cache
     from jaxdec.model import prefill_hidden
 
-    model = jaxdec.load(args.target)
+    try:  # a missing or wrong checkpoint: one line
+        model = jaxdec.load(args.target)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     cfg = model.config
     if max(args.contexts) > cfg.max_position_embeddings:
         parser.error(f"--contexts {max(args.contexts)} exceeds {args.target}'s "

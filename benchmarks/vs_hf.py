@@ -85,11 +85,18 @@ def main(argv=None):
     import torch
     import jaxdec
     from tqdm import tqdm
-    from benchmarks.decode import load_prompts, prompt_ids
+    from benchmarks.decode import load_prompts, parse_list, prompt_ids
 
-    with tempfile.TemporaryDirectory() as tmp:
-        target, draft, hf_target, hf_draft = load_pair(args.target, args.draft, Path(tmp))
+    try:  # bad batch sizes or category: one line
+        batch_sizes = parse_list(args.batch_sizes, "--batch-sizes")
         texts = load_prompts([args.category])[args.category][:args.num_prompts]
+    except ValueError as err:
+        parser.error(str(err))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:  # a missing or wrong checkpoint: one line
+            target, draft, hf_target, hf_draft = load_pair(args.target, args.draft, Path(tmp))
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(str(err))
         # Equal lengths (the shortest), so HF batches need no padding.
         ids = [prompt_ids(target.tokenizer, p, args.context) for p in texts]
         shortest = min(map(len, ids))
@@ -98,7 +105,7 @@ def main(argv=None):
         hf_draft.generation_config.update(num_assistant_tokens=args.num_tokens, num_assistant_tokens_schedule="constant",
                                           assistant_confidence_threshold=0.0)
         methods = {  # name -> (HF options, jaxdec method, batch sizes)
-            "plain": ({}, None, [int(b) for b in args.batch_sizes.split(",")]),
+            "plain": ({}, None, batch_sizes),
             "assisted": ({"assistant_model": hf_draft}, jaxdec.spec.DraftModel(draft, args.num_tokens), [1]),
             "lookup": ({"prompt_lookup_num_tokens": args.lookup_tokens,
                         "max_matching_ngram_size": args.lookup_ngram},

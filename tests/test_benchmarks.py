@@ -1,6 +1,7 @@
 """The benchmark scripts' arithmetic, and a smoke run of the round-cost benchmark at a tiny shape."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -165,6 +166,25 @@ def test_counts_and_rates_are_refused_in_one_line(module, args, capsys):
         importlib.import_module(f"benchmarks.{module}").main(args + ["--out", "/nonexistent/never-written.json"])
     assert stop.value.code == 2
     assert f"argument {args[0]}: must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, args, reason", [
+    ("prefill", ["--target", "/nonexistent/model"], r"no checkpoint at '/nonexistent/model'"),
+    ("lossy_agreement", ["--target", "demo-medusa"], r"holds draft heads, not a model"),
+    ("lossy_agreement", ["--budgets", "0"], r"--budgets must be .*>= 1, got '0'"),
+    ("lossy_agreement", ["--selection-layers", "default,x"], r"--selection-layers: 'x' is neither"),
+    ("vs_hf", ["--draft", "/nonexistent/model"], r"no checkpoint at '/nonexistent/model'"),
+    ("vs_hf", ["--batch-sizes", "1,0"], r"--batch-sizes must be .*>= 1, got '1,0'"),
+    ("vs_hf", ["--category", "poetry"], r"unknown category 'poetry'"),
+])
+def test_checkpoints_and_lists_are_refused_in_one_line(module, args, reason, capsys):
+    """A missing checkpoint or a bad list was a traceback from deep in the script."""
+    import importlib
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"benchmarks.{module}").main(args + ["--out", "/nonexistent/never-written.json"])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(r"\S+: error: ", last) and re.search(reason, last), last  # argparse's "PROG: error: ..."
 
 
 def _is_png(path) -> bool:
