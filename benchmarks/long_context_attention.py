@@ -36,6 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jaxdec.cli import POSITIVE  # noqa: E402
+
 SHAPES = {"demo": (6, 2, 64, "float32"), "llama3-8b": (32, 8, 128, "bfloat16")}
 KERNELS = ("tree_pallas", "decode_splitk_pallas", "sparse_pallas")
 INTERPRET_SKIP = "interpret mode: not a timing"
@@ -95,17 +97,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=None,
                         help="demo, llama3-8b or HxKxD:dtype (default: demo on a CPU, both elsewhere)")
-    parser.add_argument("--contexts", type=int, nargs="+", default=None,
+    parser.add_argument("--contexts", type=POSITIVE, nargs="+", default=None,
                         help="cache slots, multiples of --page-size (default: 1024 2048 4096 on a CPU, up to 32768 "
                              "elsewhere)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 5],
+    parser.add_argument("--batch-sizes", type=POSITIVE, nargs="+", default=[1, 8])
+    parser.add_argument("--tokens", type=POSITIVE, nargs="+", default=[1, 5],
                         help="step tokens: 1 decodes, 5 verifies a chain")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512, 1024],
+    parser.add_argument("--budgets", type=POSITIVE, nargs="+", default=[128, 256, 512, 1024],
                         help="tokens the sparse side reads (those below the context are timed)")
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=10, help="calls inside one timed program")
-    parser.add_argument("--repeats", type=int, default=7, help="timed programs per side; the median is kept")
+    parser.add_argument("--page-size", type=POSITIVE, default=16)
+    parser.add_argument("--iterations", type=POSITIVE, default=10, help="calls inside one timed program")
+    parser.add_argument("--repeats", type=POSITIVE, default=7, help="timed programs per side; the median is kept")
     parser.add_argument("--interpret-kernels", action="store_true",
                         help="on a CPU, run the Pallas kernels in interpret mode anyway (agreement only)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -115,12 +117,7 @@ def main(argv=None):
         shapes = [parse_shape(s) for s in args.shapes] if args.shapes else None
     except ValueError as err:
         parser.error(str(err))
-    for name in ("iterations", "repeats", "page_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if min(args.batch_sizes + args.tokens + args.budgets) < 1:
-        parser.error("--batch-sizes, --tokens and --budgets must be positive")
-    if args.contexts is not None and any(c < 1 or c % args.page_size for c in args.contexts):
+    if args.contexts is not None and any(c % args.page_size for c in args.contexts):
         parser.error(f"--contexts must be positive multiples of --page-size {args.page_size}, got {args.contexts}")
     if any(b % args.page_size for b in args.budgets):
         parser.error(f"--budgets must be multiples of --page-size {args.page_size}, got {args.budgets}")
