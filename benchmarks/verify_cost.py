@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bandwidth import SHAPES  # noqa: E402
+from jaxdec.cli import POSITIVE  # noqa: E402
 
 
 def expected_tokens(acceptance: float, num_drafts: int) -> float:
@@ -258,28 +259,23 @@ def main(argv=None):
     parser.add_argument("--target-shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--draft-shape", choices=sorted(SHAPES), default="llama3.2-1b")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--context", type=int, default=1024, help="tokens already in the cache")
-    parser.add_argument("--max-draft", type=int, default=7, help="largest k (verify of k + 1 tokens)")
-    parser.add_argument("--tree-tokens", type=int, nargs="*", default=[],
+    parser.add_argument("--batch-size", type=POSITIVE, default=1)
+    parser.add_argument("--context", type=POSITIVE, default=1024, help="tokens already in the cache")
+    parser.add_argument("--max-draft", type=POSITIVE, default=7, help="largest k (verify of k + 1 tokens)")
+    parser.add_argument("--tree-tokens", type=POSITIVE, nargs="*", default=[],
                         help="also time verify steps of these many tokens (tree nodes + 1), e.g. 17 33 65")
     parser.add_argument("--attn-impl", choices=("xla", "pallas"), default="xla",
                         help="the models' attention: the XLA reference or the Pallas kernels (tree attention for "
                              "verifies, split-K decode attention for 1-token steps over 1024+ slots)")
-    parser.add_argument("--rounds", type=int, nargs="*", default=[],
+    parser.add_argument("--rounds", type=POSITIVE, nargs="*", default=[],
                         help="also time whole greedy DraftModel rounds of these draft lengths (each at most "
                              "--max-draft) on the decoding program itself, e.g. 4 8")
     parser.add_argument("--acceptance", type=float, nargs="+", default=[0.6, 0.8])
-    parser.add_argument("--iterations", type=int, default=20, help="steps per timed loop")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iterations", type=POSITIVE, default=20, help="steps per timed loop")
+    parser.add_argument("--repeats", type=POSITIVE, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    for name in ("batch_size", "context", "max_draft", "iterations", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if any(t < 1 for t in args.tree_tokens):
-        parser.error(f"--tree-tokens must be >= 1, got {args.tree_tokens}")
-    if any(not 1 <= k <= args.max_draft for k in args.rounds):
+    if any(k > args.max_draft for k in args.rounds):
         parser.error(f"--rounds must be draft lengths in 1..--max-draft ({args.max_draft}), got {args.rounds}")
     if not all(0 <= a <= 1 for a in args.acceptance):
         parser.error(f"--acceptance rates must be in [0, 1], got {args.acceptance}")

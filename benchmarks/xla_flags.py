@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jaxdec.cli import POSITIVE  # noqa: E402
+
 DECODE = Path(__file__).resolve().parent / "decode.py"
 
 SETTINGS = {
@@ -84,7 +86,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", default="default,no_ynn_single_thread",
                         help=f"comma-separated, of: {', '.join(SETTINGS)}")
-    parser.add_argument("--passes", type=int, default=2, help="runs of each setting, alternated")
+    parser.add_argument("--passes", type=POSITIVE, default=2, help="runs of each setting, alternated")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(ours)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -92,8 +94,6 @@ def main(argv=None):
     if unknown or not settings:
         parser.error(f"--settings: unknown setting {unknown[0] if unknown else args.settings!r}; "
                      f"choose from {', '.join(SETTINGS)}")
-    if args.passes < 1:
-        parser.error(f"--passes must be >= 1, got {args.passes}")
     if "--out" in decode_args or any(a.startswith("--out=") for a in decode_args):
         parser.error("give --out before the '--' (each run's own file is kept inside the folded one)")
 
