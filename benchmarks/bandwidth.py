@@ -68,7 +68,7 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
     import jaxdec
-    from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results
+    from benchmarks.common import RESULTS_DIR, command_line, machine_info, streamed_weight_bytes, versions, write_results
     from jaxdec import steps
     from jaxdec.config import ModelConfig
     from jaxdec.loading import model_from_params
@@ -85,9 +85,7 @@ def main(argv=None):
     stats = min((run().stats for _ in range(3)), key=lambda s: s.decode_seconds)
 
     leaves = jax.tree_util.tree_leaves(model.params)
-    param_bytes = sum(x.nbytes for x in leaves)
-    embed = model.params["embed_tokens"]["embedding"]
-    weight_bytes = param_bytes - (0 if cfg.tie_word_embeddings else embed.nbytes)
+    weight_bytes = streamed_weight_bytes(model)
     batch = steps.bucket(args.batch_size)
     slots = steps.cache_bucket(cfg, args.prompt_length + args.max_new_tokens)
     # The reference attention reads every cache slot of the bucket, valid or not.

@@ -51,6 +51,14 @@ def git_revision() -> dict:
         return {"commit": None, "modified": None}
 
 
+def streamed_weight_bytes(model) -> int:
+    """Bytes of weights one forward reads: every parameter but the embedding table, of which a
+    step reads a row or a few (unless it is tied to the LM head, which reads it all)."""
+    import jax
+    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
+    return total - (0 if model.config.tie_word_embeddings else model.params["embed_tokens"]["embedding"].nbytes)
+
+
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 

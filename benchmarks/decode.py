@@ -188,8 +188,9 @@ def run_configuration(target, specs, prompts, batch_size, args, tqdm, label):
     return totals
 
 
-def entries(totals, config: dict):
-    """The JSON entries of one configuration, speedups against its "ar" entry."""
+def entries(totals, config: dict, weight_bytes: int):
+    """The JSON entries of one configuration, speedups against its "ar" entry. `weight_bytes`:
+    what one target forward reads of the target's weights (benchmarks.common)."""
     out = []
     tps = {m: t["new_tokens"] / t["decode_seconds"] for m, t in totals.items()}
     for m, t in totals.items():
@@ -203,6 +204,10 @@ def entries(totals, config: dict):
             # each batch's ratio, which overweights the batches that took few steps.
             "mean_accepted": emitted / t["active_row_steps"] if t["active_row_steps"] else 1.0,
             "speedup_vs_ar": tps[m] / tps["ar"] if "ar" in tps else None,
+            # gpt-fast's "bandwidth achieved": for plain decoding, the target's weight bytes
+            # read per second (the KV cache not counted); for a speculative method, the target's
+            # share of its reads (the draft's come on top).
+            "target_weight_gb_per_s": weight_bytes * t["target_steps"] / t["decode_seconds"] / 1e9,
             "new_tokens": t["new_tokens"],
             "decode_seconds": t["decode_seconds"],
             "prefill_seconds": t["prefill_seconds"],
@@ -271,7 +276,8 @@ def main(argv=None):
     from tqdm import tqdm
     import jax
     import jaxdec
-    from benchmarks.common import RESULTS_DIR, command_line, git_revision, machine_info, versions, write_results
+    from benchmarks.common import (RESULTS_DIR, command_line, git_revision, machine_info, streamed_weight_bytes,
+                                   versions, write_results)
     from jaxdec.sampling import SamplingParams
 
     try:  # every mesh and the sampling made before anything runs: a bad one fails at once
@@ -305,6 +311,7 @@ def main(argv=None):
         except ValueError as err:  # e.g. sparse:8 (a budget under one page) or draft:x
             parser.error(f"--methods {args.methods!r}: {err}")
         mesh_name = "one device" if shape is None else f"data={shape[0]},model={shape[1]}"
+        weight_bytes = streamed_weight_bytes(target)
         devices = 1 if shape is None else shape[0] * shape[1]
         for category, texts in prompt_sets.items():
             for context in contexts:
@@ -329,10 +336,11 @@ def main(argv=None):
                               "batch_size": batch, "context_tokens": [min(used), max(used)],
                               "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
                               "cache_slots": slots}
-                    results += entries(totals, config)
+                    results += entries(totals, config, weight_bytes)
                     for r in results[-len(methods):]:
                         print(f"{label}: {r['method']:14s} {r['tokens_per_second']:8.1f} tok/s  mean_accepted "
                               f"{r['mean_accepted']:.2f}  speedup {r['speedup_vs_ar'] or float('nan'):.2f}x  "
+                              f"target weights {r['target_weight_gb_per_s']:.1f} GB/s  "
                               f"identical {r['rows_identical_to_first_method']:.0%}")
     differing = [f"{r['method']} ({r['category']}, context {r['context']}, batch {r['batch_size']}, mesh "
                  f"{r['mesh']}): {r['rows_identical_to_first_method']:.0%}" for r in results

@@ -214,6 +214,15 @@ def test_decode_benchmark_runs_end_to_end(tmp_path):
         # Pooled over the prompts: all emitted tokens over all active row steps.
         assert e["mean_accepted"] == pytest.approx((e["new_tokens"] - 2) / e["active_row_steps"])
     assert [e["speedup_vs_ar"] for e in entries if e["method"] == "ar"] == [1.0, 1.0]
+    # Bandwidth achieved (weights only): every float32 weight but the untied embedding table,
+    # read once per target step, counted here from the config.
+    import jaxdec
+    cfg = jaxdec.load("demo-target").config
+    D, F, L, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.head_dim
+    per_layer = D * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 3 * D * F + 2 * D
+    weights = 4 * (L * per_layer + D + (0 if cfg.tie_word_embeddings else V * D))
+    for e in entries:
+        assert e["target_weight_gb_per_s"] == pytest.approx(weights * e["target_steps"] / e["decode_seconds"] / 1e9)
     assert [e["devices"] for e in entries] == [1, 1, 2, 2]
     assert all(e["context_tokens"] == [16, 16] and e["cache_slots"] == [64] for e in entries)
     assert _is_png(tmp_path / "bench_tokens_per_second.png") and _is_png(tmp_path / "bench_scaling_vs_devices.png")
