@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shlex
@@ -49,6 +50,16 @@ def git_revision() -> dict:
         return {"commit": run("rev-parse", "HEAD").strip(), "modified": [line[3:] for line in changed if line.strip()]}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "modified": None}
+
+
+@contextlib.contextmanager
+def refused_in_one_line(parser, prefix: str = ""):
+    """Bad settings or inputs the block raises (ValueError; FileNotFoundError: a missing
+    checkpoint) end as argparse's one-line error, exit status 2, not as a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(f"{prefix}{err}")
 
 
 def streamed_weight_bytes(model) -> int:

@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import plots  # noqa: E402
+from benchmarks.common import refused_in_one_line  # noqa: E402
 from jaxdec.cli import POSITIVE  # noqa: E402
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "prompts.json"
@@ -260,14 +261,12 @@ def main(argv=None):
         if m not in METHODS:
             parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     from jaxdec import sharding, steps
-    try:
+    with refused_in_one_line(parser):
         batch_sizes = parse_list(args.batch_size, "--batch-size")
         contexts = parse_list(args.context, "--context", low=0)
         categories = ["code", "rewrite", "qa", "free"] if args.category == "all" else args.category.split(",")
         prompt_sets = load_prompts(categories)
         meshes = [None if m == "none" else sharding.parse_mesh(m) for m in (args.mesh or ["none"])]
-    except ValueError as err:
-        parser.error(str(err))
 
     if args.cpu_devices:  # read when JAX starts its backends, which nothing has done yet
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -280,22 +279,18 @@ def main(argv=None):
                                    versions, write_results)
     from jaxdec.sampling import SamplingParams
 
-    try:  # every mesh and the sampling made before anything runs: a bad one fails at once
+    with refused_in_one_line(parser):  # every mesh and the sampling made before anything runs
         meshes = [(shape, None if shape is None else jaxdec.make_mesh(*shape)) for shape in meshes]
         SamplingParams.create(args.temperature, args.top_k, args.top_p)
-    except ValueError as err:
-        parser.error(str(err))
     results = []
     for shape, mesh in meshes:
-        try:  # a missing or wrong checkpoint, or --skip-layers that are not layers: one line
+        with refused_in_one_line(parser):  # a missing or wrong checkpoint, --skip-layers that are not layers
             target = jaxdec.load(args.target, mesh=mesh, attn_impl=args.attn_impl)
             draft = jaxdec.load(args.draft, mesh=mesh) if any(m.startswith(("draft", "tree", "triforce")) for m in methods) else None
             skip = (parse_list(args.skip_layers, "--skip-layers", low=0) if args.skip_layers
                     else list(range(1, target.config.num_hidden_layers - 1, 2)))
             heads = {kind: jaxdec.load_heads(getattr(args, kind), mesh=mesh) for kind in ("medusa", "eagle")
                      if any(m.partition(":")[0] == kind for m in methods)}
-        except (ValueError, FileNotFoundError) as err:
-            parser.error(str(err))
         if max(skip, default=0) >= target.config.num_hidden_layers:
             parser.error(f"--skip-layers {args.skip_layers}: the target has {target.config.num_hidden_layers} layers")
         if target.tokenizer is None:
@@ -305,11 +300,9 @@ def main(argv=None):
             used = set(mesh.devices.flat) if mesh is not None else {jax.devices()[0]}
             spare = [d for d in jax.devices() if d not in used] or jax.devices()[-1:]
             pearl_draft = jaxdec.load(args.draft, mesh=jaxdec.make_mesh(devices=spare[:1]))
-        try:
+        with refused_in_one_line(parser, f"--methods {args.methods!r}: "):  # e.g. sparse:8 or draft:x
             specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold, heads,
                                      pearl_draft) for m in methods}
-        except ValueError as err:  # e.g. sparse:8 (a budget under one page) or draft:x
-            parser.error(f"--methods {args.methods!r}: {err}")
         mesh_name = "one device" if shape is None else f"data={shape[0]},model={shape[1]}"
         weight_bytes = streamed_weight_bytes(target)
         devices = 1 if shape is None else shape[0] * shape[1]

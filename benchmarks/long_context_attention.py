@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import refused_in_one_line  # noqa: E402
 from jaxdec.cli import POSITIVE  # noqa: E402
 
 SHAPES = {"demo": (6, 2, 64, "float32"), "llama3-8b": (32, 8, 128, "bfloat16")}
@@ -113,10 +114,8 @@ def main(argv=None):
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    try:
+    with refused_in_one_line(parser):
         shapes = [parse_shape(s) for s in args.shapes] if args.shapes else None
-    except ValueError as err:
-        parser.error(str(err))
     if args.contexts is not None and any(c % args.page_size for c in args.contexts):
         parser.error(f"--contexts must be positive multiples of --page-size {args.page_size}, got {args.contexts}")
     if any(b % args.page_size for b in args.budgets):

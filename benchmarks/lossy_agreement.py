@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import command_line, machine_info, versions, write_results  # noqa: E402
+from benchmarks.common import command_line, machine_info, refused_in_one_line, versions, write_results  # noqa: E402
 from benchmarks.decode import load_prompts, parse_list, prompt_ids  # noqa: E402
 from jaxdec.cli import POSITIVE  # noqa: E402
 
@@ -77,14 +77,12 @@ def main(argv=None):
     import jaxdec
     from tqdm import tqdm
 
-    try:  # bad lists, settings or checkpoints: one line
+    with refused_in_one_line(parser):  # bad lists, settings or checkpoints
         contexts, budgets = parse_list(args.context, "--context", low=0), parse_list(args.budgets, "--budgets")
         methods = {(b, layers): jaxdec.spec.LossySparseDecode(budget=b, page_size=args.page_size,
                                                               selection_layers=layers)
                    for b in budgets for layers in parse_layers(args.selection_layers)}
         target = jaxdec.load(args.target)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
     texts = load_prompts(["code"])["code"]
     room = target.config.max_position_embeddings - args.max_new_tokens
     results = []

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import refused_in_one_line  # noqa: E402
 from jaxdec.cli import COUNT, POSITIVE  # noqa: E402
 
 
@@ -41,10 +42,8 @@ def main(argv=None):
     from jaxdec.cache import init_cache
     from jaxdec.model import prefill_hidden
 
-    try:  # a missing or wrong checkpoint: one line
+    with refused_in_one_line(parser):  # a missing or wrong checkpoint
         model = jaxdec.load(args.target)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
     cfg = model.config
     if max(args.contexts) > cfg.max_position_embeddings:
         parser.error(f"--contexts {max(args.contexts)} exceeds {args.target}'s "

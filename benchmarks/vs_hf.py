@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, command_line, machine_info, refused_in_one_line,  # noqa: E402
+                               versions, write_results)
 from jaxdec.cli import POSITIVE  # noqa: E402
 
 
@@ -87,16 +88,12 @@ def main(argv=None):
     from tqdm import tqdm
     from benchmarks.decode import load_prompts, parse_list, prompt_ids
 
-    try:  # bad batch sizes or category: one line
+    with refused_in_one_line(parser):  # bad batch sizes or category
         batch_sizes = parse_list(args.batch_sizes, "--batch-sizes")
         texts = load_prompts([args.category])[args.category][:args.num_prompts]
-    except ValueError as err:
-        parser.error(str(err))
     with tempfile.TemporaryDirectory() as tmp:
-        try:  # a missing or wrong checkpoint: one line
+        with refused_in_one_line(parser):  # a missing or wrong checkpoint
             target, draft, hf_target, hf_draft = load_pair(args.target, args.draft, Path(tmp))
-        except (ValueError, FileNotFoundError) as err:
-            parser.error(str(err))
         # Equal lengths (the shortest), so HF batches need no padding.
         ids = [prompt_ids(target.tokenizer, p, args.context) for p in texts]
         shortest = min(map(len, ids))

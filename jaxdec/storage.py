@@ -112,10 +112,7 @@ def _replace(new: Path, dst: Path) -> None:
     except BaseException:
         old.rename(dst)
         raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+    shutil.rmtree(old)  # a folder: check_destination / check_replaceable refuse a file
 
 
 def write_params(directory: Path, params) -> None:
