@@ -8,7 +8,6 @@ is done, and unpads the result. The steps themselves live in `jaxdec.steps`.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import time
 from collections.abc import Iterable
 from typing import Sequence
@@ -18,6 +17,7 @@ import numpy as np
 
 from jaxdec import sharding, spec, speculative as spec_steps, steps
 from jaxdec.cache import init_cache
+from jaxdec.checks import is_int
 from jaxdec.loading import Model
 from jaxdec.sampling import SamplingParams, row_keys
 
@@ -47,15 +47,11 @@ class GenerateOutput:
     stats: Stats
 
 
-def _is_token_id(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _first_bad_token_id(ids, vocab: int) -> str | None:
     """'<id> outside the vocabulary [0, V)' (or '<value>, not an integer token id, ...') for the
     first id that is not a token of the vocabulary; None when all are."""
     for t in ids:
-        if not _is_token_id(t):
+        if not is_int(t):
             return f"{t!r}, not an integer token id of the vocabulary [0, {vocab})"
         if not 0 <= t < vocab:
             return f"{t!r} outside the vocabulary [0, {vocab})"
@@ -121,10 +117,10 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     rows = encode_prompts(model, prompts)
     if on_progress is not None and not callable(on_progress):  # else a TypeError after the prefill
         raise ValueError(f"on_progress must be a function of the rows' new tokens, or None; got {on_progress!r:.80}")
-    if not _is_token_id(max_new_tokens) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     # jax.random.key takes a C long: a larger seed would fail later with an OverflowError.
-    if not _is_token_id(seed) or not -2**63 <= seed < 2**63:
+    if not is_int(seed) or not -2**63 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
     sampling = SamplingParams.create(temperature, top_k, top_p, min_p)
     stop_ids = _stop_ids(model, stop_token_ids)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxdec.checks import is_int
+
 
 @struct.dataclass
 class SamplingParams:
@@ -35,7 +37,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a real number, got {value!r}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
-        if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
+        if not is_int(top_k) or top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 means off), got {top_k!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")

@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxdec.checks import is_int
+
 AXES = ("data", "model")
 
 
@@ -36,7 +38,7 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
     of jax.devices(), over every process).
     """
     for name, n in (("data", data), ("model", model)):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"make_mesh: {name} must be an integer >= 1, got {n!r}")
     where = "available" if devices is None else "given"
     devices = list(jax.devices()[:data * model] if devices is None else devices)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import jax.numpy as jnp
 
 from jaxdec.cache import init_cache
+from jaxdec.checks import is_int
 from jaxdec.drafters.draft_model import DraftModelDrafter, DraftModelState
 from jaxdec.drafters.draft_tree import DraftTreeDrafter, DraftTreeState, num_candidates
 from jaxdec.drafters.layer_skip import LayerSkipDrafter
@@ -31,7 +32,7 @@ from jaxdec.sparse import init_pages
 
 
 def _check_positive(name, value, meaning):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1 ({meaning}), got {value!r}")
 
 
@@ -277,7 +278,7 @@ class LayerSkip:
         # Only iterables go through tuple(): None or a float would fail there with a TypeError
         # that names nothing.
         layers = tuple(self.skip_layers) if isinstance(self.skip_layers, Iterable) else None
-        if layers is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers):
+        if layers is None or not all(is_int(i) for i in layers):
             raise ValueError(f"skip_layers must be a sequence of layer indices, got {self.skip_layers!r}")
         object.__setattr__(self, "skip_layers", tuple(sorted(set(int(i) for i in layers))))
 
@@ -295,8 +296,7 @@ def _check_sparse_settings(method):
     """budget, page_size and recent of a sparse method (ValueError naming the value)."""
     _check_positive("page_size", method.page_size, "cache slots per page")
     _check_positive("budget", method.budget, "cache tokens attention reads")
-    if method.recent is not None and (not isinstance(method.recent, numbers.Integral) or isinstance(method.recent, bool)
-                                      or method.recent < 0):
+    if method.recent is not None and (not is_int(method.recent) or method.recent < 0):
         raise ValueError(f"recent must be None or an integer >= 0 (most recent tokens always read), "
                          f"got {method.recent!r}")
     if method.budget < method.page_size:
@@ -384,7 +384,7 @@ class LossySparseDecode:
         _check_sparse_settings(self)
         if self.selection_layers is not None:
             layers = tuple(self.selection_layers) if isinstance(self.selection_layers, Iterable) else None
-            if not layers or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers):
+            if not layers or not all(is_int(i) for i in layers):
                 raise ValueError(f"selection_layers must be a non-empty sequence of layer indices, "
                                  f"got {self.selection_layers!r}")
             object.__setattr__(self, "selection_layers", tuple(sorted(set(int(i) for i in layers))))

@@ -9,10 +9,10 @@ it sees (besides the cached prefix) exactly its ancestors and itself.
 
 from __future__ import annotations
 
-import numbers
-
 import jax
 import jax.numpy as jnp
+
+from jaxdec.checks import is_int
 
 
 def chain_parents(batch_size: int, num_nodes: int):
@@ -60,7 +60,7 @@ def gather_steps(new_kv, path):
 
 
 def _rank(r) -> int:
-    if not isinstance(r, numbers.Integral) or isinstance(r, bool):
+    if not is_int(r):
         raise TypeError(r)
     return int(r)
 
