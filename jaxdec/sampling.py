@@ -43,6 +43,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if not 0 <= min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
+        # A top_k at or above the vocabulary keeps every token, so a larger one than int32 holds
+        # (top_k=10**12) means the same as 2**31 - 1 rather than an OverflowError.
+        top_k = min(int(top_k), 2**31 - 1)
         return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p))
 
     @property

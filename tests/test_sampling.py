@@ -137,6 +137,15 @@ def test_processed_distribution_is_per_row():
                 np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_top_k_beyond_int32_keeps_every_token():
+    """top_k past the vocabulary is no cut, however large: 10**12 used to be an OverflowError
+    when it was made an int32."""
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(3, 50)), jnp.float32)
+    for top_k in (10**12, np.int64(2**40), 2**31 - 1):
+        np.testing.assert_array_equal(np.asarray(_probabilities(logits, _params(top_k=top_k))),
+                                      np.asarray(_probabilities(logits, _params(top_k=0))))
+
+
 def test_masked_logits_stay_impossible():
     """-inf logits (a masked vocabulary) never get probability, whatever the filters."""
     logits = jnp.array([0.0, -jnp.inf, 1.0, -jnp.inf, 0.5, 0.5], jnp.float32)

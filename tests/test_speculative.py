@@ -358,9 +358,7 @@ def lookup_reference(row, max_ngram, num_tokens):
     n = max_ngram down to 1, the earliest earlier occurrence of the last n tokens that has a
     continuation wins; up to num_tokens known tokens follow it."""
     L = len(row)
-    for n in range(max_ngram, 0, -1):
-        if L < n:
-            continue
+    for n in range(min(max_ngram, L), 0, -1):
         for j in range(L - n):
             if row[j:j + n] == row[L - n:]:
                 return row[j + n:j + n + num_tokens]
@@ -382,7 +380,7 @@ def _lookup_draft(llama, rows, num_slots, method):
     return draft
 
 
-@pytest.mark.parametrize("max_ngram, num_tokens", [(3, 4), (1, 2), (2, 8)])
+@pytest.mark.parametrize("max_ngram, num_tokens", [(3, 4), (1, 2), (2, 8), (40, 3), (10**12, 2)])
 def test_prompt_lookup_drafts_match_reference(llama, max_ngram, num_tokens):
     B, S = 64, 32
     rng = np.random.default_rng(max_ngram)
@@ -391,6 +389,7 @@ def test_prompt_lookup_drafts_match_reference(llama, max_ngram, num_tokens):
         alphabet = [2, 4, 12, VOCAB_SIZE][b % 4]  # small alphabets repeat; the full one rarely does
         rows.append(rng.integers(0, alphabet, size=rng.integers(1, S + 1)).tolist())
     rows[0], rows[1], rows[2] = [7], [7, 7], list(range(S))  # too short to match; no repeat at all
+    rows[3], rows[4] = [7] * S, [1, 2] * (S // 2)  # matches of every length up to S - 1 and S - 2
     draft = _lookup_draft(llama, rows, S, spec.PromptLookup(max_ngram=max_ngram, num_tokens=num_tokens))
     draft_tokens, draft_lengths = np.asarray(draft.tokens), np.asarray(draft.lengths)
     probs = np.asarray(draft.probs)
@@ -409,9 +408,7 @@ def lookup_candidates(row, max_ngram, num_tokens, num_candidates):
     """The continuations after the earliest num_candidates matches of the longest matching
     n-gram (n <= max_ngram), as lookup_reference picks the first."""
     L = len(row)
-    for n in range(max_ngram, 0, -1):
-        if L < n:
-            continue
+    for n in range(min(max_ngram, L), 0, -1):
         found = [row[j + n:j + n + num_tokens] for j in range(L - n) if row[j:j + n] == row[L - n:]]
         if found:
             return found[:num_candidates]

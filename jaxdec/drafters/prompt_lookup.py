@@ -34,11 +34,10 @@ class PromptLookupDrafter(Drafter):
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
         tokens, lengths = state.tokens, state.lengths
         C, K = self.num_candidates, self.num_tokens
-        starts, n = _matches(tokens, lengths, self.max_ngram, C)                  # [B, C], [B]
+        starts = _matches(tokens, lengths, self.max_ngram, C)                     # [B, C]
         S = tokens.shape[1]
         found = starts >= 0
-        offsets = jnp.arange(K)[None, None, :]
-        index = starts[:, :, None] + n[:, None, None] + offsets                  # [B, C, K]
+        index = starts[:, :, None] + jnp.arange(K)[None, None, :]                # [B, C, K]
         valid = found[:, :, None] & (index < lengths[:, None, None])
         cand = jnp.where(valid, jnp.take_along_axis(tokens[:, None, :], jnp.clip(index, 0, S - 1), axis=2), 0)
         if C == 1:
@@ -53,31 +52,34 @@ class PromptLookupDrafter(Drafter):
 
 
 def _matches(tokens, lengths, max_ngram: int, num_candidates: int):
-    """(continuation starts [B, C] of the earliest C matches, -1 past the last match; the n
-    matched [B]) for the longest n <= max_ngram whose last-n-gram has any earlier match with a
-    known continuation other than the pattern's own end."""
+    """Where the continuations of the earliest C matches start [B, C] (-1 past the last match),
+    for the longest n <= max_ngram whose last-n-gram has any earlier match with a known
+    continuation other than the pattern's own end."""
     B, S = tokens.shape
-    starts = jnp.arange(S)[None, :]                                    # match start j
-    chosen = jnp.zeros((B, S), bool)
-    chosen_n = jnp.zeros((B,), jnp.int32)
-    for n in range(1, max_ngram + 1):  # longer n-grams overwrite shorter ones
-        pattern = jnp.take_along_axis(tokens, jnp.clip(lengths[:, None] - n + jnp.arange(n), 0, S - 1), axis=1)
-        match = jnp.ones((B, S), bool)
-        for o in range(n):
-            shifted = jnp.roll(tokens, -o, axis=1)                     # shifted[:, j] = tokens[:, j + o]
-            match &= shifted == pattern[:, o:o + 1]
-        match &= (starts + n < lengths[:, None]) & (lengths[:, None] >= n)
-        hit = jnp.any(match, axis=1)
-        chosen = jnp.where(hit[:, None], match, chosen)
-        chosen_n = jnp.where(hit, n, chosen_n)
+    ends = jnp.arange(S)[None, :]                                      # a match's last token e
+    last = lambda back: jnp.take_along_axis(tokens, jnp.clip(lengths[:, None] - 1 - back, 0, S - 1), axis=1)
+    # Matches are indexed by where they end, so the (n+1)-gram's matches are the n-gram's that
+    # also agree one token further back: one comparison per n. No longer n-gram can match once
+    # none of length n does, so the loop stops after the longest match, not at max_ngram
+    # (which may be anything: an n-gram longer than the row never matches).
+    ones = (tokens == last(0)) & (ends + 1 < lengths[:, None])         # the 1-grams; e + 1: a continuation
+
+    def longer(carry):
+        n, match, chosen = carry
+        chosen = jnp.where(jnp.any(match, axis=1)[:, None], match, chosen)  # longer n-grams overwrite shorter
+        agrees = (jnp.roll(tokens, n, axis=1) == last(n)) & (ends >= n) & (lengths[:, None] > n)
+        return n + 1, match & agrees, chosen
+
+    _, _, chosen = jax.lax.while_loop(lambda c: (c[0] <= min(max_ngram, S)) & jnp.any(c[1]), longer,
+                                      (jnp.int32(1), ones, jnp.zeros((B, S), bool)))
     if num_candidates == 1:  # the earliest match: a min, cheaper than a top-k
-        earliest = jnp.min(jnp.where(chosen, starts, S), axis=1, keepdims=True)
-        return jnp.where(earliest < S, earliest, -1).astype(jnp.int32), chosen_n
-    # The earliest C matches: the C largest of S - j over matching j. A row of S tokens has
+        earliest = jnp.min(jnp.where(chosen, ends, S), axis=1, keepdims=True)
+        return jnp.where(earliest < S, earliest + 1, -1).astype(jnp.int32)
+    # The earliest C matches: the C largest of S - e over matching e. A row of S tokens has
     # fewer than S matches, so candidates past S stay empty (-1).
-    key, _ = jax.lax.top_k(jnp.where(chosen, S - starts, 0), min(num_candidates, S))
+    key, _ = jax.lax.top_k(jnp.where(chosen, S - ends, 0), min(num_candidates, S))
     key = jnp.pad(key, ((0, 0), (0, num_candidates - key.shape[1])))
-    return jnp.where(key > 0, S - key, -1).astype(jnp.int32), chosen_n
+    return jnp.where(key > 0, S - key + 1, -1).astype(jnp.int32)
 
 
 def _trie(cand, valid):
