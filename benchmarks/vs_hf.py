@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -34,17 +35,15 @@ from benchmarks.common import (RESULTS_DIR, command_line, machine_info, refused_
 from jaxdec.cli import POSITIVE  # noqa: E402
 
 
-def load_pair(target: str, draft: str, workdir: Path):
-    """(jaxdec target, jaxdec draft, HF target, HF draft) on the same weights."""
+def hf_twins(sources: dict, workdir: Path) -> dict:
+    """name -> the transformers model of the jaxdec checkpoint `sources[name]`, exported to
+    workdir/name, so both sides decode the same float32 weights."""
     import torch
     import transformers
-    import jaxdec
     from jaxdec.export import export
-    out = [jaxdec.load(target), jaxdec.load(draft)]
-    for name, source in (("target", target), ("draft", draft)):
-        folder = export(source, workdir / name, progress=False)
-        out.append(transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
-    return out
+    return {name: transformers.AutoModelForCausalLM.from_pretrained(export(source, workdir / name, progress=False),
+                                                                     dtype=torch.float32).eval()
+            for name, source in sources.items()}
 
 
 def hf_generate(hf, prompts, new_tokens, **options):
@@ -83,17 +82,22 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS_DIR / "vs_hf_cpu.json"))
     args = parser.parse_args(argv)
 
-    import torch
     import jaxdec
     from tqdm import tqdm
     from benchmarks.decode import load_prompts, parse_list, prompt_ids
 
-    with refused_in_one_line(parser):  # bad batch sizes or category
+    with refused_in_one_line(parser):  # bad batch sizes or category, a missing or wrong checkpoint
         batch_sizes = parse_list(args.batch_sizes, "--batch-sizes")
         texts = load_prompts([args.category])[args.category][:args.num_prompts]
+        target, draft = jaxdec.load(args.target), jaxdec.load(args.draft)
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:  # the other side of the comparison
+        parser.error(f"the Hugging Face side needs torch and transformers ({' and '.join(missing)} not "
+                     f"installed): pip install -e '.[bench]'")
+    import torch
     with tempfile.TemporaryDirectory() as tmp:
-        with refused_in_one_line(parser):  # a missing or wrong checkpoint
-            target, draft, hf_target, hf_draft = load_pair(args.target, args.draft, Path(tmp))
+        hf = hf_twins({"target": args.target, "draft": args.draft}, Path(tmp))
+        hf_target, hf_draft = hf["target"], hf["draft"]
         # Equal lengths (the shortest), so HF batches need no padding.
         ids = [prompt_ids(target.tokenizer, p, args.context) for p in texts]
         shortest = min(map(len, ids))

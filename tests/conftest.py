@@ -68,10 +68,11 @@ SLOWEST_MODULES = ("test_speculative.py", "test_sparse_self.py", "test_sharding.
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-    # Marked from the fixtures, not by hand: a test that builds the tiny HF models (hf_dirs, and
-    # every fixture above it) needs torch; `-m "not torch"` leaves those out where it is missing.
+    # Marked from the fixtures, not by hand: a test that asks for the `torch` fixture, itself or
+    # through another (build_hf, hf_dirs and every fixture above them), needs torch;
+    # `-m "not torch"` leaves those out where it is missing.
     for item in items:
-        if "hf_dirs" in getattr(item, "fixturenames", ()):
+        if "torch" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.torch)
 
 
@@ -149,10 +150,24 @@ def mosaic_gpu_interpret():
 
 
 @pytest.fixture(scope="session")
-def hf_dirs(tmp_path_factory):
+def torch():
+    """The torch module: the tests and fixtures that need torch (or transformers) ask for it
+    here rather than importing it, so they are marked `torch` (pytest_collection_modifyitems)."""
+    import torch
+    return torch
+
+
+@pytest.fixture(scope="session")
+def build_hf(torch):
+    """tests.hf_models.build_hf_model (it saves a random transformers model)."""
+    return build_hf_model
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(build_hf, tmp_path_factory):
     """family -> folder of a saved random HF model (with tokenizer.json)."""
     root = tmp_path_factory.mktemp("hf")
-    return {family: build_hf_model(root / family, family) for family in FAMILIES}
+    return {family: build_hf(root / family, family) for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")

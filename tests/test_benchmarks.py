@@ -319,6 +319,7 @@ def test_decode_benchmark_refuses_bad_settings(args, capsys):
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.torch  # the script's other side is transformers
 def test_vs_hf_runs_every_pair_on_identical_weights(tmp_path):
     """HF generate (plain, assistant_model, prompt lookup) against jaxdec's equivalents on the
     exported demo pair, tiny settings: both sides greedy on the same weights, so the same tokens."""

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import jaxdec
 from jaxdec import storage
@@ -26,7 +25,7 @@ from jaxdec.config import ModelConfig
 from jaxdec.convert import ConversionError, convert, main
 from jaxdec.export import export
 from jaxdec.loading import model_from_params
-from tests.hf_models import SLIDING_WINDOW, VOCAB_SIZE, build_hf_model, load_hf_model
+from tests.hf_models import SLIDING_WINDOW, VOCAB_SIZE, load_hf_model
 
 LOGIT_TOLERANCE = 2e-3
 IDS = np.random.default_rng(3).integers(3, VOCAB_SIZE, size=40).tolist()
@@ -52,6 +51,7 @@ def jnp_bfloat16():
 
 
 def _hf_logits(hf_model, ids) -> np.ndarray:
+    import torch
     with torch.no_grad():
         return hf_model(torch.tensor([ids])).logits[0].float().numpy()
 
@@ -96,7 +96,7 @@ def sharded(hf_llama, single, src_root):
 
 
 @pytest.fixture(scope="module")
-def pickled(single, src_root):
+def pickled(single, src_root, torch):
     """The same weights as a pickle pytorch_model.bin only (transformers 5 ignores
     safe_serialization=False, so the state dict is torch.save'd directly)."""
     from safetensors.torch import load_file
@@ -173,9 +173,9 @@ def test_cli_dtype_bfloat16_is_stored_and_reported(single, single_logits, tmp_pa
     assert jaxdec.load(dst, dtype="float32").dtype == np.float32
 
 
-def test_bfloat16_source_stays_bfloat16_by_default(tmp_path):
+def test_bfloat16_source_stays_bfloat16_by_default(tmp_path, build_hf):
     from safetensors import safe_open
-    src = build_hf_model(tmp_path / "hf_bf16", "llama", dtype="bfloat16")
+    src = build_hf(tmp_path / "hf_bf16", "llama", dtype="bfloat16")
     with safe_open(str(src / "model.safetensors"), framework="flax") as f:
         assert f.get_tensor("model.embed_tokens.weight").dtype == jnp_bfloat16()
         embedding = np.asarray(f.get_tensor("model.embed_tokens.weight"))
@@ -245,8 +245,8 @@ def test_eos_ids_come_from_generation_config(variant, tmp_path, generation_eos, 
     (dict(max_window_layers=1), (None, SLIDING_WINDOW)),
     (dict(layer_types=["sliding_attention", "full_attention"]), (SLIDING_WINDOW, None)),
 ], ids=["max_window_layers", "layer_types"])
-def test_qwen2_sliding_window_follows_layer_types(tmp_path, overrides, windows):
-    src = build_hf_model(tmp_path / "hf", "qwen2", use_sliding_window=True, sliding_window=SLIDING_WINDOW,
+def test_qwen2_sliding_window_follows_layer_types(tmp_path, build_hf, overrides, windows):
+    src = build_hf(tmp_path / "hf", "qwen2", use_sliding_window=True, sliding_window=SLIDING_WINDOW,
                          **overrides)
     hf_config = json.loads((src / "config.json").read_text())
     assert hf_config["layer_types"] == ["full_attention" if w is None else "sliding_attention" for w in windows]
@@ -365,7 +365,8 @@ REFUSALS = {  # name: (source, break it, what the one stderr line must say)
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
-def test_cli_refusal(case, request, tmp_path):
+def test_cli_refusal(case, hf_dirs, request, tmp_path):
+    # hf_dirs: every source fixture is built from it, but getfixturevalue does not say so.
     source, breaker, reason = REFUSALS[case]
     src, out = tmp_path / "src", tmp_path / "out"
     shutil.copytree(request.getfixturevalue(source), src)

@@ -10,19 +10,18 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
 
 import jaxdec
 from jaxdec import storage
 from jaxdec.convert import convert
 from jaxdec.export import export
-from tests.hf_models import FAMILIES, build_hf_model, load_hf_model
+from tests.hf_models import FAMILIES, load_hf_model
 
 TOKENS = [1, 40, 7, 93, 12, 5, 77, 3, 64, 64, 2, 30, 18, 101, 9, 44, 45, 46, 47, 48, 49, 50, 51, 52]  # > window 16
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_export_loads_in_transformers_with_the_same_logits(family, converted_dirs, hf_models, tmp_path):
+def test_export_loads_in_transformers_with_the_same_logits(family, converted_dirs, hf_models, tmp_path, torch):
     out = export(converted_dirs[family], tmp_path / "hf", progress=False)
     exported = load_hf_model(out)
     with torch.no_grad():
@@ -38,15 +37,15 @@ def test_export_loads_in_transformers_with_the_same_logits(family, converted_dir
     assert storage.read_config(back)[0] == storage.read_config(converted_dirs[family])[0]
 
 
-def test_bfloat16_stays_bfloat16(tmp_path):
-    hf = build_hf_model(tmp_path / "hf", "llama", dtype="bfloat16")
+def test_bfloat16_stays_bfloat16(tmp_path, build_hf, torch):
+    hf = build_hf(tmp_path / "hf", "llama", dtype="bfloat16")
     converted = convert(hf, tmp_path / "jd", progress=False)
     out = export(converted, tmp_path / "out", progress=False)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert load_hf_model(out).model.embed_tokens.weight.dtype == torch.bfloat16
 
 
-def test_the_command_exports_a_shipped_model_and_refuses_to_overwrite(tmp_path):
+def test_the_command_exports_a_shipped_model_and_refuses_to_overwrite(tmp_path, torch):
     dst = tmp_path / "demo"
     run = lambda *args: subprocess.run([sys.executable, "-m", "jaxdec.export", *args], capture_output=True, text=True)
     done = run("demo-target", str(dst))

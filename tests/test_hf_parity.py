@@ -6,7 +6,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 
 import jaxdec
 from tests.hf_models import FAMILIES, ROPE_ORIGINAL_CONTEXT, SLIDING_WINDOW, VOCAB_SIZE
@@ -20,6 +19,7 @@ def hf_greedy(hf_model, ids, max_new_tokens, eos_token_id=None):
     """HF greedy generate of one prompt; eos_token_id=None never stops (nor masks EOS)."""
     config = copy.deepcopy(hf_model.generation_config)
     config.update(eos_token_id=[] if eos_token_id is None else eos_token_id, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    import torch
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 generation_config=config)
@@ -28,6 +28,7 @@ def hf_greedy(hf_model, ids, max_new_tokens, eos_token_id=None):
 
 
 def hf_logits(hf_model, ids):
+    import torch
     with torch.no_grad():
         return hf_model(torch.tensor([ids])).logits[0].float().numpy()
 

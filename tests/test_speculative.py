@@ -27,7 +27,7 @@ from jaxdec import spec
 from jaxdec.convert import convert
 from jaxdec.loading import model_from_params
 from jaxdec.steps import DecodeState
-from tests.hf_models import VOCAB_SIZE, build_hf_model
+from tests.hf_models import VOCAB_SIZE
 from tests.test_steps import _truncate_at_stop, compilations
 
 # A donation XLA cannot use is a bug (DESIGN.md): whichever test compiles a program fails on it.
@@ -45,11 +45,11 @@ HYPOTHESIS = settings(max_examples=12, deadline=None, database=None,
 
 
 @pytest.fixture(scope="module")
-def small_draft(tmp_path_factory):
+def small_draft(tmp_path_factory, build_hf):
     """A different, smaller random Llama (1 layer) with the target's vocabulary: it rarely
     agrees with the target, so nearly every round goes through a rejection."""
     root = tmp_path_factory.mktemp("spec_draft")
-    hf = build_hf_model(root / "hf", "llama", seed=1, num_hidden_layers=1)
+    hf = build_hf(root / "hf", "llama", seed=1, num_hidden_layers=1)
     return jaxdec.load(convert(hf, root / "converted", progress=False))
 
 

@@ -25,7 +25,7 @@ from jaxdec.convert import convert
 from jaxdec.model import sequence_logits
 from jaxdec.sampling import SamplingParams, probabilities
 from jaxdec.verify import Draft, _accept_sampled_chain, accept
-from tests.hf_models import build_hf_model
+
 from tests.test_heads import random_heads
 from tests.test_sampling import reference
 from tests.test_speculative import _longest_draft
@@ -269,12 +269,12 @@ SEEDS = range(12)  # 6144 draws
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, build_hf):
     """Target (2 layers) and a different random draft (1 layer), vocabulary 8, no tokenizer."""
     root = tmp_path_factory.mktemp("spec_vocab8")
     out = {}
     for name, seed, layers in (("target", 3, 2), ("draft", 4, 1)):
-        hf = build_hf_model(root / f"hf_{name}", "llama", seed=seed, vocab_size=VOCAB, num_hidden_layers=layers)
+        hf = build_hf(root / f"hf_{name}", "llama", seed=seed, vocab_size=VOCAB, num_hidden_layers=layers)
         os.remove(hf / "tokenizer.json")  # its 128 ids do not fit a vocabulary of 8
         out[name] = jaxdec.load(convert(hf, root / name, progress=False))
         assert out[name].config.vocab_size == VOCAB and out[name].tokenizer is None
