@@ -187,6 +187,20 @@ def test_checkpoints_and_lists_are_refused_in_one_line(module, args, reason, cap
     assert re.match(r"\S+: error: ", last) and re.search(reason, last), last  # argparse's "PROG: error: ..."
 
 
+def test_vs_hf_without_transformers_says_what_to_install(monkeypatch, capsys):
+    """Where torch or transformers is missing, vs_hf.py says so in one line (after checking its
+    arguments and checkpoints), not with an ImportError's traceback."""
+    import importlib.util
+    from benchmarks import vs_hf
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as stop:
+        vs_hf.main(["--num-prompts", "1", "--out", "/nonexistent/never-written.json"])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"needs torch and transformers \(transformers not installed\).*\[bench\]", last), last
+
+
 def _is_png(path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
