@@ -92,8 +92,8 @@ def main(argv=None):
         target, draft = jaxdec.load(args.target), jaxdec.load(args.draft)
     missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
     if missing:  # the other side of the comparison
-        parser.error(f"the Hugging Face side needs torch and transformers ({' and '.join(missing)} not "
-                     f"installed): pip install -e '.[bench]'")
+        parser.error(f"the Hugging Face side needs {' and '.join(missing)}, not installed here: "
+                     f"pip install -e '.[bench]'")
     import torch
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_twins({"target": args.target, "draft": args.draft}, Path(tmp))
