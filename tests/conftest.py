@@ -54,7 +54,7 @@ import pytest
 
 import jaxdec
 from jaxdec.convert import convert
-from tests.hf_models import FAMILIES, build_hf_model, load_hf_model
+from tests.hf_models import FAMILIES, TINY_VOCAB_SIZE, build_hf_model, load_hf_model
 
 
 # The slowest modules, slowest first (seconds summed per module, `python -m pytest -q -n 2
@@ -181,6 +181,27 @@ def converted_dirs(hf_dirs, tmp_path_factory):
 def models(converted_dirs):
     """family -> loaded jaxdec.Model (float32)."""
     return {family: jaxdec.load(path) for family, path in converted_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def long_llama(tmp_path_factory, build_hf):
+    """A tiny random Llama with a 4096-token context (the shared one has 256)."""
+    root = tmp_path_factory.mktemp("long_llama")
+    hf = build_hf(root / "hf", "llama", seed=2, max_position_embeddings=4096)
+    return jaxdec.load(convert(hf, root / "converted", progress=False))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, build_hf):
+    """Target (2 layers) and a different random draft (1 layer), vocabulary 8, no tokenizer."""
+    root = tmp_path_factory.mktemp("spec_vocab8")
+    out = {}
+    for name, seed, layers in (("target", 3, 2), ("draft", 4, 1)):
+        hf = build_hf(root / f"hf_{name}", "llama", seed=seed, vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=layers)
+        os.remove(hf / "tokenizer.json")  # its 128 ids do not fit a vocabulary of 8
+        out[name] = jaxdec.load(convert(hf, root / name, progress=False))
+        assert out[name].config.vocab_size == TINY_VOCAB_SIZE and out[name].tokenizer is None
+    return out
 
 
 @pytest.fixture(scope="session")

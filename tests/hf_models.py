@@ -6,6 +6,7 @@ import string
 from pathlib import Path
 
 VOCAB_SIZE = 128
+TINY_VOCAB_SIZE = 8  # the `tiny` fixture's: the sampling tests enumerate whole distributions
 SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: unk, bos, eos
 CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
 

@@ -11,7 +11,7 @@ import pytest
 
 import jaxdec
 from jaxdec import pages, spec, steps
-from tests.test_sparse_self import _long_prompts, cache_layer_copies, long_llama  # noqa: F401 (fixture)
+from tests.test_sparse_self import _long_prompts, cache_layer_copies
 
 pytestmark = pytest.mark.filterwarnings("error:Some donated buffers were not usable")
 

@@ -12,21 +12,12 @@ import pytest
 
 import jaxdec
 from jaxdec import pages, spec
-from jaxdec.convert import convert
 from tests.hf_models import VOCAB_SIZE
 from tests.test_speculative import _check_stats, _diverges_at_near_tie, run_rounds
-from tests.test_speculative_sampling import _prefix_logits, check_fit, draw3, joint3, rejects, tiny  # noqa: F401 (fixture)
+from tests.test_speculative_sampling import _prefix_logits, check_fit, draw3, joint3, rejects
 from tests.test_steps import _truncate_at_stop
 
 pytestmark = pytest.mark.filterwarnings("error:Some donated buffers were not usable")
-
-
-@pytest.fixture(scope="module")
-def long_llama(tmp_path_factory, build_hf):
-    """A tiny random Llama with a 4096-token context (the shared one has 256)."""
-    root = tmp_path_factory.mktemp("long_llama")
-    hf = build_hf(root / "hf", "llama", seed=2, max_position_embeddings=4096)
-    return jaxdec.load(convert(hf, root / "converted", progress=False))
 
 
 def _long_prompts(lengths, seed):

@@ -11,8 +11,6 @@ shows that the same draws reject a distribution a broken rule would produce (pow
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,11 +19,11 @@ from scipy import stats
 
 import jaxdec
 from jaxdec import spec
-from jaxdec.convert import convert
 from jaxdec.model import sequence_logits
 from jaxdec.sampling import SamplingParams, probabilities
 from jaxdec.verify import Draft, _accept_sampled_chain, accept
 
+from tests.hf_models import TINY_VOCAB_SIZE
 from tests.test_heads import random_heads
 from tests.test_sampling import reference
 from tests.test_speculative import _longest_draft
@@ -262,23 +260,10 @@ def test_draft_outside_target_support_is_never_accepted():
 # distribution of the first 3 new tokens (512 outcomes) is enumerated exactly from the
 # target's logits, and one generate call of 512 identical rows per seed draws it.
 
-VOCAB = 8
+VOCAB = TINY_VOCAB_SIZE
 PROMPT = [0, 1, 2, 3, 4, 5, 6, 7, 3, 4, 5]  # every id occurs and repeats: prompt lookup always drafts
 ROWS = 512
 SEEDS = range(12)  # 6144 draws
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, build_hf):
-    """Target (2 layers) and a different random draft (1 layer), vocabulary 8, no tokenizer."""
-    root = tmp_path_factory.mktemp("spec_vocab8")
-    out = {}
-    for name, seed, layers in (("target", 3, 2), ("draft", 4, 1)):
-        hf = build_hf(root / f"hf_{name}", "llama", seed=seed, vocab_size=VOCAB, num_hidden_layers=layers)
-        os.remove(hf / "tokenizer.json")  # its 128 ids do not fit a vocabulary of 8
-        out[name] = jaxdec.load(convert(hf, root / name, progress=False))
-        assert out[name].config.vocab_size == VOCAB and out[name].tokenizer is None
-    return out
 
 
 _sequence_logits = jax.jit(sequence_logits, static_argnames=("cfg", "skip_layers"))
