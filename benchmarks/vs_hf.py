@@ -35,15 +35,14 @@ from benchmarks.common import (RESULTS_DIR, command_line, machine_info, refused_
 from jaxdec.cli import POSITIVE  # noqa: E402
 
 
-def hf_twins(sources: dict, workdir: Path) -> dict:
-    """name -> the transformers model of the jaxdec checkpoint `sources[name]`, exported to
-    workdir/name, so both sides decode the same float32 weights."""
+def hf_twin(source: str, folder: Path):
+    """The transformers model of the jaxdec checkpoint `source`, exported to `folder`, so both
+    sides decode the same float32 weights."""
     import torch
     import transformers
     from jaxdec.export import export
-    return {name: transformers.AutoModelForCausalLM.from_pretrained(export(source, workdir / name, progress=False),
-                                                                     dtype=torch.float32).eval()
-            for name, source in sources.items()}
+    return transformers.AutoModelForCausalLM.from_pretrained(export(source, folder, progress=False),
+                                                             dtype=torch.float32).eval()
 
 
 def hf_generate(hf, prompts, new_tokens, **options):
@@ -96,8 +95,7 @@ def main(argv=None):
                      f"pip install -e '.[bench]'")
     import torch
     with tempfile.TemporaryDirectory() as tmp:
-        hf = hf_twins({"target": args.target, "draft": args.draft}, Path(tmp))
-        hf_target, hf_draft = hf["target"], hf["draft"]
+        hf_target, hf_draft = hf_twin(args.target, Path(tmp) / "target"), hf_twin(args.draft, Path(tmp) / "draft")
         # Equal lengths (the shortest), so HF batches need no padding.
         ids = [prompt_ids(target.tokenizer, p, args.context) for p in texts]
         shortest = min(map(len, ids))
