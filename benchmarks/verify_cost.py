@@ -30,6 +30,11 @@ draft chain and verify forward looped alone and one after the other (`parts_time
 chain's cost beside the verify, less its cost alone, is what the target's step costs it, and
 the round, less the pair, is what acceptance and commit add; the chain after a plain read of
 as many bytes as the target's weights tells whether that cost is the caches the step empties.
+`--tree-rounds DxKxN ...` times greedy `spec.DraftTree(draft, D, K, N)` rounds on the same
+program and cache beside them (`tree_round_ms`): against a chain of N drafts, which verifies as
+many tokens, a tree round's extra cost is its drafting and bookkeeping; `DxKxN` with K = 1 grows
+a chain through the tree's code, which splits that cost into the tree machinery and the wider
+(K-row) draft steps.
 """
 
 from __future__ import annotations
@@ -95,26 +100,44 @@ def step_seconds(cfg, params, batch_size: int, context: int, num_tokens: int, it
     return best
 
 
-def round_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: int, num_drafts: int,
+def round_method(draft, shape):
+    """The spec object a timed round runs with the draft model `draft` (a jaxdec.Model): a
+    chain of `shape` drafts (int), or a tree of `shape` = (depth, top_k, max_nodes)."""
+    from jaxdec import spec
+    return spec.DraftModel(draft, num_tokens=shape) if isinstance(shape, int) else spec.DraftTree(draft, *shape)
+
+
+def tree_shape(text: str) -> tuple[int, int, int]:
+    """argparse type of --tree-rounds: "8x2x8" -> (8, 2, 8), depth x top_k x max_nodes as in
+    decode.py's tree:DxKxN (checked against the draft's vocabulary once it is known)."""
+    parts = text.split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"a tree shape is DEPTHxTOP_KxMAX_NODES of positive integers, e.g. 8x2x8, "
+                                         f"got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def round_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: int, shape,
                 iterations: int, slots: int):
     """A function that times, per call, the seconds per greedy round of
-    `spec.DraftModel(draft, num_drafts)` on generate()'s own decoding program
-    (`jaxdec.speculative.speculative_decode`, `iterations` rounds in one dispatch) after a
-    prompt of `context` tokens, with caches of `slots` slots (`round_slots`: the same for every
-    num_drafts, since attention reads all of them). num_drafts = 0 times plain decoding's
-    program (`jaxdec.steps.decode`) instead. Unlike the formula's sum of separately timed
-    steps, this includes the bookkeeping (acceptance, commit, the draft's catch-up read of two
-    tokens) and what each half costs the other (caches the other one evicted)."""
+    `round_method(draft, shape)` (a chain of `shape` drafts, or a DraftTree of that shape) on
+    generate()'s own decoding program (`jaxdec.speculative.speculative_decode`, `iterations`
+    rounds in one dispatch) after a prompt of `context` tokens, with caches of `slots` slots
+    (`round_slots`: the same for every method, since attention reads all of them).
+    shape = 0 times plain decoding's program (`jaxdec.steps.decode`) instead. Unlike the
+    formula's sum of separately timed steps, this includes the bookkeeping (acceptance,
+    commit, the draft's catch-up read of two tokens) and what each half costs the other
+    (caches the other one evicted)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jaxdec import spec, speculative, steps
+    from jaxdec import speculative, steps
     from jaxdec.cache import init_cache
     from jaxdec.generate import MAX_STOP_TOKENS
     from jaxdec.loading import Model
     from jaxdec.sampling import SamplingParams, row_keys
 
-    B, K = batch_size, num_drafts
+    B = batch_size
     new_tokens = slots - context
     tokens = np.zeros((B, slots), np.int32)
     tokens[:, :context] = np.random.default_rng(0).integers(3, target_cfg.vocab_size, (B, context))
@@ -124,14 +147,14 @@ def round_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: 
               no_stops, max_new)
     cache = init_cache(target_cfg, B, slots, params_dtype(target))
     bucket = min(steps.bucket(context, steps.MIN_PROMPT_BUCKET), slots)
-    if K == 0:
+    if shape == 0:
         state, cache = steps.prefill(target_cfg, target, cache, *inputs, prompt_bucket=bucket)
         start_point = (cache, state)  # every timed dispatch starts from a copy of it
         run = lambda cache, state: steps.decode(target_cfg, target, cache, state, greedy, no_stops, max_new,
                                                 num_steps=iterations)[0]
     else:
         target_model = Model(target_cfg, target)
-        drafter, dparams, dstate = spec.DraftModel(Model(draft_cfg, draft), num_tokens=K).build(target_model, B, slots)
+        drafter, dparams, dstate = round_method(Model(draft_cfg, draft), shape).build(target_model, B, slots)
         state, cache, dstate = speculative.prefill(target_cfg, drafter, target, dparams, cache, dstate, *inputs,
                                                    prompt_bucket=bucket)
         start_point = (cache, dstate, state)
@@ -270,6 +293,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=POSITIVE, nargs="*", default=[],
                         help="also time whole greedy DraftModel rounds of these draft lengths (each at most "
                              "--max-draft) on the decoding program itself, e.g. 4 8")
+    parser.add_argument("--tree-rounds", type=tree_shape, nargs="*", default=[],
+                        help="with --rounds, also time whole greedy DraftTree rounds of these shapes, "
+                             "DEPTHxTOP_KxMAX_NODES, e.g. 8x1x8 8x2x8")
     parser.add_argument("--acceptance", type=float, nargs="+", default=[0.6, 0.8])
     parser.add_argument("--iterations", type=POSITIVE, default=20, help="steps per timed loop")
     parser.add_argument("--repeats", type=POSITIVE, default=3)
@@ -277,6 +303,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if any(k > args.max_draft for k in args.rounds):
         parser.error(f"--rounds must be draft lengths in 1..--max-draft ({args.max_draft}), got {args.rounds}")
+    if args.tree_rounds and not args.rounds:
+        parser.error("--tree-rounds are timed beside chain rounds and plain decoding: give --rounds too")
     if not all(0 <= a <= 1 for a in args.acceptance):
         parser.error(f"--acceptance rates must be in [0, 1], got {args.acceptance}")
 
@@ -285,6 +313,7 @@ def main(argv=None):
     from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results
     from jaxdec import steps
     from jaxdec.config import ModelConfig
+    from jaxdec.loading import Model
     from jaxdec.model import init_params
 
     dtype = jnp.dtype(args.dtype)
@@ -293,6 +322,11 @@ def main(argv=None):
     widest = max([args.max_draft + 1, *args.tree_tokens])
     if args.context + widest > min(target_cfg.max_position_embeddings, draft_cfg.max_position_embeddings):
         parser.error(f"--context {args.context} plus {widest} tokens exceeds the models' context")
+    for shape in args.tree_rounds:  # refused now, not after minutes of timing
+        try:
+            round_method(Model(draft_cfg, None), shape)
+        except ValueError as err:
+            parser.error(f"--tree-rounds {'x'.join(map(str, shape))}: {err}")
     measure = lambda cfg, params, T: step_seconds(cfg, params, args.batch_size, args.context, T,
                                                    args.iterations, args.repeats)
 
@@ -311,13 +345,17 @@ def main(argv=None):
     rounds = {}
     if args.rounds:
         target = init_params(target_cfg, jax.random.key(0), dtype)
-        slots = round_slots(target_cfg, args.context, max(args.rounds), args.iterations)
+        # A tree round accepts at most as many drafts as its tree is deep (or has nodes).
+        longest = max([*args.rounds, *(min(depth, nodes) for depth, _, nodes in args.tree_rounds)])
+        slots = round_slots(target_cfg, args.context, longest, args.iterations)
         step_slots = steps.cache_bucket(target_cfg, args.context + widest)
         if slots != step_slots:  # attention reads every slot, so the two would not compare
             print(f"note: the rounds run with {slots} cache slots, the steps with {step_slots}; fewer --iterations "
                   f"give the rounds the steps' cache")
         common = (target_cfg, target, draft_cfg, draft, args.batch_size, args.context)
         timers = {(k, "round"): round_timer(*common, k, args.iterations, slots) for k in [0, *sorted(set(args.rounds))]}
+        timers.update({(shape, "tree round"): round_timer(*common, shape, args.iterations, slots)
+                       for shape in dict.fromkeys(args.tree_rounds)})
         filler = sweep_buffer(target)
         for k in sorted(set(args.rounds)):
             for part, chain, verify, sweep in PARTS:
@@ -328,6 +366,8 @@ def main(argv=None):
             for key, timer in timers.items():
                 best[key] = min(best[key], timer())
         rounds = {k: seconds for (k, part), seconds in best.items() if part == "round"}
+        tree_rounds = {"x".join(map(str, shape)): seconds for (shape, part), seconds in best.items()
+                       if part == "tree round"}
         parts = {k: {part: best[k, part] for part, *_ in PARTS} for k in rounds if k}
         formula_rounds = {k: k * draft_seconds + target_seconds[k + 1] for k in rounds}
         for k, formula in formula_rounds.items():
@@ -340,6 +380,9 @@ def main(argv=None):
                       f"{p['draft_chain_and_sweep'] - p['sweep']:.3f} ms after a sweep of the target's weight bytes; "
                       f"verify {p['verify']:.3f} ms; acceptance and commit add "
                       f"{rounds[k] * 1e3 - p['draft_chain_and_verify']:.3f} ms", flush=True)
+        for name, seconds in tree_rounds.items():
+            print(f"round of DraftTree {name} (depth x top_k x max_nodes): {seconds * 1e3:.3f} ms measured on the "
+                  f"decoding program ({seconds / rounds[0]:.2f}x plain decoding's step)", flush=True)
         del target, filler
     del draft
 
@@ -370,6 +413,8 @@ def main(argv=None):
         result["round_parts_ms"] = {str(k): {part: t * 1e3 for part, t in p.items()} for k, p in parts.items()}
         result["formula_round_ms"] = {str(k): f * 1e3 for k, f in formula_rounds.items()}
         # The formula's speedup with both of its costs measured on the programs generate() runs.
+        # DraftTree rounds (key: depth x top_k x max_nodes), on the same program and cache.
+        result["tree_round_ms"] = {name: seconds * 1e3 for name, seconds in tree_rounds.items()}
         result["measured_round_speedup"] = {
             str(a): {str(k): expected_tokens(a, k) * rounds[0] / r for k, r in rounds.items() if k} for a in args.acceptance}
     out = args.out or RESULTS_DIR / f"verify_cost_{args.target_shape}_{jax.default_backend()}.json"

@@ -58,10 +58,11 @@ def test_verify_cost_times_whole_rounds_on_the_decoding_programs(tmp_path):
     program, beside the formula's sum of separately timed steps."""
     out = tmp_path / "cost.json"
     result = verify_cost.main(["--target-shape", "demo-draft", "--draft-shape", "demo-draft", "--dtype", "float32",
-                               "--context", "16", "--max-draft", "2", "--rounds", "1", "2", "--iterations", "2",
-                               "--repeats", "1", "--acceptance", "0.5", "--out", str(out)])
+                               "--context", "16", "--max-draft", "2", "--rounds", "1", "2", "--tree-rounds", "3x2x2",
+                               "--iterations", "2", "--repeats", "1", "--acceptance", "0.5", "--out", str(out)])
     assert json.loads(out.read_text())["result"] == json.loads(json.dumps(result))
     assert set(result["round_ms"]) == {"0", "1", "2"} and all(ms > 0 for ms in result["round_ms"].values())
+    assert set(result["tree_round_ms"]) == {"3x2x2"} and result["tree_round_ms"]["3x2x2"] > 0
     assert result["round_cache_slots"] >= 16 + 2 * 3 + 1
     for k in (0, 1, 2):
         formula = k * result["draft_step_ms"] + result["target_step_ms"][str(k + 1)]
@@ -97,11 +98,19 @@ def test_the_demo_shapes_are_the_shipped_checkpoints():
         assert {k: getattr(config, k) for k in SHAPES[name]} == SHAPES[name]
 
 
-@pytest.mark.parametrize("args", [["--max-draft", "2", "--rounds", "3"], ["--rounds", "0"]])
-def test_verify_cost_refuses_rounds_it_cannot_compare(args, capsys):
+@pytest.mark.parametrize("args, says", [
+    (["--max-draft", "2", "--rounds", "3"], "--rounds"),
+    (["--rounds", "0"], "--rounds"),
+    (["--tree-rounds", "8x2x8"], "give --rounds too"),
+    (["--rounds", "2", "--tree-rounds", "8x2"], "DEPTHxTOP_KxMAX_NODES"),
+    (["--rounds", "2", "--tree-rounds", "8x0x8"], "DEPTHxTOP_KxMAX_NODES"),
+    # Checked against the draft's shape before any timing: a depth-2 tree of top_k 2 scores 6 nodes.
+    (["--draft-shape", "demo-draft", "--rounds", "2", "--tree-rounds", "2x2x7"], "--tree-rounds 2x2x7: max_nodes=7"),
+])
+def test_verify_cost_refuses_rounds_it_cannot_compare(args, says, capsys):
     with pytest.raises(SystemExit):
         verify_cost.main(args + ["--out", "/nonexistent/never-written.json"])
-    assert "--rounds" in capsys.readouterr().err
+    assert says in capsys.readouterr().err
 
 
 def test_verify_cost_refuses_a_bad_acceptance_rate():
