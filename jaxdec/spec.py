@@ -201,7 +201,7 @@ def _check_tree_options(depth, top_k, max_nodes, vocab_size):
 def _grown_levels(depth, max_nodes) -> int:
     """The levels worth growing: a node below level max_nodes is never kept (its ancestors
     alone fill the tree: none ranks below its descendants, and ties keep the shallower), so
-    deeper levels would only lengthen the compiled program (the levels are unrolled)."""
+    deeper levels would only cost each round a draft step that can change nothing."""
     return min(int(depth), int(max_nodes))
 
 
