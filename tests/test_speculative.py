@@ -191,7 +191,7 @@ def test_tree_levels_deeper_than_max_nodes_change_nothing(llama, noisy_draft, mo
     (its ancestors alone fill the tree). Checked with the cap lifted: depth max_nodes + 3
     verifies the same trees as depth max_nodes (the same tokens, accepted in the same steps)."""
     method = lambda depth: spec.DraftTree(noisy_draft, depth=depth, top_k=2, max_nodes=4)
-    assert method(7).build(llama, 4, 64)[0].depth == 4  # the program unrolls 4 levels, not 7
+    assert method(7).build(llama, 4, 64)[0].depth == 4  # each round grows 4 levels, not 7
     monkeypatch.setattr(spec, "_grown_levels", lambda depth, max_nodes: int(depth))
     assert method(7).build(llama, 4, 64)[0].depth == 7
     prompts = [[5, 17, 33, 2, 90], list(range(40, 52)), [9, 9, 9, 12]]
