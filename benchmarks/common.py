@@ -75,15 +75,19 @@ def command_line() -> str:
 
 
 def write_results(path, payload: dict) -> Path:
+    """Writes a benchmark's JSON with the git revision it was measured at (`git_revision`;
+    a payload may hold its own, as xla_flags.py's does, which returns it), so every results
+    file names the code that made it."""
     from jaxdec.storage import write_json
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_json(path, payload)
+    return write_json(path, payload if "git" in payload else {**payload, "git": git_revision()})
 
 
 def results_payload(benchmark: str, args, rows: list, skip=("out",), **extra_options) -> dict:
-    """What every benchmark's JSON holds: its name, the command, machine, versions and git
-    revision, the options it ran with (`args` without `skip`, plus `extra_options`) and rows."""
+    """What every benchmark's JSON holds: its name, the command, machine and versions, the
+    options it ran with (`args` without `skip`, plus `extra_options`) and rows (write_results
+    adds the git revision)."""
     options = {k: v for k, v in vars(args).items() if k not in skip} | extra_options
     return {"benchmark": benchmark, "command": command_line(), "machine": machine_info(), "versions": versions(),
-            "git": git_revision(), "options": options, "results": rows}
+            "options": options, "results": rows}

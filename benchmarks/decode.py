@@ -275,8 +275,8 @@ def main(argv=None):
     from tqdm import tqdm
     import jax
     import jaxdec
-    from benchmarks.common import (RESULTS_DIR, command_line, git_revision, machine_info, streamed_weight_bytes,
-                                   versions, write_results)
+    from benchmarks.common import (RESULTS_DIR, command_line, machine_info, streamed_weight_bytes, versions,
+                                   write_results)
     from jaxdec.sampling import SamplingParams
 
     with refused_in_one_line(parser):  # every mesh and the sampling made before anything runs
@@ -348,7 +348,6 @@ def main(argv=None):
         "command": command_line(),
         "machine": machine_info(),
         "versions": versions(),
-        "git": git_revision(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "progress")} | {"skip_layers": skip},
         "methods": results,
     }

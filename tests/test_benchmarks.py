@@ -482,3 +482,14 @@ def test_sampling_cost_refuses_bad_settings(args, capsys):
     with pytest.raises(SystemExit):
         sampling_cost.main(args + ["--out", "/nonexistent/never-written.json"])
     assert args[0] in capsys.readouterr().err
+
+
+def test_every_results_file_names_the_code_that_made_it(tmp_path):
+    import subprocess
+    from pathlib import Path
+    from benchmarks.common import write_results
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout
+    saved = json.loads(write_results(tmp_path / "result.json", {"benchmark": "b", "results": [1]}).read_text())
+    assert saved["benchmark"] == "b" and saved["results"] == [1]
+    assert saved["git"]["commit"] == head.strip() and isinstance(saved["git"]["modified"], list)
