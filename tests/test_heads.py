@@ -18,7 +18,7 @@ from jaxdec import spec
 from jaxdec.heads import (Heads, HeadsConfig, best_static_tree, eagle_forward, init_heads, load_heads,
                           save_heads)
 from jaxdec.loading import model_from_params
-from tests.test_speculative import HYPOTHESIS, ROUND_PROMPTS, _check_greedy_equal, greedy_cases, run_rounds
+from tests.test_speculative import PER_COMBO, ROUND_PROMPTS, _check_greedy_equal, greedy_case, run_rounds
 
 
 def random_heads(model, kind, seed=0, num_heads=3, tree=(), scale=0.3):
@@ -70,20 +70,24 @@ MEDUSA_COMBOS = [(8, ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0))),
                  (4, ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0), (1,), (0, 1), (0, 0, 1))),
                  (1, ((0,),))]
 # (batch bucket, max_nodes, depth, top_k)
-EAGLE_COMBOS = [(8, 6, 3, 2), (1, 4, 4, 1), (4, 12, 4, 3), (4, 1, 1, 1)]
+EAGLE_COMBOS = [(8, 6, 3, 2), (1, 4, 4, 1), (4, 12, 4, 3), (4, 1, 1, 1), (1, 2, 1, 2)]
 
 
-@HYPOTHESIS
-@given(case=greedy_cases(MEDUSA_COMBOS), data=st.data())
-def test_greedy_medusa_equals_plain(llama, medusa, case, data):
-    (_, paths), prompts, max_new_tokens = case
+@pytest.mark.parametrize("combo", MEDUSA_COMBOS)
+@PER_COMBO
+@given(data=st.data())
+def test_greedy_medusa_equals_plain(llama, medusa, combo, data):
+    _, paths = combo
+    prompts, max_new_tokens = greedy_case(data, combo)
     _check_greedy_equal(llama, prompts, max_new_tokens, spec.Medusa(medusa, paths), data)
 
 
-@HYPOTHESIS
-@given(case=greedy_cases(EAGLE_COMBOS), data=st.data())
-def test_greedy_eagle_equals_plain(llama, eagle, case, data):
-    (_, max_nodes, depth, top_k), prompts, max_new_tokens = case
+@pytest.mark.parametrize("combo", EAGLE_COMBOS)
+@PER_COMBO
+@given(data=st.data())
+def test_greedy_eagle_equals_plain(llama, eagle, combo, data):
+    _, max_nodes, depth, top_k = combo
+    prompts, max_new_tokens = greedy_case(data, combo)
     _check_greedy_equal(llama, prompts, max_new_tokens, spec.Eagle(eagle, depth=depth, top_k=top_k,
                                                                    max_nodes=max_nodes), data)
 

@@ -161,8 +161,10 @@ def grow_tree(depth: int, top_k: int, max_nodes: int, root_logits, root_carry, e
         carry = jax.tree.map(lambda x: x[rows, parent], carry)
         return cand_token, cand_score, cand_parent, cand_slot, group_q, first + best, carry, seen, dcache
 
-    grown = (cand_token, cand_score, cand_parent, cand_slot, group_q, frontier, carry, seen, dcache)
-    cand_token, cand_score, cand_parent, cand_slot, group_q, _, _, _, dcache = jax.lax.fori_loop(1, depth, grow, grown)
+    if depth > 1:  # (a tree of depth 1 is the root's children: no level to grow, nor room for one)
+        grown = (cand_token, cand_score, cand_parent, cand_slot, group_q, frontier, carry, seen, dcache)
+        cand_token, cand_score, cand_parent, cand_slot, group_q, _, _, _, dcache = jax.lax.fori_loop(1, depth, grow,
+                                                                                                     grown)
 
     # Keep the best max_nodes. Top-k children (greedy) are ranked by their own score. Sampled
     # children must stay draws of their parent's q in draw order, so no child may be kept or
