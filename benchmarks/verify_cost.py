@@ -310,7 +310,7 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-    from benchmarks.common import RESULTS_DIR, command_line, machine_info, versions, write_results
+    from benchmarks.common import RESULTS_DIR, command_line, machine_info, refused_in_one_line, versions, write_results
     from jaxdec import steps
     from jaxdec.config import ModelConfig
     from jaxdec.loading import Model
@@ -323,10 +323,8 @@ def main(argv=None):
     if args.context + widest > min(target_cfg.max_position_embeddings, draft_cfg.max_position_embeddings):
         parser.error(f"--context {args.context} plus {widest} tokens exceeds the models' context")
     for shape in args.tree_rounds:  # refused now, not after minutes of timing
-        try:
+        with refused_in_one_line(parser, f"--tree-rounds {'x'.join(map(str, shape))}: "):
             round_method(Model(draft_cfg, None), shape)
-        except ValueError as err:
-            parser.error(f"--tree-rounds {'x'.join(map(str, shape))}: {err}")
     measure = lambda cfg, params, T: step_seconds(cfg, params, args.batch_size, args.context, T,
                                                    args.iterations, args.repeats)
 

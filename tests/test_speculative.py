@@ -36,8 +36,11 @@ pytestmark = pytest.mark.filterwarnings("error:Some donated buffers were not usa
 MAX_PROMPT = 16   # prompt bucket 16
 MAX_NEW = 40      # 16 + 40 <= 64 cache slots
 BATCHES = {1: (1, 1), 4: (3, 4), 8: (5, 8)}  # batch bucket -> batch sizes drawn in it
-HYPOTHESIS = settings(max_examples=12, deadline=None, database=None,
-                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# The greedy tests run every combo of their list (a pytest parameter), each with a few drawn
+# cases: combos drawn by hypothesis from the list could go unrun (a depth-1 DraftTree that
+# failed to compile once passed several local runs that way, and failed in CI).
+PER_COMBO = settings(max_examples=4, deadline=None, database=None,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,12 +110,6 @@ def prompt_rows(draw, batch):
         else:
             rows.append(draw(st.lists(st.integers(0, VOCAB_SIZE - 1), min_size=n, max_size=n)))
     return rows
-
-
-# The greedy tests run every combo of their list (a pytest parameter), each with a few drawn
-# cases: combos drawn by hypothesis from the list could go unrun (a depth-1 DraftTree that
-# failed to compile once passed several local runs that way, and failed in CI).
-PER_COMBO = settings(HYPOTHESIS, max_examples=4)
 
 
 def greedy_case(data, combo):
