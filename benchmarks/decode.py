@@ -65,32 +65,52 @@ METHODS = {
 }
 
 
-def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, heads=None, pearl_draft=None):
-    """A method name, optionally with its own draft length: "draft:6", "lookup:10", or a
-    tree's shape: "tree:5x4x32" (depth x top_k x max_nodes), "lookup:8x4" (length x matches),
-    "eagle:5x4x32", "medusa:24" (nodes), "sparse:256" (budget), "sparse:256x6" (budget x draft
-    length), "triforce:256x6" (the same, with the draft model drafting for the sparse target). `heads`: {"medusa": Heads, "eagle": Heads}."""
+# What may follow each method's name after a colon (integers joined by "x"): "draft:6",
+# "tree:5x4x32" (depth x top_k x max_nodes), "lookup:8x4" (length x matches), "medusa:24"
+# (nodes), "sparse:256x6" (budget x draft length; triforce the same, with the draft model).
+METHOD_OPTIONS = {"ar": (), "draft": ("K",), "draft-confidence": ("K",), "draft-schedule": ("K",), "pearl": ("K",),
+                  "pearl-seq": ("K",), "layerskip": ("K",), "tree": ("DxKxN",), "eagle": ("DxKxN",), "medusa": ("N",),
+                  "lookup": ("K", "KxC"), "sparse": ("B", "BxK"), "triforce": ("B", "BxK")}
+
+
+def method_options(method: str) -> tuple[str, tuple[int, ...]]:
+    """"tree:8x2x8" -> ("tree", (8, 2, 8)). A ValueError naming the method for an unknown name
+    or options its name does not take ("tree:8x2", "ar:4", "lookup:8x4x2", "draft:x"), so a
+    typo is refused before anything loads rather than run with a default in its place."""
+    name, colon, text = method.partition(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    parts = text.split("x") if colon else []
+    forms = METHOD_OPTIONS[name]
+    if colon and not (all(p.isdigit() for p in parts) and len(parts) in {len(f.split("x")) for f in forms}):
+        takes = " or ".join(f"{name}:{f}" for f in forms) or "no options"
+        raise ValueError(f"method {method!r}: {name} takes {takes} (integers)")
+    return name, tuple(int(p) for p in parts)
+
+
+def build_method(method, target, draft, num_tokens, skip_layers, confidence=0.3, heads=None, pearl_draft=None):
+    """The jaxdec.spec object of a method name and its options (`method_options`); `num_tokens`
+    is the draft length of those not given one. `heads`: {"medusa": Heads, "eagle": Heads}."""
     import jaxdec
     from jaxdec.heads import best_static_tree
     spec = jaxdec.spec
-    name, _, k = name.partition(":")
-    if name == "tree":
-        return spec.DraftTree(draft, *(int(x) for x in k.split("x"))) if k else spec.DraftTree(draft)
-    if name == "eagle":
-        return spec.Eagle(heads["eagle"], *(int(x) for x in k.split("x"))) if k else spec.Eagle(heads["eagle"])
-    if name == "medusa":
-        medusa = heads["medusa"]
-        return spec.Medusa(medusa, best_static_tree(medusa.config.accuracy, int(k)) if k else None)
-    if name == "lookup" and "x" in k:
-        length, candidates = (int(x) for x in k.split("x"))
-        return spec.PromptLookup(max_ngram=3, num_tokens=length, num_candidates=candidates)
-    if name in ("sparse", "triforce"):
-        budget, _, length = k.partition("x")
-        return spec.SparseSelf(budget=int(budget) if budget else 1024, num_tokens=int(length) if length else num_tokens,
-                               draft=draft if name == "triforce" else None)
-    num_tokens = int(k) if k else num_tokens
+    name, opts = method_options(method)
     if name == "ar":
         return None
+    if name == "tree":
+        return spec.DraftTree(draft, *opts)
+    if name == "eagle":
+        return spec.Eagle(heads["eagle"], *opts)
+    if name == "medusa":
+        medusa = heads["medusa"]
+        return spec.Medusa(medusa, best_static_tree(medusa.config.accuracy, *opts) if opts else None)
+    if name == "lookup":
+        return spec.PromptLookup(max_ngram=3, num_tokens=opts[0] if opts else 2 * num_tokens,
+                                 num_candidates=opts[1] if len(opts) > 1 else 1)
+    if name in ("sparse", "triforce"):
+        return spec.SparseSelf(budget=opts[0] if opts else 1024, num_tokens=opts[1] if len(opts) > 1 else num_tokens,
+                               draft=draft if name == "triforce" else None)
+    num_tokens = opts[0] if opts else num_tokens
     if name == "draft":
         return spec.DraftModel(draft, num_tokens)
     if name in ("pearl", "pearl-seq"):
@@ -99,9 +119,7 @@ def build_method(name, target, draft, num_tokens, skip_layers, confidence=0.3, h
         return spec.DraftModel(draft, num_tokens, confidence_threshold=confidence)
     if name == "draft-schedule":
         return spec.DraftModel(draft, num_tokens, adaptive_schedule=True)
-    if name == "layerskip":
-        return spec.LayerSkip(skip_layers, num_tokens)
-    return spec.PromptLookup(max_ngram=3, num_tokens=int(k) if k else 2 * num_tokens)
+    return spec.LayerSkip(skip_layers, num_tokens)
 
 
 def load_prompts(categories):
@@ -228,7 +246,8 @@ def main(argv=None):
     parser.add_argument("--medusa", default="demo-medusa", help="Medusa heads (jaxdec.load_heads)")
     parser.add_argument("--eagle", default="demo-eagle", help="an EAGLE layer (jaxdec.load_heads)")
     parser.add_argument("--methods", default="ar,draft,layerskip,lookup",
-                        help="comma-separated; NAME:K sets that method's draft length, e.g. draft:6")
+                        help="comma-separated; NAME:OPTIONS as in METHOD_OPTIONS, e.g. draft:6 (a draft length), "
+                             "tree:8x2x8 (depth x top_k x max_nodes)")
     parser.add_argument("--num-tokens", type=POSITIVE, default=4)
     parser.add_argument("--skip-layers", default=None, help="comma-separated; default: every other inner layer")
     parser.add_argument("--confidence-threshold", type=float, default=0.3, help="of draft-confidence")
@@ -257,9 +276,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     methods = args.methods.split(",")
-    for m in (m.partition(":")[0] for m in methods):
-        if m not in METHODS:
-            parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    with refused_in_one_line(parser, "--methods: "):
+        for m in methods:
+            method_options(m)
     from jaxdec import sharding, steps
     with refused_in_one_line(parser):
         batch_sizes = parse_list(args.batch_size, "--batch-size")

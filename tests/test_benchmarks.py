@@ -271,6 +271,21 @@ def test_decode_benchmark_builds_sparse_self_from_its_name():
         build("sparse:8")
 
 
+def test_decode_method_options_take_only_their_forms():
+    """Each name takes its own count of integers after the colon, and nothing else: a tree's
+    shape with a part missing was run with max_nodes' default in its place."""
+    from benchmarks import decode
+    assert decode.method_options("tree:8x2x8") == ("tree", (8, 2, 8))
+    assert decode.method_options("lookup:8") == ("lookup", (8,)) and decode.method_options("ar") == ("ar", ())
+    assert decode.method_options("sparse:256x6") == ("sparse", (256, 6))
+    for bad, says in [("tree:8x2", "tree takes tree:DxKxN"), ("ar:4", "ar takes no options"),
+                      ("lookup:8x4x2", "lookup:K or lookup:KxC"), ("medusa:8x2", "medusa:N"), ("draft:x", "draft:K"),
+                      ("tree:", "tree:DxKxN"), ("trees:8", "unknown method 'trees'")]:
+        with pytest.raises(ValueError, match=says):
+            decode.method_options(bad)
+    assert set(decode.METHOD_OPTIONS) == set(decode.METHODS)
+
+
 def test_decode_prompts_reach_long_contexts_and_fit_the_model():
     """A context longer than a prompt's own is preceded by the other prompts' contexts; one that
     would leave no room for the new tokens is cut."""
@@ -334,7 +349,9 @@ def test_decode_benchmark_runs_the_pallas_kernels(tmp_path, monkeypatch):
                                   ["--temperature", "1", "--top-k", "-2"], ["--num-prompts", "0"],
                                   ["--max-new-tokens", "0"], ["--target", "/nonexistent/model"],
                                   ["--methods", "draft", "--draft", "demo-medusa"],
-                                  ["--methods", "layerskip", "--skip-layers", "99"], ["--skip-layers", "1,a"]])
+                                  ["--methods", "layerskip", "--skip-layers", "99"], ["--skip-layers", "1,a"],
+                                  ["--methods", "ar,tree:8x2"], ["--methods", "eagle:6x2x8x1"], ["--methods", "ar:4"],
+                                  ["--methods", "lookup:8x4x2"], ["--methods", "draft:"], ["--methods", "tree:8x-2x8"]])
 def test_decode_benchmark_refuses_bad_settings(args, capsys):
     from benchmarks import decode
     with pytest.raises(SystemExit):
