@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bandwidth import SHAPES  # noqa: E402
-from jaxdec.cli import POSITIVE  # noqa: E402
+from jaxdec.cli import POSITIVE, tree_shape as parse_tree_shape  # noqa: E402
 
 
 def expected_tokens(acceptance: float, num_drafts: int) -> float:
@@ -109,12 +109,12 @@ def round_method(draft, shape):
 
 def tree_shape(text: str) -> tuple[int, int, int]:
     """argparse type of --tree-rounds: "8x2x8" -> (8, 2, 8), depth x top_k x max_nodes as in
-    decode.py's tree:DxKxN (checked against the draft's vocabulary once it is known)."""
-    parts = text.split("x")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"a tree shape is DEPTHxTOP_KxMAX_NODES of positive integers, e.g. 8x2x8, "
-                                         f"got {text!r}")
-    return tuple(int(p) for p in parts)
+    decode.py's tree:DxKxN and `jaxdec generate --tree` (checked against the draft's vocabulary
+    once it is known)."""
+    try:
+        return parse_tree_shape(text, "--tree-rounds")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def round_timer(target_cfg, target, draft_cfg, draft, batch_size: int, context: int, shape,

@@ -65,11 +65,12 @@ def build_speculative(args, target):
     return jaxdec.spec.PromptLookup(max_ngram=args.max_ngram, num_tokens=args.num_tokens)
 
 
-def tree_shape(text: str) -> tuple[int, int, int]:
-    """"DEPTHxTOP_KxMAX_NODES" -> (depth, top_k, max_nodes)."""
+def tree_shape(text: str, flag: str = "--tree") -> tuple[int, int, int]:
+    """"DEPTHxTOP_KxMAX_NODES" -> (depth, top_k, max_nodes), each >= 1 (benchmarks/verify_cost.py's
+    --tree-rounds reads them so too); a ValueError naming `flag` and the text otherwise."""
     parts = text.lower().split("x")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"--tree must be DEPTHxTOP_KxMAX_NODES, e.g. 5x4x32, got {text!r}")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"{flag} must be DEPTHxTOP_KxMAX_NODES of positive integers, e.g. 5x4x32, got {text!r}")
     return tuple(int(p) for p in parts)
 
 

@@ -52,7 +52,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
     assert err.strip().splitlines() == ["jaxdec: error: skipped layer index 7 is out of range for a model with 2 layers"]
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "tree",
                                              "--draft", llama_dir, "--tree", "5x4"])
-    assert code == 2 and err.strip() == "jaxdec: error: --tree must be DEPTHxTOP_KxMAX_NODES, e.g. 5x4x32, got '5x4'"
+    assert code == 2 and err.strip() == "jaxdec: error: --tree must be DEPTHxTOP_KxMAX_NODES of positive integers, e.g. 5x4x32, got '5x4'"
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", "/no/such/checkpoint"])
     assert code == 2 and "no checkpoint at '/no/such/checkpoint'" in err
 
