@@ -185,6 +185,11 @@ def test_counts_and_rates_are_refused_in_one_line(module, args, capsys):
     ("vs_hf", ["--draft", "/nonexistent/model"], r"no checkpoint at '/nonexistent/model'"),
     ("vs_hf", ["--batch-sizes", "1,0"], r"--batch-sizes must be .*>= 1, got '1,0'"),
     ("vs_hf", ["--category", "poetry"], r"unknown category 'poetry'"),
+    ("draft_agreement", ["--category", "poetry"], r"unknown category 'poetry'"),
+    ("draft_agreement", ["--draft", "demo-medusa"], r"holds draft heads, not a model"),
+    ("draft_agreement", ["--context", "-1"], r"--context must be >= 0, got -1"),
+    ("draft_agreement", ["--confidence-thresholds", "0", "-0.5"], r"argument --confidence-thresholds: must be >= 0"),
+    ("draft_agreement", ["--num-tokens", "4", "0"], r"argument --num-tokens: must be >= 1"),
 ])
 def test_checkpoints_and_lists_are_refused_in_one_line(module, args, reason, capsys):
     """A missing checkpoint or a bad list was a traceback from deep in the script."""
@@ -194,6 +199,43 @@ def test_checkpoints_and_lists_are_refused_in_one_line(module, args, reason, cap
     assert stop.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.match(r"\S+: error: ", last) and re.search(reason, last), last  # argparse's "PROG: error: ..."
+
+
+def test_draft_agreement_replays_greedy_chains():
+    """Rounds accept the run of agreements from their start, at most the chain (ended early
+    after an unsure token), then emit one token of the target's, never past the row's end."""
+    from benchmarks.draft_agreement import predicted
+    agree, sure = np.array([1, 1, 0, 1, 1, 1], bool), np.ones(6)
+    assert predicted([(agree, sure)], 2) == (6, 2)     # 2 accepted + 1, then 2 + 1
+    assert predicted([(agree, sure)], 4) == (6, 2)     # 2 + 1, then 3 accepted, cut at the end
+    assert predicted([(agree, sure)], 1) == (6, 4)     # 1 + 1, 0 + 1, 1 + 1, 1 + 0 (end)
+    unsure = np.array([0.9, 0.4, 0.9, 0.9, 0.9, 0.9])
+    assert predicted([(agree, unsure)], 4, threshold=0.5) == (6, 2)  # the chain ends after token 1
+    assert predicted([(np.ones(6, bool), unsure)], 8) == (6, 1)  # all 6 accepted, nothing after
+    assert predicted([(np.ones(6, bool), unsure)], 8, threshold=0.5) == (6, 2)  # 2 + 1, then 3 (end)
+    assert predicted([(agree, sure), (np.zeros(3, bool), sure[:3])], 2) == (9, 5)
+
+
+def test_draft_agreement_predicts_what_generate_reports(tmp_path):
+    """The script's tokens and rounds for each chain length and threshold are exactly those of
+    greedy DraftModel decoding of the same prompts (pooled: tokens after each row's first, and
+    the rows' target steps): the replay is the acceptance rule, not an estimate of it."""
+    import jaxdec
+    from benchmarks import draft_agreement, decode
+    out = tmp_path / "agree.json"
+    payload = draft_agreement.main(["--num-prompts", "3", "--context", "48", "--max-new-tokens", "24",
+                                    "--num-tokens", "2", "5", "--confidence-thresholds", "0", "0.1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["chains"] == payload["chains"] and len(saved["chains"]) == 4
+    assert 0 < saved["summary"]["agreement"] < 1 and saved["summary"]["tokens"] == 3 * 23
+    target, draft = jaxdec.load("demo-target"), jaxdec.load("demo-draft")
+    texts = decode.load_prompts(["code"])["code"][:3]
+    prompts = [decode.prompt_ids(target.tokenizer, p, 48, [q["context"] for q in texts[i + 1:] + texts[:i]])
+               for i, p in enumerate(texts)]
+    for chain in saved["chains"]:
+        method = jaxdec.spec.DraftModel(draft, chain["num_tokens"], confidence_threshold=chain["confidence_threshold"])
+        stats = jaxdec.generate(target, prompts, max_new_tokens=24, speculative=method).stats
+        assert (chain["tokens"], chain["rounds"]) == (stats.new_tokens - len(prompts), stats.active_row_steps), chain
 
 
 def test_vs_hf_without_transformers_says_what_to_install(monkeypatch, capsys):
