@@ -39,17 +39,20 @@ def versions(*extra: str) -> dict:
     return out
 
 
-def git_revision() -> dict:
-    """The repository's commit and the tracked files that differ from it (None outside git)."""
+def git_revision(root: Path | None = None) -> dict:
+    """The repository's commit, the tracked files that differ from it, and untracked code files
+    (a script not committed yet made the result; None outside git)."""
     import subprocess
-    root = Path(__file__).resolve().parent.parent
+    root = root or Path(__file__).resolve().parent.parent
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10,
                                         check=True).stdout
         changed = run("status", "--porcelain", "--untracked-files=no").splitlines()  # "XY path"
-        return {"commit": run("rev-parse", "HEAD").strip(), "modified": [line[3:] for line in changed if line.strip()]}
+        untracked = run("ls-files", "--others", "--exclude-standard", "--", "*.py", "*.sh").splitlines()
+        return {"commit": run("rev-parse", "HEAD").strip(), "modified": [line[3:] for line in changed if line.strip()],
+                "untracked_code": untracked}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "modified": None}
+        return {"commit": None, "modified": None, "untracked_code": None}
 
 
 @contextlib.contextmanager

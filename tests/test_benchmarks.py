@@ -552,3 +552,23 @@ def test_every_results_file_names_the_code_that_made_it(tmp_path):
     saved = json.loads(write_results(tmp_path / "result.json", {"benchmark": "b", "results": [1]}).read_text())
     assert saved["benchmark"] == "b" and saved["results"] == [1]
     assert saved["git"]["commit"] == head.strip() and isinstance(saved["git"]["modified"], list)
+
+
+def test_git_revision_names_edited_and_uncommitted_code(tmp_path):
+    """A result made by an edited file, or by a script not committed yet, says so."""
+    import subprocess
+    from benchmarks.common import git_revision
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "kept.py").write_text("x = 1\n")
+    git("add", "kept.py")
+    git("commit", "-q", "-m", "one")
+    clean = git_revision(tmp_path)
+    assert clean["modified"] == [] and clean["untracked_code"] == [] and len(clean["commit"]) == 40
+    (tmp_path / "kept.py").write_text("x = 2\n")
+    (tmp_path / "new_script.py").write_text("")
+    (tmp_path / "notes.txt").write_text("")  # not code
+    dirty = git_revision(tmp_path)
+    assert dirty["modified"] == ["kept.py"] and dirty["untracked_code"] == ["new_script.py"]
+    assert dirty["commit"] == clean["commit"]
