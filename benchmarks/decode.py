@@ -130,6 +130,14 @@ def load_prompts(categories):
     return {c: data[c] for c in categories}
 
 
+def category_prompts(tokenizer, texts: list[dict], count: int, context: int, max_tokens: int | None = None):
+    """Token ids of the first `count` prompts of a category at `context` tokens (`prompt_ids`):
+    a context shorter than that is preceded by the category's other contexts (the next
+    prompts', in turn), whatever `count` is."""
+    return [prompt_ids(tokenizer, p, context, [q["context"] for q in texts[i + 1:] + texts[:i]], max_tokens)
+            for i, p in enumerate(texts[:count])]
+
+
 def prompt_ids(tokenizer, prompt: dict, context: int, filler=(), max_tokens: int | None = None) -> list[int]:
     """The last `context` tokens of the prompt's context, then its task.
 
@@ -327,12 +335,9 @@ def main(argv=None):
         devices = 1 if shape is None else shape[0] * shape[1]
         for category, texts in prompt_sets.items():
             for context in contexts:
-                # Short contexts are preceded by the category's other contexts (the next prompts',
-                # in turn); the prompt plus the new tokens must fit the model's positions.
+                # The prompt plus the new tokens must fit the model's positions.
                 room = target.config.max_position_embeddings - args.max_new_tokens
-                prompts = [prompt_ids(target.tokenizer, p, context, [q["context"] for q in texts[i + 1:] + texts[:i]],
-                                      max_tokens=room)
-                           for i, p in enumerate(texts[:args.num_prompts])]
+                prompts = category_prompts(target.tokenizer, texts, args.num_prompts, context, room)
                 used = [len(ids) - len(target.tokenizer.encode(p["task"]).ids)
                         for ids, p in zip(prompts, texts)]
                 if min(used) < context:

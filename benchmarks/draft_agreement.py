@@ -31,8 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import command_line, machine_info, refused_in_one_line, versions, write_results  # noqa: E402
-from benchmarks.decode import load_prompts, prompt_ids  # noqa: E402
-from jaxdec.cli import POSITIVE, WEIGHT  # noqa: E402
+from benchmarks.decode import category_prompts, load_prompts  # noqa: E402
+from jaxdec.cli import COUNT, POSITIVE, WEIGHT  # noqa: E402
+from jaxdec.spec import _check_draft_model  # noqa: E402
 
 FIRST = 32  # agreement is reported over a row's first FIRST new tokens and over the rest apart
 
@@ -50,7 +51,7 @@ def draft_reads(draft, prompts: list[list[int]], outputs: list[list[int]]):
     probs = jax.nn.softmax(jax.jit(sequence_logits, static_argnums=0)(draft.config, draft.params, tokens), axis=-1)
     guess, confidence = np.asarray(jnp.argmax(probs, -1)), np.asarray(jnp.max(probs, -1))
     reads = []
-    for row, p, o in zip(range(len(rows)), prompts, outputs):
+    for row, (p, o) in enumerate(zip(prompts, outputs)):
         at = slice(len(p), len(p) + len(o) - 1)  # the positions predicting new tokens 1..n-1
         reads.append((guess[row, at] == np.asarray(o[1:], np.int64), confidence[row, at]))
     return reads
@@ -61,19 +62,14 @@ def predicted(reads, num_tokens: int, threshold: float = 0.0) -> tuple[int, int]
     confidence_threshold=threshold) chains: each round accepts the run of agreements from its
     start, at most the chain's length, then emits the target's own token (the correction or
     the bonus), never past the row's end."""
+    leading = lambda flags: int(np.argmin(flags)) if not flags.all() else len(flags)  # leading Trues
     tokens = rounds = 0
     for agree, confidence in reads:
         at, end = 0, len(agree)
         while at < end:
-            length = 0  # the chain: up to num_tokens, ended early after an unsure token
-            while length < num_tokens and at + length < end:
-                length += 1
-                if confidence[at + length - 1] < threshold:
-                    break
-            accepted = 0
-            while accepted < length and agree[at + accepted]:
-                accepted += 1
-            emitted = min(accepted + 1, end - at)
+            sure = confidence[at:at + num_tokens] >= threshold  # the chain ends after its first unsure token
+            length = min(leading(sure) + 1, len(sure))
+            emitted = min(leading(agree[at:at + length]) + 1, end - at)
             tokens, rounds, at = tokens + emitted, rounds + 1, at + emitted
     return tokens, rounds
 
@@ -97,28 +93,23 @@ def main(argv=None):
     parser.add_argument("--target", default="demo-target")
     parser.add_argument("--draft", default="demo-draft")
     parser.add_argument("--category", default="code", help="one of benchmarks/data/prompts.json's categories")
-    parser.add_argument("--context", type=int, default=256, help="tokens of each prompt's context (as decode.py)")
+    parser.add_argument("--context", type=COUNT, default=256, help="tokens of each prompt's context (as decode.py)")
     parser.add_argument("--num-prompts", type=POSITIVE, default=12)
     parser.add_argument("--max-new-tokens", type=POSITIVE, default=128)
     parser.add_argument("--num-tokens", type=POSITIVE, nargs="+", default=[4, 8, 12, 16], help="chain lengths")
     parser.add_argument("--confidence-thresholds", type=WEIGHT, nargs="+", default=[0.0])
     parser.add_argument("--out", default="benchmarks/results/draft_agreement.json")
     args = parser.parse_args(argv)
-    if args.context < 0:
-        parser.error(f"--context must be >= 0, got {args.context}")
 
     import jaxdec
     with refused_in_one_line(parser):  # an unknown category, a missing checkpoint, a draft of another vocabulary
-        texts = load_prompts([args.category])[args.category][:args.num_prompts]
+        texts = load_prompts([args.category])[args.category]
         target, draft = jaxdec.load(args.target), jaxdec.load(args.draft)
-        if draft.config.vocab_size != target.config.vocab_size:
-            raise ValueError(f"the draft model's vocabulary (vocab_size={draft.config.vocab_size}) differs from the "
-                             f"target's (vocab_size={target.config.vocab_size})")
+        _check_draft_model("draft_agreement.py", draft, target, 0, same_devices=False)  # what DraftModel checks
         if target.tokenizer is None:
             raise ValueError(f"--target {args.target!r} has no tokenizer; the prompts are text")
     room = target.config.max_position_embeddings - args.max_new_tokens
-    prompts = [prompt_ids(target.tokenizer, p, args.context, [q["context"] for q in texts[i + 1:] + texts[:i]],
-                          max_tokens=room) for i, p in enumerate(texts)]
+    prompts = category_prompts(target.tokenizer, texts, args.num_prompts, args.context, room)
     outputs = jaxdec.generate(target, prompts, max_new_tokens=args.max_new_tokens).tokens
     reads = draft_reads(draft, prompts, outputs)
     rows = []

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import command_line, machine_info, refused_in_one_line, versions, write_results  # noqa: E402
-from benchmarks.decode import load_prompts, parse_list, prompt_ids  # noqa: E402
+from benchmarks.decode import category_prompts, load_prompts, parse_list  # noqa: E402
 from jaxdec.cli import POSITIVE  # noqa: E402
 
 
@@ -89,8 +89,7 @@ def main(argv=None):
     rate = lambda timings: sum(n for n, _ in timings) / sum(s for _, s in timings)  # pooled over the batches
     progress = tqdm(total=len(contexts) * (1 + len(methods)), desc="lossy agreement")
     for context in contexts:
-        prompts = [prompt_ids(target.tokenizer, p, context, [q["context"] for q in texts[i + 1:] + texts[:i]],
-                              max_tokens=room) for i, p in enumerate(texts[:args.num_prompts])]
+        prompts = category_prompts(target.tokenizer, texts, args.num_prompts, context, room)
         dense, dense_runs = [], []
         for start in range(0, len(prompts), args.batch_size):
             tokens, run = timed(target, prompts[start:start + args.batch_size], args.max_new_tokens, None)

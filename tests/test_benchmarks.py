@@ -166,6 +166,7 @@ def test_long_context_attention_refuses_bad_settings(args, capsys):
     ("tree_attention", ["--iterations", "0"]), ("bandwidth", ["--batch-size", "0"]),
     ("bandwidth", ["--copy-gib", "0"]), ("scaling_model", ["--efficiency", "0"]),
     ("scaling_model", ["--model-sizes", "0"]), ("vs_hf", ["--num-tokens", "0"]), ("vs_hf", ["--repeats", "-1"]),
+    ("draft_agreement", ["--context", "-1"]),
 ])
 def test_counts_and_rates_are_refused_in_one_line(module, args, capsys):
     """A zero or negative count stops at the argument (it was a ZeroDivisionError or an empty
@@ -187,7 +188,6 @@ def test_counts_and_rates_are_refused_in_one_line(module, args, capsys):
     ("vs_hf", ["--category", "poetry"], r"unknown category 'poetry'"),
     ("draft_agreement", ["--category", "poetry"], r"unknown category 'poetry'"),
     ("draft_agreement", ["--draft", "demo-medusa"], r"holds draft heads, not a model"),
-    ("draft_agreement", ["--context", "-1"], r"--context must be >= 0, got -1"),
     ("draft_agreement", ["--confidence-thresholds", "0", "-0.5"], r"argument --confidence-thresholds: must be >= 0"),
     ("draft_agreement", ["--num-tokens", "4", "0"], r"argument --num-tokens: must be >= 1"),
 ])
@@ -229,9 +229,8 @@ def test_draft_agreement_predicts_what_generate_reports(tmp_path):
     assert saved["chains"] == payload["chains"] and len(saved["chains"]) == 4
     assert 0 < saved["summary"]["agreement"] < 1 and saved["summary"]["tokens"] == 3 * 23
     target, draft = jaxdec.load("demo-target"), jaxdec.load("demo-draft")
-    texts = decode.load_prompts(["code"])["code"][:3]
-    prompts = [decode.prompt_ids(target.tokenizer, p, 48, [q["context"] for q in texts[i + 1:] + texts[:i]])
-               for i, p in enumerate(texts)]
+    texts = decode.load_prompts(["code"])["code"]
+    prompts = decode.category_prompts(target.tokenizer, texts, 3, 48)
     for chain in saved["chains"]:
         method = jaxdec.spec.DraftModel(draft, chain["num_tokens"], confidence_threshold=chain["confidence_threshold"])
         stats = jaxdec.generate(target, prompts, max_new_tokens=24, speculative=method).stats

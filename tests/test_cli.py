@@ -53,6 +53,9 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "tree",
                                              "--draft", llama_dir, "--tree", "5x4"])
     assert code == 2 and err.strip() == "jaxdec: error: --tree must be DEPTHxTOP_KxMAX_NODES of positive integers, e.g. 5x4x32, got '5x4'"
+    code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "tree",
+                                             "--draft", llama_dir, "--tree", "5x0x32"])  # refused here, not by DraftTree
+    assert code == 2 and err.strip().endswith("got '5x0x32'") and "positive integers" in err
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", "/no/such/checkpoint"])
     assert code == 2 and "no checkpoint at '/no/such/checkpoint'" in err
 
