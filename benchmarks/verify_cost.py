@@ -10,7 +10,11 @@ cache holding `--context` tokens:
     T = 1 is a plain decoding step), each the forward, the cache write and the LM head;
   * with --tree-tokens, wider verify steps too (a tree of N nodes is T = N + 1 tokens; the
     ancestor mask costs nothing over a causal one);
-  * the draft model's 1-token step.
+  * the draft model's 1-token step;
+  * what each further verified token costs (`verify_token_ms`, the slope over widths 2 and up)
+    and the rate of the target's matmuls that gives (`verify_token_gflop_per_s`), beside a
+    large square matmul's rate on the same machine (`large_matmul_gflop_per_s`): how far the
+    few-row products of a verify are from what the machine's matmuls reach.
 Each timing is many steps inside one jitted loop (no host round trip between them), the best
 of `--repeats`. From these costs the standard formula (Leviathan et al. 2023) gives the
 speedup of k drafts at per-token acceptance rate a:
@@ -65,6 +69,36 @@ def formula_speedup(acceptance: float, num_drafts: int, step_seconds: float, ver
     return expected_tokens(acceptance, num_drafts) * step_seconds / round_seconds
 
 
+def token_cost(step_seconds: dict[int, float]) -> float | None:
+    """Seconds each further token adds to a step of two or more (the least-squares slope of the
+    step's time over its width, widths from 2 on), or None with fewer than two such widths.
+    Width 1 is left out: a 1-token step is matrix-vector products, which XLA:CPU runs with
+    kernels of their own, so its time is not on the wider steps' line."""
+    import numpy as np
+    widths = sorted(T for T in step_seconds if T >= 2)
+    if len(widths) < 2:
+        return None
+    return float(np.polyfit(widths, [step_seconds[T] for T in widths], 1)[0])
+
+
+def matmul_rate(dtype, repeats: int) -> float:
+    """GFLOP/s of one large square matmul in `dtype` (1024 on a CPU, 8192 on an accelerator),
+    the best of `repeats`: what the machine's matmuls reach when rows are many, the yardstick
+    for `verify_token_gflop_per_s`."""
+    import jax
+    import jax.numpy as jnp
+    n = 1024 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
+    product = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(product(a))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(product(a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
 def step_seconds(cfg, params, batch_size: int, context: int, num_tokens: int, iterations: int, repeats: int) -> float:
     """Seconds per target step over `num_tokens` new tokens against a cache of `context` tokens."""
     import jax
@@ -72,6 +106,7 @@ def step_seconds(cfg, params, batch_size: int, context: int, num_tokens: int, it
     from jaxdec import steps
     from jaxdec.cache import init_cache
     from jaxdec.model import causal_mask, forward
+    from jaxdec.sampling import argmax
 
     B, T = batch_size, num_tokens
     cache = init_cache(cfg, B, steps.cache_bucket(cfg, context + T), params_dtype(params))
@@ -85,7 +120,7 @@ def step_seconds(cfg, params, batch_size: int, context: int, num_tokens: int, it
         def body(_, carry):
             cache, tokens = carry
             logits, _, cache = forward(cfg, params, tokens, positions, cache, causal_mask(B, T))
-            return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return cache, argmax(logits)  # generate()'s argmax (jnp.argmax is slower on XLA:CPU)
         return jax.lax.fori_loop(0, iterations, body, (cache, tokens))
     run = jax.jit(run, donate_argnums=1)
 
@@ -310,7 +345,8 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-    from benchmarks.common import RESULTS_DIR, command_line, machine_info, refused_in_one_line, versions, write_results
+    from benchmarks.common import (RESULTS_DIR, command_line, machine_info, refused_in_one_line, streamed_weight_bytes,
+                                   versions, write_results)
     from jaxdec import steps
     from jaxdec.config import ModelConfig
     from jaxdec.loading import Model
@@ -329,6 +365,7 @@ def main(argv=None):
                                                    args.iterations, args.repeats)
 
     target = init_params(target_cfg, jax.random.key(0), dtype)
+    target_flops = 2 * streamed_weight_bytes(Model(target_cfg, target)) // dtype.itemsize  # per token
     target_seconds = {}
     # A tree verify costs what a chain of as many tokens costs: only the mask differs.
     for T in sorted({*range(1, args.max_draft + 2), *args.tree_tokens}):
@@ -336,6 +373,14 @@ def main(argv=None):
         print(f"target {args.target_shape} T={T}: {target_seconds[T] * 1e3:.3f} ms "
               f"({target_seconds[T] / target_seconds[1]:.3f}x a 1-token step)", flush=True)
     del target
+    per_token = token_cost(target_seconds)
+    # None where the slope is not positive: at a tiny shape, noise can outweigh the tokens.
+    token_gflops = target_flops * args.batch_size / per_token / 1e9 if per_token and per_token > 0 else None
+    peak_gflops = matmul_rate(dtype, args.repeats)
+    if per_token is not None:
+        print(f"each further verified token: {per_token * 1e3:.3f} ms"
+              + (f", {token_gflops:.0f} GFLOP/s of the weights' matmuls" if token_gflops else "")
+              + f" (a large matmul: {peak_gflops:.0f} GFLOP/s)")
     draft = init_params(draft_cfg, jax.random.key(1), dtype)
     draft_seconds = measure(draft_cfg, draft, 1)
     t1 = target_seconds[1]
@@ -399,6 +444,12 @@ def main(argv=None):
         "batch_size": args.batch_size, "context": args.context, "attn_impl": args.attn_impl,
         "target_step_ms": {str(T): s * 1e3 for T, s in target_seconds.items()},
         "verify_over_step": {str(T): s / t1 for T, s in target_seconds.items()},
+        # What one more verified token costs (token_cost), and the rate of the weights' matmuls
+        # that cost gives (2 flops per streamed parameter per token in each row; attention's
+        # flops are left out), beside a large matmul's rate (matmul_rate) on the same machine.
+        "verify_token_ms": None if per_token is None else per_token * 1e3,
+        "verify_token_gflop_per_s": token_gflops,
+        "large_matmul_gflop_per_s": peak_gflops,
         "draft_step_ms": draft_seconds * 1e3,
         "draft_over_target_step": draft_seconds / t1,
         "formula_speedup": speedups,

@@ -17,6 +17,13 @@ def test_expected_tokens_matches_the_geometric_series():
     assert verify_cost.expected_tokens(1.0, 4) == 5.0
 
 
+def test_token_cost_is_the_slope_over_widths_from_two():
+    # 1 ms a step plus 0.25 ms a token from width 2 on; the 1-token step is off that line.
+    steps = {1: 0.5e-3, **{T: 1e-3 + 0.25e-3 * T for T in (2, 3, 5, 9)}}
+    assert verify_cost.token_cost(steps) == pytest.approx(0.25e-3)
+    assert verify_cost.token_cost({1: 1e-3, 2: 2e-3}) is None  # one width from 2 on: no slope
+
+
 def test_verify_cost_times_the_pallas_kernels_too(tmp_path, monkeypatch):
     """--attn-impl pallas: the steps run the tree-attention kernel (interpret mode on CPU)."""
     from pallas_kernels import tree_attention as kernel_module
@@ -48,6 +55,11 @@ def test_verify_cost_runs_and_writes_its_results(tmp_path):
     assert saved["result"] == json.loads(json.dumps(result))
     assert set(result["target_step_ms"]) == {"1", "2", "3", "5"}
     assert result["verify_over_step"]["1"] == 1.0
+    steps = {int(T): ms for T, ms in result["target_step_ms"].items()}
+    assert result["verify_token_ms"] == pytest.approx(verify_cost.token_cost(steps))
+    gflops = result["verify_token_gflop_per_s"]  # None only where noise made the slope <= 0
+    assert (gflops is None) == (result["verify_token_ms"] <= 0)
+    assert result["large_matmul_gflop_per_s"] > 0
     best = result["formula_speedup"]["0.8"]
     assert best["best_speedup"] == max(best["per_num_drafts"].values())
     assert "command" in saved and "machine" in saved and "versions" in saved
