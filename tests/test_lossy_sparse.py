@@ -119,12 +119,15 @@ def test_agreement_benchmark(tmp_path):
     got = agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 9, 4], [5, 6, 7, 8]])
     assert got == {"identical_rows": 0.5, "first_divergence": 3.0, "token_agreement": 0.875}
     out = tmp_path / "lossy.json"
-    main(["--context", "200", "--budgets", "48", "--selection-layers", "default,0", "--num-prompts", "2",
+    main(["--context", "200", "--budgets", "48,1024", "--selection-layers", "default,0", "--num-prompts", "2",
           "--max-new-tokens", "4", "--batch-size", "1", "--out", str(out)])
     results = json.loads(out.read_text())["results"]
     for r in results:  # rates pooled over the two batches: all tokens over all seconds
         assert r["speedup_vs_dense"] == pytest.approx(r["tokens_per_second"] / r["dense_tokens_per_second"])
-    assert [(r["budget"], r["selection_layers"]) for r in results] == [(48, "default"), (48, [0])]
+    assert [(r["budget"], r["selection_layers"]) for r in results] == [
+        (48, "default"), (48, [0]), (1024, "default"), (1024, [0])]
+    # A budget past the whole cache keeps every page: decoding is dense, every row identical.
+    assert all(r["identical_rows"] == 1.0 and r["token_agreement"] == 1.0 for r in results if r["budget"] == 1024)
     assert all(0 <= r["token_agreement"] <= 1 and r["speedup_vs_dense"] > 0 for r in results)
     with pytest.raises(SystemExit):
         main(["--budgets", "8", "--out", str(out)])
