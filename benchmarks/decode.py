@@ -88,7 +88,7 @@ def method_options(method: str) -> tuple[str, tuple[int, ...]]:
     return name, tuple(int(p) for p in parts)
 
 
-def build_method(method, target, draft, num_tokens, skip_layers, confidence=0.3, heads=None, pearl_draft=None):
+def build_method(method, target, draft, num_tokens, skip_layers, confidence=0.02, heads=None, pearl_draft=None):
     """The jaxdec.spec object of a method name and its options (`method_options`); `num_tokens`
     is the draft length of those not given one. `heads`: {"medusa": Heads, "eagle": Heads}."""
     import jaxdec
@@ -258,7 +258,9 @@ def main(argv=None):
                              "tree:8x2x8 (depth x top_k x max_nodes)")
     parser.add_argument("--num-tokens", type=POSITIVE, default=4)
     parser.add_argument("--skip-layers", default=None, help="comma-separated; default: every other inner layer")
-    parser.add_argument("--confidence-threshold", type=float, default=0.3, help="of draft-confidence")
+    parser.add_argument("--confidence-threshold", type=float, default=0.02,
+                        help="of draft-confidence (0.02: the shipped draft's top probability is low even where it "
+                             "agrees with the target; benchmarks/README.md, 'Adaptive draft length')")
     parser.add_argument("--repeats", type=POSITIVE, default=3,
                         help="timed passes; each (method, prompt batch) keeps its fastest, which filters out "
                              "the noise of a shared machine")
