@@ -38,6 +38,9 @@ SETTINGS = {
     "ynn_individual_dot": "--xla_cpu_experimental_ynn_fusion_type=individual_dot",
     "single_thread": "--xla_cpu_multi_thread_eigen=false",
     "no_ynn_single_thread": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_multi_thread_eigen=false",
+    # The other matmul libraries XLA:CPU can hand dots to (experimental in jaxlib 0.10).
+    "onednn_dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
+    "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",
 }
 
 
