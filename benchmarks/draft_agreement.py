@@ -45,11 +45,13 @@ def draft_reads(draft, prompts: list[list[int]], outputs: list[list[int]]):
     import jax
     import jax.numpy as jnp
     from jaxdec.model import sequence_logits
+    from jaxdec.sampling import argmax
     rows = [list(p) + list(o) for p, o in zip(prompts, outputs)]
     width = max(map(len, rows))  # right padding: causal attention keeps it out of every real position
     tokens = jnp.asarray([r + [0] * (width - len(r)) for r in rows], jnp.int32)
-    probs = jax.nn.softmax(jax.jit(sequence_logits, static_argnums=0)(draft.config, draft.params, tokens), axis=-1)
-    guess, confidence = np.asarray(jnp.argmax(probs, -1)), np.asarray(jnp.max(probs, -1))
+    logits = jax.jit(sequence_logits, static_argnums=0)(draft.config, draft.params, tokens)
+    # The guess from the logits, as a greedy chain takes it (a softmax can round a near-tie to a tie).
+    guess, confidence = np.asarray(argmax(logits)), np.asarray(jnp.max(jax.nn.softmax(logits, axis=-1), -1))
     reads = []
     for row, (p, o) in enumerate(zip(prompts, outputs)):
         at = slice(len(p), len(p) + len(o) - 1)  # the positions predicting new tokens 1..n-1
