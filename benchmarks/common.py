@@ -23,6 +23,8 @@ def machine_info() -> dict:
         "devices": [str(d.device_kind) for d in jax.devices()],
         # Not on the command line, yet it changes the numbers (device count, CPU code paths).
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        # None is the backend's default: TF32 on recent GPUs, one bfloat16 pass on TPUs.
+        "default_matmul_precision": jax.config.jax_default_matmul_precision,
     }
 
 

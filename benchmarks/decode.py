@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import plots  # noqa: E402
 from benchmarks.common import refused_in_one_line  # noqa: E402
+from jaxdec import storage  # noqa: E402
 from jaxdec.cli import POSITIVE  # noqa: E402
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "prompts.json"
@@ -277,6 +278,8 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=1.0, help="sampling filter (1: off)")
     parser.add_argument("--attn-impl", choices=("xla", "pallas"), default="xla",
                         help="the target's attention (jaxdec.load's attn_impl): on a CPU pallas runs interpreted")
+    parser.add_argument("--dtype", choices=sorted(storage.DTYPES), default=None,
+                        help="cast every model and head set on load (default: the stored dtype)")
     parser.add_argument("--mesh", nargs="+", default=None,
                         help="one or more meshes, e.g. data=1,model=8 data=2,model=4 (none: one device)")
     parser.add_argument("--cpu-devices", type=POSITIVE, default=None,
@@ -314,11 +317,11 @@ def main(argv=None):
     results = []
     for shape, mesh in meshes:
         with refused_in_one_line(parser):  # a missing or wrong checkpoint, --skip-layers that are not layers
-            target = jaxdec.load(args.target, mesh=mesh, attn_impl=args.attn_impl)
-            draft = jaxdec.load(args.draft, mesh=mesh) if any(m.startswith(("draft", "tree", "triforce")) for m in methods) else None
+            target = jaxdec.load(args.target, dtype=args.dtype, mesh=mesh, attn_impl=args.attn_impl)
+            draft = jaxdec.load(args.draft, dtype=args.dtype, mesh=mesh) if any(m.startswith(("draft", "tree", "triforce")) for m in methods) else None
             skip = (parse_list(args.skip_layers, "--skip-layers", low=0) if args.skip_layers
                     else list(range(1, target.config.num_hidden_layers - 1, 2)))
-            heads = {kind: jaxdec.load_heads(getattr(args, kind), mesh=mesh) for kind in ("medusa", "eagle")
+            heads = {kind: jaxdec.load_heads(getattr(args, kind), dtype=args.dtype, mesh=mesh) for kind in ("medusa", "eagle")
                      if any(m.partition(":")[0] == kind for m in methods)}
         if max(skip, default=0) >= target.config.num_hidden_layers:
             parser.error(f"--skip-layers {args.skip_layers}: the target has {target.config.num_hidden_layers} layers")
@@ -328,7 +331,7 @@ def main(argv=None):
         if any(m.startswith("pearl") for m in methods):  # the draft on a device the target does not use
             used = set(mesh.devices.flat) if mesh is not None else {jax.devices()[0]}
             spare = [d for d in jax.devices() if d not in used] or jax.devices()[-1:]
-            pearl_draft = jaxdec.load(args.draft, mesh=jaxdec.make_mesh(devices=spare[:1]))
+            pearl_draft = jaxdec.load(args.draft, dtype=args.dtype, mesh=jaxdec.make_mesh(devices=spare[:1]))
         with refused_in_one_line(parser, f"--methods {args.methods!r}: "):  # e.g. sparse:8 or draft:x
             specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold, heads,
                                      pearl_draft) for m in methods}

@@ -395,6 +395,32 @@ def test_decode_benchmark_runs_the_pallas_kernels(tmp_path, monkeypatch):
     assert calls  # the kernel was traced into the decoding program
 
 
+def test_decode_benchmark_casts_every_model_to_its_dtype(tmp_path, monkeypatch):
+    """--dtype bfloat16: the target, the draft and the heads are all loaded in bfloat16, the
+    file records it (and JAX's default matmul precision, which moves numbers too), and the
+    target's bandwidth counts 2 bytes per weight."""
+    import jax
+    import jax.numpy as jnp
+    import jaxdec
+    from benchmarks import decode
+    loaded = []
+    for name in ("load", "load_heads"):
+        real = getattr(jaxdec, name)
+        monkeypatch.setattr(jaxdec, name, lambda *a, _real=real, **k: loaded.append(_real(*a, **k)) or loaded[-1])
+    out = tmp_path / "bench.json"
+    with jax.default_matmul_precision("highest"):
+        decode.main(["--methods", "ar,draft,medusa", "--num-prompts", "1", "--max-new-tokens", "6", "--context",
+                     "16", "--repeats", "1", "--dtype", "bfloat16", "--no-progress", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["dtype"] == "bfloat16"
+    assert saved["machine"]["default_matmul_precision"] == "highest"
+    assert len(loaded) == 3 and all(leaf.dtype == jnp.bfloat16 for m in loaded for leaf in jax.tree.leaves(m.params))
+    target = loaded[0]
+    weights = sum(leaf.size for leaf in jax.tree.leaves(target.params)) - target.params["embed_tokens"]["embedding"].size
+    for e in saved["methods"]:
+        assert e["target_weight_gb_per_s"] == pytest.approx(2 * weights * e["target_steps"] / e["decode_seconds"] / 1e9)
+
+
 @pytest.mark.parametrize("args", [["--context", "16,x"], ["--batch-size", "0"], ["--category", "poetry"],
                                   ["--mesh", "data=64,model=2"], ["--methods", "ar,telepathy"],
                                   ["--cpu-devices", "0"], ["--methods", "ar,sparse:8"], ["--methods", "sparse:abc"],
@@ -404,7 +430,8 @@ def test_decode_benchmark_runs_the_pallas_kernels(tmp_path, monkeypatch):
                                   ["--methods", "draft", "--draft", "demo-medusa"],
                                   ["--methods", "layerskip", "--skip-layers", "99"], ["--skip-layers", "1,a"],
                                   ["--methods", "ar,tree:8x2"], ["--methods", "eagle:6x2x8x1"], ["--methods", "ar:4"],
-                                  ["--methods", "lookup:8x4x2"], ["--methods", "draft:"], ["--methods", "tree:8x-2x8"]])
+                                  ["--methods", "lookup:8x4x2"], ["--methods", "draft:"], ["--methods", "tree:8x-2x8"],
+                                  ["--dtype", "float16"]])
 def test_decode_benchmark_refuses_bad_settings(args, capsys):
     from benchmarks import decode
     with pytest.raises(SystemExit):
