@@ -3,7 +3,7 @@
     jaxdec generate ["PROMPT"] [--model demo-target] [--draft demo-draft] [--method draft]
                     [--num-tokens 4] [--tree 5x4x32] [--heads demo-medusa|demo-eagle]
                     [--max-new-tokens 128] [--temperature 0]
-                    [--top-p 1] [--top-k 0] [--seed 0] [--mesh data=1,model=8]
+                    [--top-p 1] [--top-k 0] [--seed 0] [--dtype bfloat16] [--mesh data=1,model=8]
 
 With no prompt argument the prompt is read from standard input when it is piped, else a demo
 prompt is used. The text is streamed as it is accepted; the stats follow on stderr.
@@ -43,15 +43,16 @@ DEMO_PROMPT = "def fibonacci(n):"
 
 def build_speculative(args, target):
     import jaxdec
-    mesh = target.config.mesh
+    # The draft and heads where the target is, in the dtype asked for.
+    place = dict(dtype=args.dtype, mesh=target.config.mesh)
     if args.method == "ar":
         return None
     if args.method == "draft":
-        return jaxdec.spec.DraftModel(jaxdec.load(args.draft, mesh=mesh), num_tokens=args.num_tokens)
+        return jaxdec.spec.DraftModel(jaxdec.load(args.draft, **place), num_tokens=args.num_tokens)
     if args.method == "tree":
-        return jaxdec.spec.DraftTree(jaxdec.load(args.draft, mesh=mesh), *tree_shape(args.tree))
+        return jaxdec.spec.DraftTree(jaxdec.load(args.draft, **place), *tree_shape(args.tree))
     if args.method in ("medusa", "eagle"):
-        heads = jaxdec.load_heads(args.heads or f"demo-{args.method}", mesh=mesh)
+        heads = jaxdec.load_heads(args.heads or f"demo-{args.method}", **place)
         if args.method == "medusa":
             return jaxdec.spec.Medusa(heads)
         return jaxdec.spec.Eagle(heads, *tree_shape(args.tree))
@@ -60,7 +61,7 @@ def build_speculative(args, target):
         skip = args.skip_layers if args.skip_layers is not None else list(range(1, layers - 1, 2))
         return jaxdec.spec.LayerSkip(skip, num_tokens=args.num_tokens)
     if args.method in ("sparse", "triforce"):
-        draft = jaxdec.load(args.draft, mesh=mesh) if args.method == "triforce" else None
+        draft = jaxdec.load(args.draft, **place) if args.method == "triforce" else None
         return jaxdec.spec.SparseSelf(budget=args.budget, num_tokens=args.num_tokens, draft=draft)
     return jaxdec.spec.PromptLookup(max_ngram=args.max_ngram, num_tokens=args.num_tokens)
 
@@ -83,7 +84,7 @@ def generate_command(args) -> int:
     from jaxdec import sharding
     sharding.initialize_distributed()
     mesh = None if args.mesh is None else jaxdec.make_mesh(*sharding.parse_mesh(args.mesh))
-    target = jaxdec.load(args.model, mesh=mesh)
+    target = jaxdec.load(args.model, dtype=args.dtype, mesh=mesh)
     # Every process computes; process 0 speaks for them.
     out_stream, err_stream = (sys.stdout, sys.stderr) if jax_process_index() == 0 else (io.StringIO(), io.StringIO())
     if target.tokenizer is None:
@@ -123,6 +124,7 @@ def jax_process_index() -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from jaxdec import storage
     top = argparse.ArgumentParser(prog="jaxdec", description="Lossless speculative decoding in JAX.")
     commands = top.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it")
@@ -149,6 +151,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=sorted(storage.DTYPES), default=None,
+                     help="cast the models on load (default: as stored); bfloat16 may leave plain decoding's "
+                          "tokens at near-ties (README, 'Numerics')")
     gen.add_argument("--mesh", default=None,
                      help="shard over a device mesh, e.g. data=1,model=8 (default: one device)")
     gen.set_defaults(run=generate_command)

@@ -39,6 +39,26 @@ def test_streams_the_same_text_as_generate(capsys, monkeypatch, llama_dir, metho
         assert float(stats.group(4)) > 2
 
 
+def test_dtype_casts_the_target_and_its_drafter(capsys, monkeypatch):
+    """--dtype bfloat16 loads the target and the heads (as the draft: one `place` serves every
+    drafter) in bfloat16 and prints what generate gives with them (the same method: in
+    bfloat16 plain decoding may differ at a near-tie, README "Numerics")."""
+    import jax
+    import jax.numpy as jnp
+    loaded = []
+    for name in ("load", "load_heads"):
+        real = getattr(jaxdec, name)
+        monkeypatch.setattr(jaxdec, name, lambda *a, _real=real, **k: loaded.append(_real(*a, **k)) or loaded[-1])
+    prompt = "def add(a, b):"
+    code, out, _ = run(capsys, monkeypatch, ["generate", prompt, "--method", "medusa", "--max-new-tokens", "8",
+                                             "--dtype", "bfloat16"])
+    assert code == 0 and len(loaded) == 2
+    assert all(leaf.dtype == jnp.bfloat16 for m in loaded for leaf in jax.tree.leaves(m.params))
+    target, heads = loaded
+    expected = jaxdec.generate(target, [prompt], max_new_tokens=8, speculative=jaxdec.spec.Medusa(heads)).texts[0]
+    assert out == prompt + expected + "\n"
+
+
 def test_reads_the_prompt_from_stdin(capsys, monkeypatch, llama_dir):
     code, out, _ = run(capsys, monkeypatch, ["generate", "--model", llama_dir, "--method", "ar",
                                              "--max-new-tokens", "5"], stdin="x = 1\n")
