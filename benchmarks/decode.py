@@ -188,7 +188,7 @@ def run_configuration(target, specs, prompts, batch_size, args, tqdm, label):
 
     totals = {m: {"new_tokens": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0, "target_steps": 0,
                   "active_row_steps": 0, "rows": 0, "identical": 0, "wall_seconds": 0.0,
-                  "rounds_drafted_ahead": 0} for m in methods}
+                  "rounds_drafted_ahead": 0, "first_differences": []} for m in methods}
     for batch in tqdm(batches, desc=f"{label}: timed", disable=not args.progress):
         # Methods take turns, repeat after repeat, so a slow spell of the machine falls on all
         # of them alike; each keeps its fastest run.
@@ -211,9 +211,35 @@ def run_configuration(target, specs, prompts, batch_size, args, tqdm, label):
             t["active_row_steps"] += out.stats.active_row_steps
             t["rows"] += len(batch)
             t["identical"] += sum(a == b for a, b in zip(out.tokens, reference))
+            if args.temperature == 0:
+                t["first_differences"] += first_differences(target, batch, reference, out.tokens)
     for m in methods:
         totals[m]["compile_seconds"] = max(0.0, warmup_seconds[m] - totals[m]["wall_seconds"])
     return totals
+
+
+def first_differences(target, prompts, reference, tokens) -> list[dict]:
+    """Where each greedy row that is not the reference's first differs: the new token's index
+    and how far apart the target's logits for the two tokens are there (its own forward over
+    the prompt and the common part). Rounding makes them differ only at near-ties (README,
+    "Numerics"); a large gap would be a bug."""
+    import jaxdec
+    out = []
+    for prompt, want, got in zip(prompts, reference, tokens):
+        if want == got:
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        if at is None:  # one stopped earlier at the same tokens
+            out.append({"at": min(len(want), len(got)), "logit_gap": None})
+            continue
+        logits = jaxdec.logits(target, list(prompt) + list(want[:at]))[-1]
+        out.append({"at": at, "logit_gap": float(abs(logits[want[at]] - logits[got[at]]))})
+    return out
+
+
+def largest_gap(entry) -> str:
+    gaps = [d["logit_gap"] for d in entry.get("first_differences", []) if d["logit_gap"] is not None]
+    return f", first differing where the target's two logits are at most {max(gaps):.2g} apart" if gaps else ""
 
 
 def entries(totals, config: dict, weight_bytes: int):
@@ -244,6 +270,7 @@ def entries(totals, config: dict, weight_bytes: int):
             "rounds_drafted_ahead": t["rounds_drafted_ahead"],
             "compile_seconds": t["compile_seconds"],
             "rows_identical_to_first_method": t["identical"] / t["rows"],
+            "first_differences": t["first_differences"],
         })
     return out
 
@@ -365,7 +392,7 @@ def main(argv=None):
                               f"target weights {r['target_weight_gb_per_s']:.1f} GB/s  "
                               f"identical {r['rows_identical_to_first_method']:.0%}")
     differing = [f"{r['method']} ({r['category']}, context {r['context']}, batch {r['batch_size']}, mesh "
-                 f"{r['mesh']}): {r['rows_identical_to_first_method']:.0%}" for r in results
+                 f"{r['mesh']}): {r['rows_identical_to_first_method']:.0%}{largest_gap(r)}" for r in results
                  if r["rows_identical_to_first_method"] < 1.0]
     if args.temperature == 0:
         print(f"rows identical to {methods[0]}'s tokens: "

@@ -395,6 +395,23 @@ def test_decode_benchmark_runs_the_pallas_kernels(tmp_path, monkeypatch):
     assert calls  # the kernel was traced into the decoding program
 
 
+def test_decode_first_differences_measure_the_tie():
+    """A row that leaves the reference at new token 3 for the target's second-best token there
+    is reported at 3 with the gap between the two best logits; equal rows are not reported."""
+    import jaxdec
+    from benchmarks import decode
+    target = jaxdec.load("demo-target")
+    prompts = [[1, 40, 41, 42], [1, 50, 51]]
+    reference = jaxdec.generate(target, prompts, max_new_tokens=6, stop_token_ids=[]).tokens
+    logits = jaxdec.logits(target, prompts[1] + list(reference[1][:3]))[-1]
+    best, second = np.argsort(-logits)[:2]
+    assert best == reference[1][3]
+    other = [list(reference[0]), list(reference[1][:3]) + [int(second), 7]]
+    got = decode.first_differences(target, prompts, [list(r) for r in reference], other)
+    assert got == [{"at": 3, "logit_gap": pytest.approx(float(logits[best] - logits[second]))}]
+    assert "at most" in decode.largest_gap({"first_differences": got})
+
+
 def test_decode_benchmark_casts_every_model_to_its_dtype(tmp_path, monkeypatch):
     """--dtype bfloat16: the target, the draft and the heads are all loaded in bfloat16, the
     file records it (and JAX's default matmul precision, which moves numbers too), and the
