@@ -16,7 +16,8 @@
 #   verify_pallas the same through the Pallas kernels (attn_impl="pallas"): 1, 2 and 65 tokens;
 #   decode      the demo pair end to end with attn_impl="pallas" (float32: the Triton tree
 #               kernel in every verify): tokens/s, and every method's tokens equal plain decoding's
-#               (matrix products in true float32, not JAX's TF32 default: README, "Numerics");
+#               (generate() runs a float32 model's products in true float32, not JAX's TF32
+#               default: README, "Numerics");
 #   long        one layer's attention at 8B shapes up to 128k slots: dense, sparse and the
 #               kernels (split-K decode, sparse pages, tree);
 #   sampling    the top-k / top-p cut (32 passes over the vocabulary) against a sort, at a
@@ -47,7 +48,7 @@ step verify 140 python benchmarks/verify_cost.py --target-shape llama3-8b --draf
 step verify_pallas 80 python benchmarks/verify_cost.py --target-shape llama3-8b --draft-shape llama3.2-1b \
     --dtype bfloat16 --context 1024 --max-draft 1 --tree-tokens 65 --attn-impl pallas \
     --out "$OUT/verify_cost_pallas_$gpu.json"
-step decode 60 env JAX_DEFAULT_MATMUL_PRECISION=highest python benchmarks/decode.py --methods ar,draft:8,tree:16x2x16,eagle:8x3x16 --category code \
+step decode 60 python benchmarks/decode.py --methods ar,draft:8,tree:16x2x16,eagle:8x3x16 --category code \
     --num-prompts 4 --repeats 2 --attn-impl pallas --no-progress --out "$OUT/decode_code_b1_pallas_$gpu.json"
 step long 80 python benchmarks/long_context_attention.py --shapes llama3-8b --contexts 4096 32768 131072 \
     --batch-sizes 1 --no-progress --out "$OUT/long_context_attention_$gpu.json"

@@ -7,12 +7,15 @@ is done, and unpads the result. The steps themselves live in `jaxdec.steps`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Iterable
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdec import sharding, spec, speculative as spec_steps, steps
@@ -98,6 +101,22 @@ def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:
     return np.array(ids + [-1] * (MAX_STOP_TOKENS - len(ids)), np.int32)
 
 
+def float32_products(fn):
+    """Runs `fn(model, ...)` with the matrix products of a float32 model in float32. JAX's
+    default on GPUs and TPUs is TF32 or a bfloat16 pass, which rounds a verify's wide products
+    and a 1-token step's apart enough to flip a near-tie (README, "Numerics"): the lossless
+    guarantee is for float32 weights, so they get float32 arithmetic. A precision the user set
+    (jax_default_matmul_precision) is kept; on a CPU nothing changes."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        exact = (isinstance(model, Model) and model.dtype == jnp.float32
+                 and jax.config.jax_default_matmul_precision is None)
+        with jax.default_matmul_precision("highest") if exact else contextlib.nullcontext():
+            return fn(model, *args, **kwargs)
+    return run
+
+
+@float32_products
 def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
              stop_token_ids=None, speculative=None, on_progress=None) -> GenerateOutput:
@@ -229,6 +248,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     return GenerateOutput(tokens=new, texts=texts, stats=stats)
 
 
+@float32_products
 def logits(model: Model, token_ids) -> np.ndarray:
     """Next-token logits [len(token_ids), vocab_size] (float32) at every position."""
     ids = encode_prompts(model, [token_ids])[0] if not isinstance(token_ids, str) else None

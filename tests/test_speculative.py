@@ -563,6 +563,25 @@ def test_commit_leaves_the_cache_of_plain_decoding(llama, noisy_draft, make, tem
     check(dstate.cache, plain_cache(noisy_draft.config, noisy_draft.params), np.asarray(state.lengths) - 2)
 
 
+def test_float32_models_run_float32_products(llama, converted_dirs, monkeypatch):
+    """The lossless guarantee is for float32 weights, so generate() and logits() trace a float32
+    model's products at 'highest' precision (JAX's default is TF32 / a bfloat16 pass on
+    accelerators); a bfloat16 model and a precision the user set are left alone."""
+    from jaxdec import steps
+    seen = []
+    record = lambda _tokens: seen.append(jax.config.jax_default_matmul_precision)
+    score = steps.score
+    monkeypatch.setattr(steps, "score", lambda *a, **k: record(None) or score(*a, **k))
+    bf16 = jaxdec.load(converted_dirs["llama"], dtype="bfloat16")
+    for model, user, want in ((llama, None, "highest"), (llama, "bfloat16", "bfloat16"), (bf16, None, None)):
+        seen.clear()
+        with jax.default_matmul_precision(user):
+            jaxdec.generate(model, [[5, 6, 7]], max_new_tokens=2, speculative=spec.PromptLookup(), on_progress=record)
+            jaxdec.logits(model, [5, 6, 7])
+        assert seen and set(seen) == {want}, (model.dtype, user, seen)
+    assert jax.config.jax_default_matmul_precision is None  # and nothing stays set
+
+
 # ---------------------------------------------------------------------------------------------
 # No recompilation in steady state
 
