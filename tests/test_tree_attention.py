@@ -147,28 +147,37 @@ def _verify_step(model, batch_size: int, num_slots: int, num_nodes: int = 3):
                   jax.eval_shape(lambda: init_cache(cfg, B, num_slots, model.dtype)), spec((B,)), draft)
 
 
-def test_the_models_verify_step_lowers_for_a_tpu(converted_dirs, lower_for_tpu):
+@pytest.mark.parametrize("precision", [None, "highest"])
+def test_the_models_verify_step_lowers_for_a_tpu(converted_dirs, lower_for_tpu, precision):
     """attn_impl="pallas" on a TPU, batch 2 over 1024 slots: a verify step of a draft tree
     (every width bucket, from a 1-token step through the split-K kernel to the whole tree
-    through the tree kernel's TPU formulation) lowers through Mosaic TPU in every layer."""
+    through the tree kernel's TPU formulation) lowers through Mosaic TPU in every layer, also
+    at the "highest" precision that generate() gives a float32 model."""
     import re
     model = jaxdec.load(converted_dirs["llama"], attn_impl="pallas")
     step, args = _verify_step(model, 2, 1024)
-    text = lower_for_tpu(step, *args)
+    with jax.default_matmul_precision(precision):
+        text = lower_for_tpu(step, *args)
+    assert ("HIGHEST" in text) == (precision == "highest")
     kernels = re.findall(r'kernel_name = "(\w+)"', text)
     assert set(kernels) == {"decode_attention_splits", "_tpu_kernel"}
     assert len(kernels) == 3 * model.config.num_hidden_layers        # widths 1, 2 and 4 tokens
 
 
-@pytest.mark.parametrize("dtype, call", [("bfloat16", "mosaic_gpu_v2"), ("float32", "__gpu$xla.gpu.triton")])
-def test_the_models_verify_step_lowers_for_a_gpu(lower_for_gpu, dtype, call):
+@pytest.mark.parametrize("dtype, call, precision", [("bfloat16", "mosaic_gpu_v2", None),
+                                                     ("float32", "__gpu$xla.gpu.triton", None),
+                                                     ("float32", "__gpu$xla.gpu.triton", "highest")])
+def test_the_models_verify_step_lowers_for_a_gpu(lower_for_gpu, dtype, call, precision):
     """attn_impl="pallas" on a GPU (the backend query answers "gpu" here), the demo target
     (head_dim 64) at batch 2 over 1024 slots: every width bucket of a tree verify step lowers
-    for CUDA with a kernel in every layer, bfloat16 through Mosaic GPU, float32 through Triton."""
+    for CUDA with a kernel in every layer, bfloat16 through Mosaic GPU, float32 through Triton,
+    also at the "highest" precision that generate() gives a float32 model (IEEE dots)."""
     import re
     model = jaxdec.load("demo-target", attn_impl="pallas", dtype=dtype)
     step, args = _verify_step(model, 2, 1024)
-    text = lower_for_gpu(step, *args)
+    with jax.default_matmul_precision(precision):
+        text = lower_for_gpu(step, *args)
+    assert ("HIGHEST" in text) == (precision == "highest")
     calls = re.findall(r"custom_call @([\w$.]+)", text)
     assert set(calls) == {call} and len(calls) == 3 * model.config.num_hidden_layers      # widths 1, 2, 4
 
