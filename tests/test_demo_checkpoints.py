@@ -131,7 +131,7 @@ def test_shipped_heads_speed_up_the_demo_target(demo, method):
     assert out.stats.mean_accepted > 1.8, out.stats
 
 # How far below the model's best logit a token may be and still count as tied with it after
-# bfloat16 rounding: the divergences measured on the demo pair were 0.0006-0.006 below
+# bfloat16 rounding: the divergences measured on the demo pair were 0.0006-0.009 below
 # (README, "Numerics"), while only about 4% of the positions of a greedy output have their two
 # best logits this close, so a divergence for any other reason fails the test.
 BFLOAT16_TIE = 0.05
