@@ -238,7 +238,7 @@ def first_differences(target, prompts, reference, tokens) -> list[dict]:
 
 
 def largest_gap(entry) -> str:
-    gaps = [d["logit_gap"] for d in entry.get("first_differences", []) if d["logit_gap"] is not None]
+    gaps = [d["logit_gap"] for d in entry["first_differences"] if d["logit_gap"] is not None]
     return f", first differing where the target's two logits are at most {max(gaps):.2g} apart" if gaps else ""
 
 

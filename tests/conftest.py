@@ -90,6 +90,19 @@ def _release_compiled_programs():
 
 
 @pytest.fixture
+def loaded_models(monkeypatch):
+    """A list that collects, in order, every model and head set `jaxdec.load` and
+    `jaxdec.load_heads` return during the test (they still load for real): what a command
+    line loaded, and in which dtype."""
+    import jaxdec
+    loaded = []
+    for name in ("load", "load_heads"):
+        real = getattr(jaxdec, name)
+        monkeypatch.setattr(jaxdec, name, lambda *a, _real=real, **k: loaded.append(_real(*a, **k)) or loaded[-1])
+    return loaded
+
+
+@pytest.fixture
 def small_prefill_chunks(monkeypatch):
     """Prompts read 4 tokens at a time (jaxdec.model.PREFILL_CHUNK is read when a prefill is
     traced, so the compiled programs are dropped before and after)."""

@@ -412,18 +412,14 @@ def test_decode_first_differences_measure_the_tie():
     assert "at most" in decode.largest_gap({"first_differences": got})
 
 
-def test_decode_benchmark_casts_every_model_to_its_dtype(tmp_path, monkeypatch):
+def test_decode_benchmark_casts_every_model_to_its_dtype(tmp_path, loaded_models):
     """--dtype bfloat16: the target, the draft and the heads are all loaded in bfloat16, the
     file records it (and JAX's default matmul precision, which moves numbers too), and the
     target's bandwidth counts 2 bytes per weight."""
     import jax
     import jax.numpy as jnp
-    import jaxdec
     from benchmarks import decode
-    loaded = []
-    for name in ("load", "load_heads"):
-        real = getattr(jaxdec, name)
-        monkeypatch.setattr(jaxdec, name, lambda *a, _real=real, **k: loaded.append(_real(*a, **k)) or loaded[-1])
+    loaded = loaded_models
     out = tmp_path / "bench.json"
     with jax.default_matmul_precision("highest"):
         decode.main(["--methods", "ar,draft,medusa", "--num-prompts", "1", "--max-new-tokens", "6", "--context",

@@ -39,16 +39,13 @@ def test_streams_the_same_text_as_generate(capsys, monkeypatch, llama_dir, metho
         assert float(stats.group(4)) > 2
 
 
-def test_dtype_casts_the_target_and_its_drafter(capsys, monkeypatch):
+def test_dtype_casts_the_target_and_its_drafter(capsys, monkeypatch, loaded_models):
     """--dtype bfloat16 loads the target and the heads (as the draft: one `place` serves every
     drafter) in bfloat16 and prints what generate gives with them (the same method: in
     bfloat16 plain decoding may differ at a near-tie, README "Numerics")."""
     import jax
     import jax.numpy as jnp
-    loaded = []
-    for name in ("load", "load_heads"):
-        real = getattr(jaxdec, name)
-        monkeypatch.setattr(jaxdec, name, lambda *a, _real=real, **k: loaded.append(_real(*a, **k)) or loaded[-1])
+    loaded = loaded_models
     prompt = "def add(a, b):"
     code, out, _ = run(capsys, monkeypatch, ["generate", prompt, "--method", "medusa", "--max-new-tokens", "8",
                                              "--dtype", "bfloat16"])
@@ -78,6 +75,9 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
     assert code == 2 and err.strip().endswith("got '5x0x32'") and "positive integers" in err
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", "/no/such/checkpoint"])
     assert code == 2 and "no checkpoint at '/no/such/checkpoint'" in err
+    with pytest.raises(SystemExit) as refused:  # argparse's own one line, before anything loads
+        run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--dtype", "float16"])
+    assert refused.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
 
 
 def test_no_options_runs_the_demo_pair_speculatively(capsys, monkeypatch):
