@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import plots  # noqa: E402
@@ -219,10 +221,11 @@ def run_configuration(target, specs, prompts, batch_size, args, tqdm, label):
 
 
 def first_differences(target, prompts, reference, tokens) -> list[dict]:
-    """Where each greedy row that is not the reference's first differs: the new token's index
-    and how far apart the target's logits for the two tokens are there (its own forward over
-    the prompt and the common part). Rounding makes them differ only at near-ties (README,
-    "Numerics"); a large gap would be a bug."""
+    """Where each greedy row that is not the reference's first differs: the new token's index,
+    how far apart the target's logits for the two tokens are there (its own forward over the
+    prompt and the common part) and how far the lower of them is below the best logit. Rounding
+    makes them differ only at near-ties of the two best (README, "Numerics"); a large gap would
+    be a bug."""
     import jaxdec
     out = []
     for prompt, want, got in zip(prompts, reference, tokens):
@@ -230,10 +233,12 @@ def first_differences(target, prompts, reference, tokens) -> list[dict]:
             continue
         at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
         if at is None:  # one stopped earlier at the same tokens
-            out.append({"at": min(len(want), len(got)), "logit_gap": None})
+            out.append({"at": min(len(want), len(got)), "logit_gap": None, "below_best": None})
             continue
-        logits = jaxdec.logits(target, list(prompt) + list(want[:at]))[-1]
-        out.append({"at": at, "logit_gap": float(abs(logits[want[at]] - logits[got[at]]))})
+        logits = np.asarray(jaxdec.logits(target, list(prompt) + list(want[:at]))[-1])
+        pair = logits[[want[at], got[at]]]
+        out.append({"at": at, "logit_gap": float(abs(pair[0] - pair[1])),
+                    "below_best": float(logits.max() - pair.min())})
     return out
 
 

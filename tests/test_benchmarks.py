@@ -397,7 +397,8 @@ def test_decode_benchmark_runs_the_pallas_kernels(tmp_path, monkeypatch):
 
 def test_decode_first_differences_measure_the_tie():
     """A row that leaves the reference at new token 3 for the target's second-best token there
-    is reported at 3 with the gap between the two best logits; a row that stops after the
+    is reported at 3 with the gap between the two best logits (the lower one that far below the
+    best); a row that stops after the
     reference's first 4 tokens is reported at 4 with no gap; equal rows are not reported."""
     import jaxdec
     from benchmarks import decode
@@ -410,10 +411,11 @@ def test_decode_first_differences_measure_the_tie():
     reference = [list(r) for r in reference]
     other = [list(reference[0]), list(reference[1][:3]) + [int(second), 7]]
     got = decode.first_differences(target, prompts, reference, other)
-    assert got == [{"at": 3, "logit_gap": pytest.approx(float(logits[best] - logits[second]))}]
+    gap = pytest.approx(float(logits[best] - logits[second]))
+    assert got == [{"at": 3, "logit_gap": gap, "below_best": gap}]
     assert "at most" in decode.largest_gap({"first_differences": got})
     stopped = decode.first_differences(target, prompts, reference, [reference[0][:4], reference[1]])
-    assert stopped == [{"at": 4, "logit_gap": None}]
+    assert stopped == [{"at": 4, "logit_gap": None, "below_best": None}]
     assert decode.largest_gap({"first_differences": stopped}) == ""
 
 

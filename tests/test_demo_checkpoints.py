@@ -142,20 +142,15 @@ def test_bfloat16_speculation_leaves_plain_decoding_only_at_near_ties():
     speculation may take the other token where the target's two best are within rounding
     (README, "Numerics"). Every row equals plain decoding's or first differs at such a tie:
     both tokens within BFLOAT16_TIE of the best logit of the model's own forward there."""
-    from benchmarks.decode import category_prompts, load_prompts
+    from benchmarks.decode import category_prompts, first_differences, load_prompts
     target, draft = jaxdec.load("demo-target", dtype="bfloat16"), jaxdec.load("demo-draft", dtype="bfloat16")
     prompts = category_prompts(target.tokenizer, load_prompts(["code"])["code"], 8, 256)
     plain = jaxdec.generate(target, prompts, max_new_tokens=64, stop_token_ids=[]).tokens
     for spec in (jaxdec.spec.DraftModel(draft, 8), jaxdec.spec.DraftTree(draft, 8, 2, 8)):
         out = jaxdec.generate(target, prompts, max_new_tokens=64, stop_token_ids=[], speculative=spec)
         assert out.stats.mean_accepted > 3, out.stats
-        for prompt, want, got in zip(prompts, plain, out.tokens):
-            if list(got) == list(want):
-                continue
-            at = next(i for i, (a, b) in enumerate(zip(want, got)) if a != b)
-            logits = np.asarray(jaxdec.logits(target, list(prompt) + list(want[:at])))[-1]
-            below_best = logits.max() - logits[[want[at], got[at]]]
-            assert below_best.max() < BFLOAT16_TIE, (type(spec).__name__, at, below_best)
+        for where in first_differences(target, prompts, [list(r) for r in plain], [list(r) for r in out.tokens]):
+            assert where["below_best"] is not None and where["below_best"] < BFLOAT16_TIE, (type(spec).__name__, where)
 
 
 def test_every_subpackage_is_packaged():
