@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxdec.checks import is_int
@@ -37,6 +38,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a real number, got {value!r}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+        # An infinite one (or one past float32's range, which becomes inf on the device) would
+        # flatten every row to the uniform distribution, ignoring the model.
+        if temperature > np.finfo(np.float32).max:
+            raise ValueError(f"temperature must be finite (at most {np.finfo(np.float32).max:.3g}), got {temperature!r}")
         if not is_int(top_k) or top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 means off), got {top_k!r}")
         if not 0 < top_p <= 1:
