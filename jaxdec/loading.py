@@ -52,6 +52,11 @@ def _shipped_roots() -> list[Path]:
     return roots
 
 
+class CheckpointNotFoundError(FileNotFoundError, ValueError):
+    """No checkpoint at the path or name given: a missing file, and bad input to `load`, so
+    callers catching either (API.md: bad input raises ValueError) see it."""
+
+
 def _resolve(path_or_name) -> Path:
     if not isinstance(path_or_name, (str, os.PathLike)):
         raise ValueError(f"expected a checkpoint directory or a shipped name ({', '.join(map(repr, SHIPPED_CHECKPOINTS))}), "
@@ -65,10 +70,10 @@ def _resolve(path_or_name) -> Path:
             shipped = root / str(path_or_name)
             if shipped.is_dir():  # a damaged one then fails in read_config with ValueError
                 return shipped
-        raise FileNotFoundError(f"shipped checkpoint {path_or_name!r} is not installed "
-                                f"(looked in {', '.join(map(str, roots))})")
-    raise FileNotFoundError(f"no checkpoint at {path_or_name!r} (a converted directory, "
-                            f"or one of the shipped names {SHIPPED_CHECKPOINTS})")
+        raise CheckpointNotFoundError(f"shipped checkpoint {path_or_name!r} is not installed "
+                                      f"(looked in {', '.join(map(str, roots))})")
+    raise CheckpointNotFoundError(f"no checkpoint at {path_or_name!r} (a converted directory, "
+                                  f"or one of the shipped names {SHIPPED_CHECKPOINTS})")
 
 
 def _read_tokenizer(directory: Path):

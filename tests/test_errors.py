@@ -176,10 +176,15 @@ def test_bad_logits_input(llama, token_ids, pattern):
 # load
 
 
-def test_load_missing_path(tmp_path):
+@pytest.mark.parametrize("error", [FileNotFoundError, ValueError])
+def test_load_missing_path(tmp_path, error):
+    """A missing checkpoint is both a missing file and bad input (API.md: ValueError)."""
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
-        jaxdec.load(missing)
+    for load in (jaxdec.load, jaxdec.load_heads):
+        with pytest.raises(error, match=re.escape(str(missing))):
+            load(missing)
+    with pytest.raises(error, match="demo-targte"):
+        jaxdec.load("demo-targte")
 
 
 @pytest.mark.parametrize("load", [jaxdec.load, jaxdec.load_heads])
