@@ -142,7 +142,12 @@ def gpu_compiler_params(rows: int, head_dim: int):
     the whole row's cache block into shared memory first, which does not fit (checked by
     lowering: 572 KB for 1024 slots of head_dim 128 in bfloat16, against 227 KB). More warps
     for more query rows: the float32 accumulator [rows, head_dim] lives in registers."""
-    from jax.experimental.pallas import triton as plt
+    try:
+        from jax.experimental.pallas import triton as plt
+    except ImportError as err:  # deprecated in JAX 0.11, to be removed
+        raise ValueError(f"attn_impl='pallas' runs this model on the GPU through Pallas's Triton lowering (float32, or "
+                         f"head_dim={head_dim} not a multiple of 64), which JAX {jax.__version__} does not have: load "
+                         f"it with dtype='bfloat16' (the Mosaic GPU kernels) or attn_impl='xla'") from err
     return plt.CompilerParams(num_warps=4 if rows * head_dim <= 64 * 128 else 8, num_stages=2)
 
 

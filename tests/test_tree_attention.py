@@ -198,6 +198,20 @@ def test_kernel_lowers_for_a_gpu(lower_for_gpu, shape):
     assert "__gpu$xla.gpu.triton" in text
 
 
+def test_a_jax_without_the_triton_lowering_is_a_clear_error(monkeypatch):
+    """JAX 0.11 deprecates Pallas's Triton lowering, which float32 models take on a GPU: once
+    it is gone, asking for it names the way out instead of failing on an import."""
+    import sys
+
+    import jax.experimental.pallas as pallas_package
+
+    from pallas_kernels.tree_attention import gpu_compiler_params
+    monkeypatch.delattr(pallas_package, "triton", raising=False)
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+    with pytest.raises(ValueError, match=r"Triton lowering \(float32, or head_dim=96 .*dtype='bfloat16'.*attn_impl='xla'"):
+        gpu_compiler_params(16, 96)
+
+
 # The Mosaic GPU kernel (tree_attention_mgpu.py): the GPU interpreter on CPU (compiled on a GPU), and lowering.
 
 def _abstract(B, T, H, Hkv, D, S, dtype=jnp.bfloat16):
