@@ -145,9 +145,9 @@ def gpu_compiler_params(rows: int, head_dim: int):
     try:
         from jax.experimental.pallas import triton as plt
     except ImportError as err:  # deprecated in JAX 0.11, to be removed
-        raise ValueError(f"attn_impl='pallas' runs this model on the GPU through Pallas's Triton lowering (float32, or "
-                         f"head_dim={head_dim} not a multiple of 64), which JAX {jax.__version__} does not have: load "
-                         f"it with dtype='bfloat16' (the Mosaic GPU kernels) or attn_impl='xla'") from err
+        raise ValueError(f"attn_impl='pallas' on a GPU takes Pallas's Triton lowering for float32 models and for a "
+                         f"head_dim not a multiple of 64 (this one: {head_dim}), and JAX {jax.__version__} has none: "
+                         f"load the model with dtype='bfloat16' (the Mosaic GPU kernels) or attn_impl='xla'") from err
     return plt.CompilerParams(num_warps=4 if rows * head_dim <= 64 * 128 else 8, num_stages=2)
 
 

@@ -208,7 +208,7 @@ def test_a_jax_without_the_triton_lowering_is_a_clear_error(monkeypatch):
     from pallas_kernels.tree_attention import gpu_compiler_params
     monkeypatch.delattr(pallas_package, "triton", raising=False)
     monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
-    with pytest.raises(ValueError, match=r"Triton lowering \(float32, or head_dim=96 .*dtype='bfloat16'.*attn_impl='xla'"):
+    with pytest.raises(ValueError, match=r"Triton lowering for float32 models .*\(this one: 96\).*dtype='bfloat16'.*attn_impl='xla'"):
         gpu_compiler_params(16, 96)
 
 
