@@ -38,8 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import plots  # noqa: E402
@@ -235,7 +233,7 @@ def first_differences(target, prompts, reference, tokens) -> list[dict]:
         if at is None:  # one stopped earlier at the same tokens
             out.append({"at": min(len(want), len(got)), "logit_gap": None, "below_best": None})
             continue
-        logits = np.asarray(jaxdec.logits(target, list(prompt) + list(want[:at]))[-1])
+        logits = jaxdec.logits(target, list(prompt) + list(want[:at]))[-1]  # numpy
         pair = logits[[want[at], got[at]]]
         out.append({"at": at, "logit_gap": float(abs(pair[0] - pair[1])),
                     "below_best": float(logits.max() - pair.min())})

@@ -149,7 +149,7 @@ def test_bfloat16_speculation_leaves_plain_decoding_only_at_near_ties():
     for spec in (jaxdec.spec.DraftModel(draft, 8), jaxdec.spec.DraftTree(draft, 8, 2, 8)):
         out = jaxdec.generate(target, prompts, max_new_tokens=64, stop_token_ids=[], speculative=spec)
         assert out.stats.mean_accepted > 3, out.stats
-        for where in first_differences(target, prompts, [list(r) for r in plain], [list(r) for r in out.tokens]):
+        for where in first_differences(target, prompts, plain, out.tokens):
             assert where["below_best"] is not None and where["below_best"] < BFLOAT16_TIE, (type(spec).__name__, where)
 
 
