@@ -4,7 +4,9 @@ A draft distilled on corpus text learns the target's next-token distribution whe
 target reads human-written code; at decoding time it must predict the target's *own*
 output, which drifts from the corpus (repetitive, more regular). Distilling also on windows
 the target wrote itself (on-policy distillation, as in DistillSpec) trains the draft where
-speculative decoding uses it. `python -m jaxdec.train draft --on-policy N` does this:
+speculative decoding uses it. `python -m jaxdec.train draft|medusa|eagle --on-policy N` does
+this (draft heads are fine-tuned the same way, as Medusa's self-distillation and EAGLE train
+on the target's own generations):
 
 - `continuations` draws N prompts of `prompt_len` tokens at random places of the training
   stream and lets the target continue each greedily (`jaxdec.generate`, batched), so every
@@ -14,7 +16,9 @@ speculative decoding uses it. `python -m jaxdec.train draft --on-policy N` does 
   windows for the rest (`jaxdec.train.batch_at`), a pure function of the step like the
   corpus batches, so a resumed run sees the batches an unbroken one would.
 
-The loss is unchanged: KL(target || draft) at every position of the window.
+The loss is unchanged: KL(target || draft) at every position of the window. With
+`--eval-generations M` the export also records how the result (and the `--init` it started
+from) predicts M held-out continuations: the held-out measure closest to what decoding sees.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from jaxdec.cli import COUNT, POSITIVE
 from jaxdec.generate import generate
 from jaxdec.storage import write_json
 from jaxdec.train import batch_at
@@ -99,3 +104,39 @@ def mixed_batch_at(tokens: np.ndarray, samples: np.ndarray, step: int, batch_siz
     if n_on < batch_size:
         rows = np.concatenate([rows, batch_at(tokens, step, batch_size - n_on, seq_len, seed)])
     return rows.astype(np.int32)
+
+
+def add_arguments(p, init_help: str) -> None:
+    """The fine-tuning options of `python -m jaxdec.train draft|medusa|eagle`."""
+    p.add_argument("--init", default=None, help=init_help)
+    p.add_argument("--on-policy", type=COUNT, default=0, metavar="N",
+                   help="distill also on N greedy continuations written by the teacher (jaxdec/on_policy.py)")
+    p.add_argument("--on-policy-fraction", type=float, default=0.75, help="share of each batch they fill")
+    p.add_argument("--prompt-len", type=POSITIVE, default=64, help="corpus tokens before each continuation")
+    p.add_argument("--eval-generations", type=COUNT, default=128, metavar="N",
+                   help="held-out teacher continuations to evaluate on (0: none)")
+
+
+def training_data(teacher, train_tokens: np.ndarray, held_tokens: np.ndarray, workdir: Path, run_name: str, opts,
+                  eval_generations: int, progress: bool, log=print):
+    """(batches, generations) for a run distilled from `teacher` with `jaxdec.train.RunOptions`
+    opts: `batches(step)` mixing `opts.on_policy` cached continuations into the corpus batches
+    (None: corpus batches only), and `eval_generations` held-out continuations [M, seq_len + 1]
+    to evaluate on (None when 0)."""
+    length = opts.seq_len + 1
+    batches = generations = None
+    if opts.on_policy:
+        samples = continuations(teacher, train_tokens, opts.on_policy, opts.prompt_len, length, opts.seed,
+                                Path(workdir) / f"{run_name}-continuations.npy", progress=progress, log=log)
+        batches = lambda step: mixed_batch_at(train_tokens, samples, step, opts.batch_size, opts.seq_len,
+                                              opts.seed, opts.on_policy_fraction)
+    if eval_generations:
+        generations = continuations(teacher, held_tokens, eval_generations, opts.prompt_len, length, opts.seed + 1,
+                                    Path(workdir) / f"held-out-continuations-{opts.seq_len}.npy", progress=progress,
+                                    log=log)
+    return batches, generations
+
+
+def describe_generations(generations: np.ndarray, prompt_len: int) -> str:
+    return (f"{len(generations)} held-out prompts of {prompt_len} tokens, each continued greedily by the teacher "
+            f"for {generations.shape[1] - prompt_len} tokens; metrics over the generated tokens")

@@ -40,8 +40,9 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
         # An infinite one (or one past float32's range, which becomes inf on the device) would
         # flatten every row to the uniform distribution, ignoring the model.
-        if temperature > np.finfo(np.float32).max:
-            raise ValueError(f"temperature must be finite (at most {np.finfo(np.float32).max:.3g}), got {temperature!r}")
+        largest = float(np.finfo(np.float32).max)  # a Python float: comparing with numpy's would cast (and warn)
+        if temperature > largest:
+            raise ValueError(f"temperature must be finite (at most {largest:.3g}), got {temperature!r}")
         if not is_int(top_k) or top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 means off), got {top_k!r}")
         if not 0 < top_p <= 1:

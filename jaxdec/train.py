@@ -369,10 +369,16 @@ class RunOptions:
     eval_windows: int = 128     # held-out windows for the final evaluation
     eval_batch_size: int = 8
     ce_weight: float = 0.0      # draft only
-    init: str | None = None     # draft only: start from this checkpoint's weights (fine-tuning)
-    on_policy: int = 0          # draft only: target continuations to mix in (jaxdec.on_policy)
+    # Runs with a teacher (draft, heads):
+    init: str | None = None     # start from these weights (fine-tuning)
+    on_policy: int = 0          # target continuations to mix in (jaxdec.on_policy)
     on_policy_fraction: float = 0.75
     prompt_len: int = 64
+
+    def __post_init__(self):
+        if self.on_policy < 0 or not 0.0 < self.on_policy_fraction <= 1.0:
+            raise ValueError(f"--on-policy must be >= 0 and --on-policy-fraction in (0, 1], got {self.on_policy} "
+                             f"and {self.on_policy_fraction}")
 
 
 def _state_meta(config: dict, opts: RunOptions, teacher: str | None) -> dict:
@@ -497,6 +503,18 @@ def run_folder(workdir: Path, run: str) -> Path:
     return workdir / run
 
 
+def load_teacher(name, workdir: Path, vocab_size: int):
+    """The frozen target to distill from (float32), checked against the work folder's corpus:
+    the same vocabulary size and, when it has a tokenizer, the same token numbering."""
+    import jaxdec
+    teacher = jaxdec.load(name, dtype="float32")
+    if teacher.config.vocab_size != vocab_size:
+        raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != the corpus's {vocab_size}")
+    if teacher.tokenizer is not None and teacher.tokenizer.get_vocab() != _read_tokenizer(workdir).get_vocab():
+        raise ValueError(f"teacher {name} has another tokenizer than {workdir / 'tokenizer.json'}")
+    return teacher
+
+
 def run_stage(kind: str, args) -> dict:
     import jaxdec
     workdir = Path(args.workdir)
@@ -508,20 +526,12 @@ def run_stage(kind: str, args) -> dict:
     sizes = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim)
     cfg = make_config(corpus["vocab_size"], **sizes)
-    teacher = jaxdec.load(args.teacher, dtype="float32") if kind == "draft" else None
-    if teacher is not None and teacher.config.vocab_size != cfg.vocab_size:
-        raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != {cfg.vocab_size}")
-    if teacher is not None and teacher.tokenizer is not None and (
-            teacher.tokenizer.get_vocab() != _read_tokenizer(workdir).get_vocab()):
-        raise ValueError(f"teacher {args.teacher} has another tokenizer than {workdir / 'tokenizer.json'}")
+    teacher = load_teacher(args.teacher, workdir, cfg.vocab_size) if kind == "draft" else None
     draft_only = dict(ce_weight=args.ce_weight, init=args.init, on_policy=args.on_policy,
                       on_policy_fraction=args.on_policy_fraction, prompt_len=args.prompt_len) if teacher else {}
     opts = RunOptions(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       warmup=args.warmup, weight_decay=args.weight_decay, save_every=args.save_every,
                       log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows, **draft_only)
-    if opts.on_policy < 0 or not 0.0 < opts.on_policy_fraction <= 1.0:
-        raise ValueError(f"--on-policy must be >= 0 and --on-policy-fraction in (0, 1], got {opts.on_policy} "
-                         f"and {opts.on_policy_fraction}")
     init = None
     if opts.init is not None:
         init = jaxdec.load(opts.init, dtype="float32")
@@ -539,17 +549,8 @@ def run_stage(kind: str, args) -> dict:
     batches, generations = None, None
     if teacher is not None:
         from jaxdec import on_policy
-        length = opts.seq_len + 1
-        if opts.on_policy:
-            samples = on_policy.continuations(
-                teacher, train_tokens, opts.on_policy, opts.prompt_len, length, opts.seed,
-                workdir / f"{run_dir.name}-continuations.npy", progress=not args.no_progress, log=_log)
-            batches = lambda step: on_policy.mixed_batch_at(train_tokens, samples, step, opts.batch_size,
-                                                            opts.seq_len, opts.seed, opts.on_policy_fraction)
-        if args.eval_generations:  # what decoding asks of a draft: predict the target's own output
-            generations = on_policy.continuations(
-                teacher, held_tokens, args.eval_generations, opts.prompt_len, length, opts.seed + 1,
-                workdir / f"held-out-continuations-{opts.seq_len}.npy", progress=not args.no_progress, log=_log)
+        batches, generations = on_policy.training_data(teacher, train_tokens, held_tokens, workdir, run_dir.name, opts,
+                                                       args.eval_generations, not args.no_progress, _log)
     params, info = train_run(run_dir, cfg, train_tokens, opts, teacher=teacher, progress=not args.no_progress,
                              init_params=None if init is None else init.params, batches=batches)
 
@@ -564,8 +565,7 @@ def run_stage(kind: str, args) -> dict:
     if generations is not None:
         on_gen = lambda p: evaluate(eval_step, p, generations, opts.eval_batch_size, t_params, opts.prompt_len - 1)
         on_generations = {"held_out_generations": {
-            "what": (f"{len(generations)} held-out prompts of {opts.prompt_len} tokens, each continued greedily by "
-                     f"the teacher for {length - opts.prompt_len} tokens; metrics over the generated tokens"),
+            "what": on_policy.describe_generations(generations, opts.prompt_len),
             "draft": on_gen(params), **({"init": on_gen(init.params)} if init is not None else {})}}
     eval_seconds = round(time.time() - t0, 1)
     print(f"held-out: {json.dumps(held)}\nprobe: {json.dumps(probe)}", flush=True)
@@ -615,13 +615,8 @@ def main(argv=None) -> int:
         if kind == "draft":
             p.add_argument("--teacher", required=True, help="the target: anything jaxdec.load takes")
             p.add_argument("--ce-weight", type=WEIGHT, default=0.0, help="weight of cross-entropy added to the KL")
-            p.add_argument("--init", default=None, help="start from this draft's weights (anything jaxdec.load takes)")
-            p.add_argument("--on-policy", type=COUNT, default=0, metavar="N",
-                           help="distill also on N greedy continuations written by the teacher (jaxdec/on_policy.py)")
-            p.add_argument("--on-policy-fraction", type=float, default=0.75, help="share of each batch they fill")
-            p.add_argument("--prompt-len", type=POSITIVE, default=64, help="corpus tokens before each continuation")
-            p.add_argument("--eval-generations", type=COUNT, default=128, metavar="N",
-                           help="held-out teacher continuations to evaluate the draft on (0: none)")
+            from jaxdec import on_policy
+            on_policy.add_arguments(p, "start from this draft's weights (anything jaxdec.load takes)")
         p.add_argument("--run", default=None, help=f"the run's folder in --workdir (default: {kind})")
         p.add_argument("--hidden", type=POSITIVE, default=model["hidden_size"])
         p.add_argument("--intermediate", type=POSITIVE, default=model["intermediate_size"])

@@ -16,7 +16,16 @@ next-token distributions, in the same jitted step) and distils them into the hea
 
 Held-out metrics (exported in `training.json`): per depth, how often the target's argmax is
 the draft's rank-r token (Medusa: head d; EAGLE: depth 1 from true features, depth 2 from
-its own), and for Medusa the default tree built from those accuracies (`best_static_tree`).
+its own), on held-out corpus windows and (`--eval-generations M`, default 128) on the
+target's own greedy continuations of M held-out prompts, which is what decoding asks of the
+heads. The latter are kept in the heads' config, and Medusa's default tree is built from
+them (`best_static_tree`).
+
+Like a draft model, heads can be fine-tuned on the target's own greedy continuations
+(`jaxdec/on_policy.py`; Medusa-2's self-distillation, EAGLE's training on generated text):
+
+    python -m jaxdec.train medusa --workdir W --teacher demo-target --init demo-medusa \
+        --on-policy 2048 --run medusa-on-policy --steps 400 --batch-size 16 --seq-len 256 --lr 1e-3 --warmup 20
 """
 
 from __future__ import annotations
@@ -97,8 +106,8 @@ class MedusaObjective(HeadsObjective):
         loss = sum(w * kl for w, kl in zip(weights, kls)) / sum(weights)
         return loss, {f"kl{k + 1}": kl for k, kl in enumerate(kls)}
 
-    def hits(self, params, batch, teacher_params):
-        return jnp.stack([_rank_hits(s, t) for s, t in self.outputs(params, batch, teacher_params)])
+    def hits(self, params, batch, teacher_params, first=0):
+        return jnp.stack([_rank_hits(s[:, first:], t[:, first:]) for s, t in self.outputs(params, batch, teacher_params)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,17 +127,19 @@ class EagleObjective(HeadsObjective):
         pull = jnp.mean(optax.huber_loss(first, features, delta=1.0))
         return kl1 + kl2 + EAGLE_FEATURE_WEIGHT * pull, {"kl1": kl1, "kl2": kl2, "feature_l1": pull}
 
-    def hits(self, params, batch, teacher_params):
-        features, t_logp, first, second = self.outputs(params, batch, teacher_params)
-        head = lambda h: lm_head(self.target_cfg, teacher_params, h)
-        return jnp.stack([_rank_hits(head(first), t_logp), _rank_hits(head(second[:, 1:]), t_logp[:, 1:])])
+    def hits(self, params, batch, teacher_params, first=0):
+        features, t_logp, own, second = self.outputs(params, batch, teacher_params)
+        scored = lambda h, start: _rank_hits(lm_head(self.target_cfg, teacher_params, h[:, start:]), t_logp[:, start:])
+        # The second pass's position 0 had no predicted feature before it.
+        return jnp.stack([scored(own, first), scored(second, max(first, 1))])
 
 
-def held_out_accuracy(objective, params, teacher_params, windows: np.ndarray, batch_size: int) -> list:
+def held_out_accuracy(objective, params, teacher_params, windows: np.ndarray, batch_size: int, first: int = 0) -> list:
     """accuracy[d][r]: how often, over the held-out windows, the target's argmax at depth d + 1
-    is the draft's rank-r token."""
-    step = jax.jit(objective.hits)
-    hits = sum(np.asarray(step(params, jnp.asarray(windows[i:i + batch_size, :-1]), teacher_params), np.int64)
+    is the draft's rank-r token (at the positions from `first` on)."""
+    step = jax.jit(objective.hits, static_argnames="first")
+    hits = sum(np.asarray(step(params, jnp.asarray(windows[i:i + batch_size, :-1]), teacher_params, first=first),
+                          np.int64)
                for i in range(0, len(windows), batch_size))                       # [depths, RANKS + 1]
     return (hits[:, :-1] / hits[:, -1:]).round(4).tolist()
 
@@ -142,35 +153,55 @@ HEAD_DEFAULTS = {
 def run_heads_stage(kind: str, args) -> dict:
     """Trains (or resumes) and exports one set of heads; what `python -m jaxdec.train medusa|eagle` runs."""
     import jaxdec
-    from jaxdec import train
+    from jaxdec import on_policy, train
     workdir = Path(args.workdir)
+    run_dir = train.run_folder(workdir, args.run or kind)
     if args.out:  # before the training, not at the export
         storage.check_replaceable(args.out, HEADS_FILE)
+    opts = train.RunOptions(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                            warmup=args.warmup, weight_decay=args.weight_decay, save_every=args.save_every,
+                            log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows, init=args.init,
+                            on_policy=args.on_policy, on_policy_fraction=args.on_policy_fraction,
+                            prompt_len=args.prompt_len)
     train.prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
     train_tokens, held_tokens, corpus = train._load_data(workdir)
-    teacher = jaxdec.load(args.teacher, dtype="float32")
-    if teacher.config.vocab_size != corpus["vocab_size"]:
-        raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != the corpus's {corpus['vocab_size']}")
+    teacher = train.load_teacher(args.teacher, workdir, corpus["vocab_size"])
     if kind == "medusa":
         objective = MedusaObjective(HeadsConfig.medusa(teacher.config, args.num_heads), teacher.config)
     else:
         objective = EagleObjective(HeadsConfig.eagle(teacher.config), teacher.config)
-    opts = train.RunOptions(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                            warmup=args.warmup, weight_decay=args.weight_decay, save_every=args.save_every,
-                            log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows)
-    run_dir = workdir / kind
+    init = None
+    if opts.init is not None:
+        init = jaxdec.load_heads(opts.init, dtype="float32")
+        if {**init.config.to_dict(), "accuracy": None, "tree": None} != {**objective.heads.to_dict(), "accuracy": None,
+                                                                          "tree": None}:
+            raise ValueError(f"--init {opts.init} holds heads of config {init.config.to_dict()}, but {kind} heads for "
+                             f"{args.teacher} are {objective.heads.to_dict()}")
+    batches, generations = on_policy.training_data(teacher, train_tokens, held_tokens, workdir, run_dir.name, opts,
+                                                   args.eval_generations, not args.no_progress)
     if args.fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     params, info = train.train_run(run_dir, None, train_tokens, opts, teacher=teacher, progress=not args.no_progress,
-                                   objective=objective)
+                                   objective=objective, init_params=None if init is None else init.params,
+                                   batches=batches)
     t0 = time.time()
+    accuracy_of = lambda p, windows, first=0: held_out_accuracy(objective, p, teacher.params, windows,
+                                                                opts.eval_batch_size, first)
     windows = train.eval_windows(held_tokens, opts.seq_len, opts.eval_windows)
-    accuracy = held_out_accuracy(objective, params, teacher.params, windows, opts.eval_batch_size)
+    accuracy = accuracy_of(params, windows)
     probe_windows = train.eval_windows(held_tokens, train.PROBE_LEN, train.PROBE_WINDOWS)
-    probe = held_out_accuracy(objective, params, teacher.params, probe_windows, train.PROBE_WINDOWS)
-    heads_cfg = dataclasses.replace(objective.heads, accuracy=tuple(map(tuple, accuracy)))
+    probe = accuracy_of(params, probe_windows)
+    on_generations = {}
+    if generations is not None:
+        on_generations = {"held_out_generations": {
+            "what": on_policy.describe_generations(generations, opts.prompt_len),
+            "accuracy_by_depth_and_rank": accuracy_of(params, generations, opts.prompt_len - 1),
+            **({"init": accuracy_of(init.params, generations, opts.prompt_len - 1)} if init is not None else {})}}
+    # The tree is built for what decoding sees: the target's own text when it was measured.
+    chosen = on_generations["held_out_generations"]["accuracy_by_depth_and_rank"] if on_generations else accuracy
+    heads_cfg = dataclasses.replace(objective.heads, accuracy=tuple(map(tuple, chosen)))
     if kind == "medusa":
-        heads_cfg = dataclasses.replace(heads_cfg, tree=best_static_tree(accuracy, MEDUSA_TREE_NODES))
+        heads_cfg = dataclasses.replace(heads_cfg, tree=best_static_tree(chosen, MEDUSA_TREE_NODES))
     n_params = int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
     training = {
         "command": "python -m jaxdec.train " + " ".join(sys.argv[1:]),
@@ -183,12 +214,15 @@ def run_heads_stage(kind: str, args) -> dict:
                      "what": ("accuracy[d][r]: share of held-out positions where the target's argmax at depth d + 1 "
                               "is the draft's rank-r token" + (" (depth 2: from the layer's own predicted features)"
                                                                 if kind == "eagle" else ""))},
+        **on_generations,
         "probe": {"accuracy_by_depth_and_rank": probe, "seq_len": train.PROBE_LEN, "token_ids": probe_windows.tolist()},
         "eval_seconds": round(time.time() - t0, 1),
         "versions": {"jax": jax.__version__, "python": sys.version.split()[0]},
         "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
     }
     print(f"held-out accuracy by depth (rank 0..{RANKS - 1}): {json.dumps(accuracy)}", flush=True)
+    if on_generations:
+        print(f"on held-out generations: {json.dumps(on_generations['held_out_generations'])}", flush=True)
     if info["step"] < opts.steps:
         print(f"stopped at step {info['step']} of {opts.steps}: not exported", flush=True)
         return training
@@ -200,11 +234,14 @@ def run_heads_stage(kind: str, args) -> dict:
 
 def add_commands(sub, common) -> None:
     """The `medusa` and `eagle` subcommands of `python -m jaxdec.train`."""
+    from jaxdec import on_policy
     for kind, defaults in HEAD_DEFAULTS.items():
         p = sub.add_parser(kind, help=f"train {kind} draft heads on a frozen target")
         common(p)
         p.add_argument("--teacher", required=True, help="the target: anything jaxdec.load takes")
         p.add_argument("--out", default=None, help="export folder (jaxdec.load_heads-able)")
+        p.add_argument("--run", default=None, help=f"the run's folder in --workdir (default: {kind})")
+        on_policy.add_arguments(p, "start from these heads (anything jaxdec.load_heads takes)")
         if kind == "medusa":
             p.add_argument("--num-heads", type=POSITIVE, default=4, help="heads, for tree depths 1..K")
         for name in ("steps", "batch_size", "seq_len", "warmup"):
