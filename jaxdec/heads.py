@@ -48,7 +48,9 @@ class HeadsConfig:
     layer: ModelConfig | None = None  # eagle: the one decoder layer (the target's shapes)
     tree: tuple = ()                # medusa: the default tree (paths of child ranks)
     # Held-out accuracy[d][r] after training: how often the target's argmax at depth d + 1 is
-    # the draft's rank-r token (`best_static_tree` builds Medusa trees of any size from it).
+    # the draft's rank-r token, on the target's own greedy continuations of held-out prompts
+    # when they were measured (what decoding sees), else on held-out corpus text
+    # (`best_static_tree` builds Medusa trees of any size from it).
     accuracy: tuple = ()
 
     def __post_init__(self):
