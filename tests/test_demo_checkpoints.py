@@ -130,7 +130,8 @@ def test_shipped_heads_speed_up_the_demo_target(demo, method):
     plain = jaxdec.generate(target, prompts, max_new_tokens=48, stop_token_ids=[])
     out = jaxdec.generate(target, prompts, max_new_tokens=48, stop_token_ids=[], speculative=spec)
     assert out.tokens == plain.tokens
-    assert out.stats.mean_accepted > 1.8, out.stats
+    # The heads before their fine-tuning on the target's own text gave 2.10 (Medusa) and 4.27 here.
+    assert out.stats.mean_accepted > {"medusa": 2.2, "eagle": 3.8}[method], out.stats
 
 # How far below the model's best logit a token may be and still count as tied with it after
 # bfloat16 rounding: the divergences measured on the demo pair were 0.0006-0.009 below
