@@ -163,6 +163,11 @@ def run_heads_stage(kind: str, args) -> dict:
                             log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows, init=args.init,
                             on_policy=args.on_policy, on_policy_fraction=args.on_policy_fraction,
                             prompt_len=args.prompt_len)
+    # Medusa's head k is scored at positions < seq_len - k: each needs a generated token there.
+    deepest = args.num_heads if kind == "medusa" else 0
+    if args.eval_generations and opts.prompt_len + deepest > opts.seq_len:
+        raise ValueError(f"--prompt-len {opts.prompt_len} leaves no generated token to score every head on in "
+                         f"windows of --seq-len {opts.seq_len} (need prompt_len + {deepest} <= seq_len)")
     train.prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
     train_tokens, held_tokens, corpus = train._load_data(workdir)
     teacher = train.load_teacher(args.teacher, workdir, corpus["vocab_size"])

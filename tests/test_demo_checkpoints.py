@@ -449,3 +449,5 @@ def test_heads_on_policy_fine_tuning_command(tiny_work, capsys, kind):
     other_kind = [("eagle" if kind == "medusa" else "medusa"), *heads[1:heads.index("--eval-generations") + 2]]
     refused(capsys, [*other_kind, "--init", str(h0), "--run", "bad"], "--init .* holds heads of config")
     refused(capsys, [*heads, "--on-policy", "2", "--on-policy-fraction", "1.5", "--run", "bad"], "on-policy-fraction")
+    refused(capsys, [*heads, "--prompt-len", "31" if kind == "medusa" else "33", "--run", "bad"],
+            "--prompt-len .* leaves no generated token")
