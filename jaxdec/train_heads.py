@@ -31,6 +31,7 @@ Like a draft model, heads can be fine-tuned on the target's own greedy continuat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -134,10 +135,17 @@ class EagleObjective(HeadsObjective):
         return jnp.stack([scored(own, first), scored(second, max(first, 1))])
 
 
+@functools.lru_cache(maxsize=4)
+def _hits_step(objective):
+    """One jitted `hits` per objective, so scoring several parameter sets (the heads and their
+    --init) on the same windows compiles once."""
+    return jax.jit(objective.hits, static_argnames="first")
+
+
 def held_out_accuracy(objective, params, teacher_params, windows: np.ndarray, batch_size: int, first: int = 0) -> list:
     """accuracy[d][r]: how often, over the held-out windows, the target's argmax at depth d + 1
     is the draft's rank-r token (at the positions from `first` on)."""
-    step = jax.jit(objective.hits, static_argnames="first")
+    step = _hits_step(objective)
     hits = sum(np.asarray(step(params, jnp.asarray(windows[i:i + batch_size, :-1]), teacher_params, first=first),
                           np.int64)
                for i in range(0, len(windows), batch_size))                       # [depths, RANKS + 1]

@@ -325,7 +325,8 @@ def test_exports_replace_the_old_one_whole_or_not_at_all(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_work(tmp_path_factory):
     """(a work folder's options for `python -m jaxdec.train`, the folder) holding a tiny corpus
-    and a tiny target trained on it for 24 steps (`target` beside the work folder)."""
+    and a tiny target trained on it for 24 steps (`target` beside the work folder, and
+    `other-target`, a copy whose tokenizer disagrees with the work folder's)."""
     tmp_path = tmp_path_factory.mktemp("tiny-work")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -336,6 +337,14 @@ def tiny_work(tmp_path_factory):
     train.main(["target", *work, "--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2",
                 "--kv-heads", "1", "--head-dim", "16", "--steps", "24", "--lr", "1e-2", "--warmup", "2",
                 "--out", str(tmp_path / "target")])
+    # `other-target`: the same target with a tokenizer that numbers two tokens the other way round
+    other = tmp_path / "other-target"
+    shutil.copytree(tmp_path / "target", other)
+    tokenizer_json = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer_json["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     return work, tmp_path
 
 
@@ -398,15 +407,7 @@ def test_on_policy_distillation_command(tiny_work, capsys):
     refused(capsys, [*draft, "--on-policy", "-1", "--run", "bad"], "--on-policy: must be >= 0")
     with pytest.raises(ValueError, match="count must be >= 1"):
         on_policy.continuations(target, train_tokens, 0, 8, 33, 0, cache)
-    # a teacher whose tokenizer numbers the tokens differently from the work folder's
-    other = tmp_path / "other-target"
-    shutil.copytree(tmp_path / "target", other)
-    tokenizer_json = json.loads((other / "tokenizer.json").read_text())
-    vocab = tokenizer_json["model"]["vocab"]
-    a, b = sorted(vocab, key=vocab.get)[-2:]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (other / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    refused(capsys, [*draft[:-6], "--teacher", str(other), "--run", "bad"], "another tokenizer")
+    refused(capsys, [*draft[:-6], "--teacher", str(tmp_path / "other-target"), "--run", "bad"], "another tokenizer")
 
 
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])
@@ -451,3 +452,4 @@ def test_heads_on_policy_fine_tuning_command(tiny_work, capsys, kind):
     refused(capsys, [*heads, "--on-policy", "2", "--on-policy-fraction", "1.5", "--run", "bad"], "on-policy-fraction")
     refused(capsys, [*heads, "--prompt-len", "31" if kind == "medusa" else "33", "--run", "bad"],
             "--prompt-len .* leaves no generated token")
+    refused(capsys, [*heads, "--teacher", str(tmp_path / "other-target"), "--run", "bad"], "another tokenizer")
