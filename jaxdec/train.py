@@ -21,8 +21,9 @@ Target: next-token cross-entropy with AdamW and a warmup + cosine schedule. Draf
 from the frozen target, loss KL(target || draft) of the next-token distributions (teacher
 logits computed in the same jitted step), optionally plus `--ce-weight` x cross-entropy.
 Both use `jaxdec.model.sequence_logits`, the decoder every other path uses. A draft can then
-be fine-tuned on the target's own greedy continuations (`--init D --on-policy N`, see
-`jaxdec/on_policy.py`), which is what decoding asks it to predict:
+be fine-tuned on the target's own continuations (`--init D --on-policy N`, greedy, or sampled
+with `--on-policy-temperature T`; see `jaxdec/on_policy.py`), which is what decoding asks it
+to predict:
 
     python -m jaxdec.train draft --workdir W --teacher demo-target --init demo-draft \
         --on-policy 4096 --run draft-on-policy --steps 600 --batch-size 16 --seq-len 256 --lr 1e-3 --warmup 20
@@ -373,12 +374,15 @@ class RunOptions:
     init: str | None = None     # start from these weights (fine-tuning)
     on_policy: int = 0          # target continuations to mix in (jaxdec.on_policy)
     on_policy_fraction: float = 0.75
+    on_policy_temperature: float = 0.0  # 0: greedy continuations
     prompt_len: int = 64
 
     def __post_init__(self):
         if self.on_policy < 0 or not 0.0 < self.on_policy_fraction <= 1.0:
             raise ValueError(f"--on-policy must be >= 0 and --on-policy-fraction in (0, 1], got {self.on_policy} "
                              f"and {self.on_policy_fraction}")
+        if not 0.0 <= self.on_policy_temperature < math.inf:
+            raise ValueError(f"--on-policy-temperature must be a finite number >= 0, got {self.on_policy_temperature}")
 
 
 def _state_meta(config: dict, opts: RunOptions, teacher: str | None) -> dict:
@@ -528,7 +532,8 @@ def run_stage(kind: str, args) -> dict:
     cfg = make_config(corpus["vocab_size"], **sizes)
     teacher = load_teacher(args.teacher, workdir, cfg.vocab_size) if kind == "draft" else None
     draft_only = dict(ce_weight=args.ce_weight, init=args.init, on_policy=args.on_policy,
-                      on_policy_fraction=args.on_policy_fraction, prompt_len=args.prompt_len) if teacher else {}
+                      on_policy_fraction=args.on_policy_fraction, on_policy_temperature=args.on_policy_temperature,
+                      prompt_len=args.prompt_len) if teacher else {}
     opts = RunOptions(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       warmup=args.warmup, weight_decay=args.weight_decay, save_every=args.save_every,
                       log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows, **draft_only)
@@ -565,7 +570,7 @@ def run_stage(kind: str, args) -> dict:
     if generations is not None:
         on_gen = lambda p: evaluate(eval_step, p, generations, opts.eval_batch_size, t_params, opts.prompt_len - 1)
         on_generations = {"held_out_generations": {
-            "what": on_policy.describe_generations(generations, opts.prompt_len),
+            "what": on_policy.describe_generations(generations, opts.prompt_len, opts.on_policy_temperature),
             "draft": on_gen(params), **({"init": on_gen(init.params)} if init is not None else {})}}
     eval_seconds = round(time.time() - t0, 1)
     print(f"held-out: {json.dumps(held)}\nprobe: {json.dumps(probe)}", flush=True)

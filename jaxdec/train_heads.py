@@ -170,7 +170,7 @@ def run_heads_stage(kind: str, args) -> dict:
                             warmup=args.warmup, weight_decay=args.weight_decay, save_every=args.save_every,
                             log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows, init=args.init,
                             on_policy=args.on_policy, on_policy_fraction=args.on_policy_fraction,
-                            prompt_len=args.prompt_len)
+                            on_policy_temperature=args.on_policy_temperature, prompt_len=args.prompt_len)
     # Medusa's head k is scored at positions < seq_len - k: each needs a generated token there.
     deepest = args.num_heads if kind == "medusa" else 0
     if args.eval_generations and opts.prompt_len + deepest > opts.seq_len:
@@ -207,7 +207,7 @@ def run_heads_stage(kind: str, args) -> dict:
     on_generations = {}
     if generations is not None:
         on_generations = {"held_out_generations": {
-            "what": on_policy.describe_generations(generations, opts.prompt_len),
+            "what": on_policy.describe_generations(generations, opts.prompt_len, opts.on_policy_temperature),
             "accuracy_by_depth_and_rank": accuracy_of(params, generations, opts.prompt_len - 1),
             **({"init": accuracy_of(init.params, generations, opts.prompt_len - 1)} if init is not None else {})}}
     # The tree is built for what decoding sees: the target's own text when it was measured.

@@ -410,6 +410,49 @@ def test_on_policy_distillation_command(tiny_work, capsys):
     refused(capsys, [*draft[:-6], "--teacher", str(tmp_path / "other-target"), "--run", "bad"], "another tokenizer")
 
 
+def test_on_policy_continuations_sampled_at_a_temperature(tiny_work, capsys):
+    """`--on-policy-temperature T`: the teacher's continuations, for training and for the
+    held-out evaluation, are sampled at T instead of greedy (kept apart from greedy ones); a
+    seed gives the same rows every time, and a resumed generation the rows of an unbroken one."""
+    from jaxdec import on_policy
+    work, tmp_path = tiny_work
+    draft = ["draft", *work, *TINY_DRAFT, "--teacher", str(tmp_path / "target"), "--warmup", "2",
+             "--prompt-len", "8", "--eval-generations", "4"]
+    train.main([*draft, "--steps", "2", "--on-policy", "4", "--on-policy-temperature", "1", "--run", "t1",
+                "--out", str(tmp_path / "t1")])
+    record = json.loads((tmp_path / "t1" / "training.json").read_text())
+    assert record["options"]["on_policy_temperature"] == 1.0
+    assert "sampled at temperature 1 by the teacher" in record["held_out_generations"]["what"]
+    target = jaxdec.load(tmp_path / "target")
+    train_tokens = np.load(tmp_path / "w" / "train_tokens.npy")
+    sampled = np.load(tmp_path / "w" / "t1-continuations.npy")
+    held = np.load(tmp_path / "w" / "held-out-continuations-32-t1.npy")
+    assert sampled.shape == held.shape == (4, 33)
+    # Greedy rows would follow the target's argmax everywhere after the prompt; samples do not.
+    off_argmax = sum(int(np.sum(np.argmax(jaxdec.logits(target, row[:-1].tolist())[7:], axis=-1) != row[8:]))
+                     for row in np.concatenate([sampled, held]))
+    assert off_argmax > 0
+
+    cache, logs = tmp_path / "w" / "sampled.npy", []
+    sample = lambda **kw: on_policy.continuations(target, train_tokens, 4, 8, 33, 0, cache, progress=False,
+                                                  temperature=1.0, **kw)
+    np.testing.assert_array_equal(sample(), sampled)  # the same seed: the rows the command wrote
+    cache.unlink()
+    full = sample(batch_size=2)
+    np.save(cache, full[:2])
+    np.testing.assert_array_equal(sample(batch_size=2, log=logs.append), full)
+    assert any("2 of 4" in line for line in logs)
+    logs.clear()
+    greedy = on_policy.continuations(target, train_tokens, 4, 8, 33, 0, cache, batch_size=2, progress=False,
+                                     log=logs.append)
+    assert "0 of 4" in logs[0] and not np.array_equal(greedy, full)  # another temperature starts over
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            on_policy.continuations(target, train_tokens, 2, 8, 33, 0, cache, temperature=bad)
+    refused(capsys, [*draft, "--on-policy-temperature", "-1", "--run", "bad"], "--on-policy-temperature: must be >= 0")
+    refused(capsys, [*draft, "--on-policy-temperature", "inf", "--run", "bad"], "finite number >= 0, got inf")
+
+
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])
 def test_heads_on_policy_fine_tuning_command(tiny_work, capsys, kind):
     """`python -m jaxdec.train medusa|eagle --init H --on-policy N`: heads fine-tuned on the
