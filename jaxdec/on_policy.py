@@ -12,10 +12,10 @@ on the target's own generations):
   stream and lets the target continue each (`jaxdec.generate`, batched): greedily, or sampled
   at `--on-policy-temperature` (decoding at temperature 1 reads the target's samples, which
   stray further from the corpus than its greedy text: the shipped draft's expected acceptance
-  at temperature 1 is 92.0% on greedy continuations, 83.7% on sampled ones; checkpoints/README.md,
-  "Sampled continuations"). Every row is one
-  window of `seq_len + 1` tokens; rows are cached in the work folder (rewritten atomically
-  after every batch, so an interrupted run resumes where it stopped).
+  at temperature 1 is 92.0% on greedy continuations, 83.7% on sampled ones; checkpoints/
+  README.md, "Sampled continuations"). Every row is one window of `seq_len + 1` tokens; rows
+  are cached in the work folder (rewritten atomically after every batch, so an interrupted
+  run resumes where it stopped).
 - `mixed_batch_at` builds each training batch from `fraction` of these rows and corpus
   windows for the rest (`jaxdec.train.batch_at`), a pure function of the step like the
   corpus batches, so a resumed run sees the batches an unbroken one would.
