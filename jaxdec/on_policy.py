@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from jaxdec.cli import COUNT, POSITIVE, WEIGHT
 from jaxdec.generate import generate
+from jaxdec.sampling import SamplingParams
 from jaxdec.storage import write_json
 from jaxdec.train import batch_at
 
@@ -62,8 +63,7 @@ def continuations(teacher, tokens: np.ndarray, count: int, prompt_len: int, leng
         raise ValueError(f"prompt_len must be in [1, {length - 1}] (the window is {length} tokens), got {prompt_len}")
     if count < 1:
         raise ValueError(f"on-policy sample count must be >= 1, got {count}")
-    if not 0.0 <= temperature < float("inf"):
-        raise ValueError(f"on-policy temperature must be a finite number >= 0, got {temperature}")
+    SamplingParams.create(temperature)  # the sampler's own rules, before anything is written
     if tokens.size <= prompt_len:
         raise ValueError(f"the training stream ({tokens.size} tokens) is shorter than prompt_len={prompt_len}")
     cache = Path(cache)

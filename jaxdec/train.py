@@ -63,6 +63,7 @@ from jaxdec.cli import COUNT, POSITIVE, RATE, WEIGHT
 from jaxdec.config import ModelConfig
 from jaxdec.loading import _read_tokenizer
 from jaxdec.model import init_params, sequence_logits
+from jaxdec.sampling import SamplingParams
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -381,8 +382,10 @@ class RunOptions:
         if self.on_policy < 0 or not 0.0 < self.on_policy_fraction <= 1.0:
             raise ValueError(f"--on-policy must be >= 0 and --on-policy-fraction in (0, 1], got {self.on_policy} "
                              f"and {self.on_policy_fraction}")
-        if not 0.0 <= self.on_policy_temperature < math.inf:
-            raise ValueError(f"--on-policy-temperature must be a finite number >= 0, got {self.on_policy_temperature}")
+        try:  # the sampler's own rules, checked before any work
+            SamplingParams.create(self.on_policy_temperature)
+        except ValueError as bad:
+            raise ValueError(f"--on-policy-temperature: {bad}") from None
 
 
 def _state_meta(config: dict, opts: RunOptions, teacher: str | None) -> dict:
