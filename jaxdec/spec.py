@@ -125,7 +125,9 @@ class DraftTree:
     levels, expanding the `top_k` likeliest frontier nodes by their `top_k` likeliest
     children, scored by cumulative draft log-probability; the best `max_nodes` nodes are
     verified in one target step, and each row keeps the deepest path the target accepts.
-    A depth above max_nodes grows only max_nodes levels: deeper nodes could never be kept."""
+    `max_nodes` is a cap: a tree that scores fewer nodes (depth=2, top_k=4: 4 + 16) verifies
+    them all, and a depth above max_nodes grows only max_nodes levels (deeper nodes could
+    never be kept)."""
     model: Model
     depth: int = 5
     top_k: int = 4
@@ -138,10 +140,11 @@ class DraftTree:
     def build(self, target: Model, batch_size: int, num_slots: int):
         _check_draft_model("DraftTree", self.model, target, num_slots)
         same = self.model.params is target.params
-        drafter = DraftTreeDrafter(self.model.config, _grown_levels(self.depth, self.max_nodes), int(self.top_k),
-                                   int(self.max_nodes), drafts_with_target=same)
+        nodes = _kept_nodes(self.depth, self.top_k, self.max_nodes)
+        drafter = DraftTreeDrafter(self.model.config, _grown_levels(self.depth, nodes), int(self.top_k), nodes,
+                                   drafts_with_target=same)
         state = DraftTreeState(cache=init_cache(self.model.config, batch_size, num_slots, self.model.dtype),
-                               node_slots=jnp.full((batch_size, self.max_nodes), -1, jnp.int32),
+                               node_slots=jnp.full((batch_size, nodes), -1, jnp.int32),
                                tree_start=jnp.zeros((batch_size,), jnp.int32))
         return drafter, None if same else self.model.params, state
 
@@ -192,10 +195,12 @@ def _check_tree_options(depth, top_k, max_nodes, vocab_size):
     _check_positive("max_nodes", max_nodes, "tree nodes verified per step")
     if top_k > vocab_size:
         raise ValueError(f"top_k={top_k} exceeds the draft's vocabulary ({vocab_size})")
-    available = num_candidates(depth, top_k)
-    if max_nodes > available:
-        raise ValueError(f"max_nodes={max_nodes} exceeds the {available} nodes a tree of depth={depth} "
-                         f"and top_k={top_k} scores")
+
+
+def _kept_nodes(depth, top_k, max_nodes) -> int:
+    """The nodes verified per step: max_nodes, or all a tree of depth levels and top_k
+    children scores when that is fewer (the defaults' max_nodes=32 with depth=2 or top_k=2)."""
+    return min(int(max_nodes), num_candidates(int(depth), int(top_k)))
 
 
 def _grown_levels(depth, max_nodes) -> int:
@@ -250,7 +255,7 @@ class Eagle:
 
     @property
     def num_tokens(self) -> int:
-        return self.max_nodes
+        return _kept_nodes(self.depth, self.top_k, self.max_nodes)
 
     def build(self, target: Model, batch_size: int, num_slots: int):
         check_heads_fit(self.heads, target)
@@ -258,8 +263,8 @@ class Eagle:
         if num_slots > layer.max_position_embeddings:
             raise ValueError(f"{num_slots} cache slots exceed the EAGLE layer's max_position_embeddings="
                              f"{layer.max_position_embeddings}")
-        drafter = EagleDrafter(self.heads.config, _grown_levels(self.depth, self.max_nodes), int(self.top_k),
-                               int(self.max_nodes))
+        nodes = self.num_tokens
+        drafter = EagleDrafter(self.heads.config, _grown_levels(self.depth, nodes), int(self.top_k), nodes)
         width = drafter.catch_up_width
         state = EagleState(cache=init_cache(layer, batch_size, num_slots, target.dtype),
                            features=jnp.zeros((batch_size, width, layer.hidden_size), target.dtype),

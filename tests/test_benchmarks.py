@@ -116,8 +116,8 @@ def test_the_demo_shapes_are_the_shipped_checkpoints():
     (["--tree-rounds", "8x2x8"], "give --rounds too"),
     (["--rounds", "2", "--tree-rounds", "8x2"], "DEPTHxTOP_KxMAX_NODES"),
     (["--rounds", "2", "--tree-rounds", "8x0x8"], "DEPTHxTOP_KxMAX_NODES"),
-    # Checked against the draft's shape before any timing: a depth-2 tree of top_k 2 scores 6 nodes.
-    (["--draft-shape", "demo-draft", "--rounds", "2", "--tree-rounds", "2x2x7"], "--tree-rounds 2x2x7: max_nodes=7"),
+    # Checked against the draft's shape before any timing: demo-draft's vocabulary is 4096.
+    (["--draft-shape", "demo-draft", "--rounds", "2", "--tree-rounds", "2x5000x8"], "--tree-rounds 2x5000x8: top_k=5000"),
 ])
 def test_verify_cost_refuses_rounds_it_cannot_compare(args, says, capsys):
     with pytest.raises(SystemExit):

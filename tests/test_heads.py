@@ -236,10 +236,16 @@ def test_medusa_tree_must_fit_the_heads(medusa):
 
 
 @pytest.mark.parametrize("kwargs, pattern", [(dict(depth=0), "depth must be"), (dict(top_k=0), "top_k must be"),
-                                             (dict(depth=2, top_k=2, max_nodes=7), "max_nodes=7 exceeds the 6")])
+                                             (dict(max_nodes=0), "max_nodes must be")])
 def test_bad_eagle_tree_options(eagle, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         spec.Eagle(eagle, **kwargs)
+
+
+def test_eagle_max_nodes_is_a_cap(eagle):
+    """A tree of depth 2 and top_k 2 scores 6 nodes: max_nodes' default (32) verifies those 6."""
+    assert spec.Eagle(eagle, depth=2, top_k=2).num_tokens == 6
+    assert spec.Eagle(eagle, depth=2, top_k=2, max_nodes=5).num_tokens == 5
 
 
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])
