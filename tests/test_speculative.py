@@ -212,9 +212,12 @@ def test_max_nodes_above_what_the_tree_scores_verifies_them_all(llama, noisy_dra
     capped = spec.DraftTree(noisy_draft, depth=2, top_k=2)
     assert capped.max_nodes == 32 and capped.build(llama, 2, 64)[0].max_nodes == 6
     prompts = [[5, 17, 33, 2, 90], list(range(40, 52))]
-    six, default = (jaxdec.generate(llama, prompts, max_new_tokens=10, stop_token_ids=[], speculative=method)
-                    for method in (spec.DraftTree(noisy_draft, depth=2, top_k=2, max_nodes=6), capped))
-    assert default.tokens == six.tokens and default.stats.target_steps == six.stats.target_steps
+    run = lambda method, temperature: jaxdec.generate(llama, prompts, max_new_tokens=10, stop_token_ids=[],
+                                                      speculative=method, temperature=temperature, seed=3)
+    for temperature in (0.0, 1.0):  # sampled too: the same program, so the same draws
+        six, default = (run(method, temperature) for method in (spec.DraftTree(noisy_draft, 2, 2, 6), capped))
+        assert default.tokens == six.tokens and default.stats.target_steps == six.stats.target_steps
+    assert run(capped, 0.0).tokens == run(None, 0.0).tokens  # and greedy is plain decoding's
 
 
 # (batch bucket, paths, draft): a wide shallow tree, a deep one with branches, a lone node.
