@@ -3,7 +3,8 @@
     jaxdec generate ["PROMPT"] [--model demo-target] [--draft demo-draft] [--method draft]
                     [--num-tokens 4] [--tree 5x4x32] [--heads demo-medusa|demo-eagle]
                     [--max-new-tokens 128] [--temperature 0]
-                    [--top-p 1] [--top-k 0] [--seed 0] [--dtype bfloat16] [--mesh data=1,model=8]
+                    [--top-p 1] [--top-k 0] [--min-p 0] [--seed 0] [--dtype bfloat16]
+                    [--attn-impl pallas] [--mesh data=1,model=8]
 
 With no prompt argument the prompt is read from standard input when it is piped, else a demo
 prompt is used. The text is streamed as it is accepted; the stats follow on stderr.
@@ -84,7 +85,7 @@ def generate_command(args) -> int:
     from jaxdec import sharding
     sharding.initialize_distributed()
     mesh = None if args.mesh is None else jaxdec.make_mesh(*sharding.parse_mesh(args.mesh))
-    target = jaxdec.load(args.model, dtype=args.dtype, mesh=mesh)
+    target = jaxdec.load(args.model, dtype=args.dtype, mesh=mesh, attn_impl=args.attn_impl)
     # Every process computes; process 0 speaks for them.
     out_stream, err_stream = (sys.stdout, sys.stderr) if jax_process_index() == 0 else (io.StringIO(), io.StringIO())
     if target.tokenizer is None:
@@ -106,7 +107,7 @@ def generate_command(args) -> int:
             shown = text
 
     out = jaxdec.generate(target, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, speculative=speculative,
+                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed, speculative=speculative,
                           on_progress=stream)
     final = out.texts[0]
     out_stream.write(final[len(shown):] if final.startswith(shown) else "\n" + final)
@@ -124,7 +125,7 @@ def jax_process_index() -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from jaxdec import storage
+    from jaxdec import loading, storage
     top = argparse.ArgumentParser(prog="jaxdec", description="Lossless speculative decoding in JAX.")
     commands = top.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it")
@@ -150,10 +151,14 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=sorted(storage.DTYPES), default=None,
                      help="cast the models on load (default: as stored); bfloat16 may leave plain decoding's "
                           "tokens at near-ties (README, 'Numerics')")
+    gen.add_argument("--attn-impl", choices=loading.ATTN_IMPLS, default="xla",
+                     help="the target's attention: xla (jax.numpy) or pallas (the tree-attention kernel; "
+                          "interpret mode, slow, on a CPU)")
     gen.add_argument("--mesh", default=None,
                      help="shard over a device mesh, e.g. data=1,model=8 (default: one device)")
     gen.set_defaults(run=generate_command)

@@ -39,6 +39,27 @@ def test_streams_the_same_text_as_generate(capsys, monkeypatch, llama_dir, metho
         assert float(stats.group(4)) > 2
 
 
+def test_sampling_options_and_the_kernel_reach_generate(capsys, monkeypatch, llama_dir, loaded_models):
+    """--temperature, --top-k, --min-p and --seed are generate's; --attn-impl pallas loads the
+    target to verify with the Pallas kernel (interpret mode here)."""
+    prompt = "def add(a, b):"
+    options = dict(temperature=1.5, top_k=50, min_p=0.2, seed=3)
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in options.items()]
+    code, out, err = run(capsys, monkeypatch, ["generate", prompt, "--model", llama_dir, "--draft", llama_dir,
+                                               "--method", "tree", "--tree", "2x2x3", "--max-new-tokens", "10",
+                                               "--attn-impl", "pallas", *flags])
+    assert code == 0, err
+    target, draft = loaded_models
+    assert target.config.attn_impl == "pallas" and draft.config.attn_impl == "xla"
+
+    def text(**changed):
+        return jaxdec.generate(target, [prompt], max_new_tokens=10, speculative=jaxdec.spec.DraftTree(draft, 2, 2, 3),
+                               **{**options, **changed}).texts[0]
+
+    assert out == prompt + text() + "\n"
+    assert text() != text(min_p=0.0)  # so a --min-p left out would show
+
+
 def test_dtype_casts_the_target_and_its_drafter(capsys, monkeypatch, loaded_models):
     """--dtype bfloat16 loads the target and the heads (as the draft: one `place` serves every
     drafter) in bfloat16 and prints what generate gives with them (the same method: in
