@@ -156,9 +156,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(storage.DTYPES), default=None,
                      help="cast the models on load (default: as stored); bfloat16 may leave plain decoding's "
                           "tokens at near-ties (README, 'Numerics')")
-    gen.add_argument("--attn-impl", choices=loading.ATTN_IMPLS, default="xla",
+    gen.add_argument("--attn-impl", choices=loading.ATTN_IMPLS, default=None,
                      help="the target's attention: xla (jax.numpy) or pallas (the tree-attention kernel; "
-                          "interpret mode, slow, on a CPU)")
+                          "interpret mode, slow, on a CPU); default: jaxdec.load's choice")
     gen.add_argument("--mesh", default=None,
                      help="shard over a device mesh, e.g. data=1,model=8 (default: one device)")
     gen.set_defaults(run=generate_command)
