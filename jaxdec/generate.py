@@ -61,19 +61,31 @@ def _first_bad_token_id(ids, vocab: int) -> str | None:
     return None
 
 
+def _as_lists(value):
+    """A NumPy or JAX array (anything with __array__ that is not a list) as nested lists of
+    Python numbers, so ids given the way Hugging Face's `input_ids` are go through the checks
+    (and their messages) of lists."""
+    if hasattr(value, "__array__") and not isinstance(value, (Sequence, str, bytes)):
+        return np.asarray(value).tolist()
+    return value
+
+
 def encode_prompts(model: Model, prompts) -> list[list[int]]:
-    """Token ids of each prompt, checked: non-empty, ids inside the vocabulary."""
+    """Token ids of each prompt, checked: non-empty, ids inside the vocabulary. A 2-D array of
+    ids is a batch of equal-length rows."""
+    prompts = _as_lists(prompts)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError(f"prompts must be a non-empty list of strings or of token-id lists, got {prompts!r:.80}")
     vocab = model.config.vocab_size
     rows = []
     for i, prompt in enumerate(prompts):
+        prompt = _as_lists(prompt)
         if isinstance(prompt, str):
             if model.tokenizer is None:
                 raise ValueError(f"prompt {i} is text ({prompt!r:.40}) but the model has no tokenizer; "
                                  f"pass token ids instead")
             ids = model.tokenizer.encode(prompt).ids
-        elif isinstance(prompt, Sequence) or isinstance(prompt, np.ndarray):
+        elif isinstance(prompt, Sequence):
             ids = list(prompt)
             bad = _first_bad_token_id(ids, vocab)
             if bad:
@@ -88,7 +100,7 @@ def encode_prompts(model: Model, prompts) -> list[list[int]]:
 
 
 def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:
-    ids = model.stop_token_ids if stop_token_ids is None else stop_token_ids
+    ids = model.stop_token_ids if stop_token_ids is None else _as_lists(stop_token_ids)
     # A bare id (or any non-iterable) would fail in list() with a TypeError that names nothing.
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise ValueError(f"stop_token_ids must be a list of token ids or None, got {ids!r:.80}")
@@ -120,7 +132,8 @@ def float32_products(fn):
 def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
              stop_token_ids=None, speculative=None, on_progress=None) -> GenerateOutput:
-    """Generates up to `max_new_tokens` new tokens for every prompt.
+    """Generates up to `max_new_tokens` new tokens for every prompt: `prompts` is a list of
+    strings or of token-id lists (rows may differ in length), or a 2-D integer array of ids.
 
     temperature 0 is greedy; otherwise tokens are drawn from the distribution after
     temperature, top-k, top-p and min-p. Each row ends after a stop token (included) or

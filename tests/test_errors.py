@@ -44,6 +44,19 @@ def test_malformed_prompts(llama, prompts, pattern):
         jaxdec.generate(llama, prompts, max_new_tokens=4)
 
 
+@pytest.mark.parametrize("prompts, pattern", [
+    (np.array([1, 5, 9]), r"prompt 0 .*\b1\b"),  # one row, not a batch of rows: as the list [1, 5, 9]
+    (np.ones((1, 2, 3), np.int32), r"prompt 0 has token id \[1, 1, 1\], not an integer"),
+    (np.zeros((0, 3), np.int32), r"non-empty"),
+    (np.zeros((2, 0), np.int32), r"prompt 0 is empty"),
+    (np.array([[1.0, 5.0]]), r"prompt 0 has token id 1\.0, not an integer token id"),
+    ([np.array([1, VOCAB_SIZE])], rf"prompt 0 has token id {VOCAB_SIZE} outside"),
+])
+def test_malformed_arrays_of_prompts(llama, prompts, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        jaxdec.generate(llama, prompts, max_new_tokens=4)
+
+
 @pytest.mark.parametrize("bad", [-1, VOCAB_SIZE, VOCAB_SIZE + 1000])
 def test_token_id_outside_vocabulary(llama, bad):
     with pytest.raises(ValueError, match=rf"prompt 1 has token id {named(bad)} outside the vocabulary"):
@@ -148,6 +161,8 @@ def test_bad_seed(llama, bad):
     ([-1], rf"{named(-1)} outside"), ([2, VOCAB_SIZE], rf"{named(VOCAB_SIZE)} outside"),
     ([1.5], rf"{named(1.5)}, not an integer"), (["2"], rf"{named('2')}, not an integer"),
     (2, r"stop_token_ids.*\b2\b"), ("2", r"'2'"), (list(range(3, 20)), r"\b17\b"),
+    (np.array(2), r"stop_token_ids must be a list.*\b2\b"), (np.array([[2]]), r"stop token id \[2\], not an integer"),
+    (np.array([VOCAB_SIZE]), rf"stop token id {VOCAB_SIZE} outside"),
 ])
 def test_bad_stop_token_ids(llama, bad, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -279,6 +279,20 @@ def test_same_seed_same_output(llama):
     assert all(len(t) == SAMPLED["max_new_tokens"] for t in a.tokens)
 
 
+def test_arrays_of_token_ids_are_rows(llama):
+    """A 2-D array of ids (NumPy or JAX, any integer dtype), as Hugging Face's `input_ids`, is a
+    batch of rows: the same output as the lists; so are a list of 1-D arrays, and a 1-D array
+    to `logits`."""
+    rows = [PROMPT, PROMPT[::-1], PROMPT[1:] + [7]]
+    lists = jaxdec.generate(llama, rows, seed=3, **SAMPLED).tokens
+    for array in (np.array(rows), jnp.array(rows), np.array(rows, np.uint16), [jnp.array(r) for r in rows]):
+        assert jaxdec.generate(llama, array, seed=3, **SAMPLED).tokens == lists
+    np.testing.assert_array_equal(jaxdec.logits(llama, jnp.array(PROMPT)), jaxdec.logits(llama, PROMPT))
+    stop = lists[0][5]  # stop ids as an array too
+    stopped = jaxdec.generate(llama, rows, seed=3, **{**SAMPLED, "stop_token_ids": jnp.array([stop])}).tokens
+    assert stopped[0] == lists[0][:lists[0].index(stop) + 1]
+
+
 def test_identical_prompts_sample_independently(llama):
     out = jaxdec.generate(llama, [PROMPT] * 4, seed=0, **SAMPLED)
     assert len({tuple(t) for t in out.tokens}) == 4, out.tokens
