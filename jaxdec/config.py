@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 RUNTIME_FIELDS = ("attn_impl", "mesh")  # how a model runs, not what it is: never saved
 
@@ -58,6 +58,11 @@ class ModelConfig:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"unsupported RoPE scaling rope_type={rope_type!r}; "
                              f"supported: {SUPPORTED_ROPE_TYPES}")
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 normalizes each head's query and key (RMSNorm over head_dim) before RoPE."""
+        return self.model_type == "qwen3"
 
     def window(self, layer: int) -> int | None:
         return self.layer_windows[layer] if self.layer_windows else None
@@ -109,7 +114,7 @@ class ModelConfig:
         window = hf.get("sliding_window")
         if model_type == "mistral" and window:
             windows = (int(window),) * layers
-        elif model_type == "qwen2" and hf.get("use_sliding_window") and window:
+        elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window") and window:
             types = hf.get("layer_types") or [
                 "sliding_attention" if i >= hf.get("max_window_layers", layers) else "full_attention"
                 for i in range(layers)]

@@ -1,4 +1,4 @@
-"""Converts a local Hugging Face Llama / Qwen2 / Mistral folder into a jaxdec checkpoint.
+"""Converts a local Hugging Face Llama / Qwen2 / Qwen3 / Mistral folder into a jaxdec checkpoint.
 
     python -m jaxdec.convert SRC_DIR DST_DIR [--dtype float32|bfloat16] [--overwrite] [--allow-pickle]
 
@@ -24,7 +24,7 @@ from jaxdec import storage
 from jaxdec.config import ModelConfig
 from jaxdec.storage import ConversionError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
@@ -44,6 +44,9 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
             table[f"{hf}self_attn.{name}.weight"] = ((out, inp), (jd, "self_attn", name, "kernel"), True)
             if cfg.attention_bias and name != "o_proj":
                 table[f"{hf}self_attn.{name}.bias"] = ((out,), (jd, "self_attn", name, "bias"), False)
+        if cfg.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                table[f"{hf}self_attn.{name}.weight"] = ((cfg.head_dim,), (jd, "self_attn", name, "scale"), False)
         for name, out, inp in (("gate_proj", F, D), ("up_proj", F, D), ("down_proj", D, F)):
             table[f"{hf}mlp.{name}.weight"] = ((out, inp), (jd, "mlp", name, "kernel"), True)
     return table

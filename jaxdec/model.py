@@ -1,8 +1,9 @@
-"""One Flax decoder for Llama, Qwen2 and Mistral, and the single forward every step uses.
+"""One Flax decoder for Llama, Qwen2, Qwen3 and Mistral, and the single forward every step uses.
 
 The families differ only by config switches: grouped-query attention (num_key_value_heads),
-q/k/v bias (attention_bias, Qwen2), tied embeddings (tie_word_embeddings), RoPE scaling
-(rope_scaling) and sliding-window attention (layer_windows, Mistral).
+q/k/v bias (attention_bias, Qwen2), per-head query/key norms (qk_norm, Qwen3), tied embeddings
+(tie_word_embeddings), RoPE scaling (rope_scaling) and sliding-window attention
+(layer_windows, Mistral).
 
 At the jit boundary everything is a pure function of pytrees:
     forward(cfg, params, tokens[B,T], positions[B,T], cache, step_mask[B,T,T])
@@ -15,6 +16,7 @@ Parameter tree (what the converter writes; `kernel`s are [in, out]):
     embed_tokens/embedding [V, D]
     layers_{i}/input_layernorm/scale, post_attention_layernorm/scale [D]
     layers_{i}/self_attn/{q,k,v,o}_proj/kernel (+ q,k,v bias when attention_bias)
+    layers_{i}/self_attn/{q,k}_norm/scale [head_dim]  (when qk_norm)
     layers_{i}/mlp/{gate,up,down}_proj/kernel
     norm/scale [D]
     lm_head/kernel [D, V]  (absent when tie_word_embeddings)
@@ -68,8 +70,12 @@ class Attention(nn.Module):
         q = dense(cfg.num_attention_heads, "q_proj", cfg.attention_bias)(x)
         k = dense(cfg.num_key_value_heads, "k_proj", cfg.attention_bias)(x)
         v = dense(cfg.num_key_value_heads, "v_proj", cfg.attention_bias)(x)
-        q = apply_rope(q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
+        q = q.reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+        k = k.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, name="k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
         if slots is not None:
             k_cache, v_cache = write_slots(k_cache, k, slots), write_slots(v_cache, v, slots)

@@ -19,6 +19,8 @@ FAMILIES = {
     "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
     "qwen2": dict(tie_word_embeddings=True),
+    # Per-head q/k norms, and a head_dim that is not hidden_size / heads (4 x 32 = 128 != 64).
+    "qwen3": dict(head_dim=32),
     "mistral": dict(sliding_window=16),
 }
 SLIDING_WINDOW = 16
@@ -44,11 +46,16 @@ def build_hf_model(directory: Path, family: str, seed: int = 0, dtype: str = "fl
     import transformers
     classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
                "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
     config_cls, model_cls = classes[family]
     torch.manual_seed(seed)
     config = config_cls(**{**BASE, **FAMILIES[family], **overrides})
     model = model_cls(config).to(getattr(torch, dtype)).eval()
+    with torch.no_grad():  # norms start at ones: random scales, so a swapped q/k norm shows
+        for name, weight in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                weight.uniform_(0.5, 1.5)
     directory = Path(directory)
     model.save_pretrained(directory)
     build_tokenizer().save(str(directory / "tokenizer.json"))

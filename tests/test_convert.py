@@ -241,13 +241,13 @@ def test_eos_ids_come_from_generation_config(variant, tmp_path, generation_eos, 
     assert model.stop_token_ids == expected
 
 
-@pytest.mark.parametrize("overrides, windows", [
-    (dict(max_window_layers=1), (None, SLIDING_WINDOW)),
-    (dict(layer_types=["sliding_attention", "full_attention"]), (SLIDING_WINDOW, None)),
-], ids=["max_window_layers", "layer_types"])
-def test_qwen2_sliding_window_follows_layer_types(tmp_path, build_hf, overrides, windows):
-    src = build_hf(tmp_path / "hf", "qwen2", use_sliding_window=True, sliding_window=SLIDING_WINDOW,
-                         **overrides)
+@pytest.mark.parametrize("family, overrides, windows", [
+    ("qwen2", dict(max_window_layers=1), (None, SLIDING_WINDOW)),
+    ("qwen2", dict(layer_types=["sliding_attention", "full_attention"]), (SLIDING_WINDOW, None)),
+    ("qwen3", dict(layer_types=["sliding_attention", "full_attention"]), (SLIDING_WINDOW, None)),
+], ids=["qwen2-max_window_layers", "qwen2-layer_types", "qwen3-layer_types"])
+def test_qwen_sliding_window_follows_layer_types(tmp_path, build_hf, family, overrides, windows):
+    src = build_hf(tmp_path / "hf", family, use_sliding_window=True, sliding_window=SLIDING_WINDOW, **overrides)
     hf_config = json.loads((src / "config.json").read_text())
     assert hf_config["layer_types"] == ["full_attention" if w is None else "sliding_attention" for w in windows]
     model = jaxdec.load(convert(src, tmp_path / "out", progress=False))
@@ -283,9 +283,12 @@ TF4_BASE = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, nu
     (dict(model_type="qwen2", rope_theta=1000000.0, use_sliding_window=True, sliding_window=16,
           max_window_layers=1),
      dict(layer_windows=(None, 16))),
+    (dict(model_type="qwen3", rope_theta=1000000.0, head_dim=128, attention_bias=False, use_sliding_window=False,
+          sliding_window=None, max_window_layers=28, tie_word_embeddings=True),  # Qwen3-0.6B's switches
+     dict(head_dim=128, attention_bias=False, qk_norm=True, tie_word_embeddings=True, layer_windows=())),
     (dict(model_type="mistral", rope_theta=1000000.0, sliding_window=4096), dict(layer_windows=(4096, 4096))),
     (dict(model_type="mistral", rope_theta=1000000.0, sliding_window=None), dict(layer_windows=())),
-], ids=["llama-linear-type", "llama3", "llama-default", "qwen2-no-window", "qwen2-window", "mistral-window",
+], ids=["llama-linear-type", "llama3", "llama-default", "qwen2-no-window", "qwen2-window", "qwen3", "mistral-window",
         "mistral-no-window"])
 def test_transformers4_configs_parse(hf, expected):
     cfg = ModelConfig.from_hf({**TF4_BASE, **hf})

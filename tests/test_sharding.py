@@ -93,6 +93,17 @@ def test_greedy_on_a_mesh_equals_one_device(on_mesh, tiny, mesh, method):
     assert out.tokens == tiny["plain"]
 
 
+def test_qwen3_on_a_mesh_equals_one_device(models):
+    """Qwen3's per-head query/key norms with the heads split over the model axis (its norm
+    scales replicated), verifying a tree."""
+    target = models["qwen3"]
+    plain = jaxdec.generate(target, ROWS, max_new_tokens=MAX_NEW, stop_token_ids=[]).tokens
+    sharded = on_mesh_(target, jaxdec.make_mesh(data=2, model=4))
+    assert sharded.params["layers_0"]["self_attn"]["q_norm"]["scale"].sharding.is_fully_replicated
+    method = jaxdec.spec.DraftTree(sharded, depth=3, top_k=2, max_nodes=6)
+    assert jaxdec.generate(sharded, ROWS, max_new_tokens=MAX_NEW, stop_token_ids=[], speculative=method).tokens == plain
+
+
 def test_steady_state_on_a_mesh_compiles_nothing(on_mesh):
     from tests.test_steps import compilations
     target, draft, _, _ = on_mesh("2x4")

@@ -262,11 +262,13 @@ FAMILY_PROMPTS = [[5, 17, 33, 2, 90, 41, 7], list(range(40, 56)), [9, 9, 9, 12],
 @pytest.mark.parametrize("family, method", [
     ("mistral", "layer_skip"),   # the draft reads the target's own sliding-window cache
     ("qwen2", "draft_model"),    # tied embeddings and qkv bias; a draft of another family
+    ("qwen3", "draft_tree"),     # per-head q/k norms, head_dim != hidden / heads; trees it drafts itself
 ])
 def test_greedy_other_families_equal_plain(models, small_draft, family, method):
     target = models[family]
     method = {"layer_skip": spec.LayerSkip([0], num_tokens=3),
-              "draft_model": spec.DraftModel(small_draft, num_tokens=3)}[method]
+              "draft_model": spec.DraftModel(small_draft, num_tokens=3),
+              "draft_tree": spec.DraftTree(target, depth=3, top_k=2, max_nodes=6)}[method]
     plain = jaxdec.generate(target, FAMILY_PROMPTS, max_new_tokens=MAX_NEW, stop_token_ids=[])
     out = jaxdec.generate(target, FAMILY_PROMPTS, max_new_tokens=MAX_NEW, stop_token_ids=[], speculative=method)
     assert out.tokens == plain.tokens
