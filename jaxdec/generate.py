@@ -62,7 +62,7 @@ def _first_bad_token_id(ids, vocab: int) -> str | None:
 
 
 def _as_lists(value):
-    """A NumPy or JAX array (anything with __array__ that is not a list) as nested lists of
+    """A NumPy, JAX or torch array (anything with __array__ that is not a list) as nested lists of
     Python numbers, so ids given the way Hugging Face's `input_ids` are go through the checks
     (and their messages) of lists."""
     if hasattr(value, "__array__") and not isinstance(value, (Sequence, str, bytes)):

@@ -82,6 +82,17 @@ def test_greedy_text_prompts_match_hf_with_eos(models, hf_models):
         assert text == model.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+def test_hf_input_ids_go_in_as_they_are(models, hf_models):
+    """The torch `input_ids` a Hugging Face tokenizer or pipeline gives are a batch of rows: the
+    same greedy tokens as HF's own generate, and as the lists."""
+    import torch
+    model, hf = models["llama"], hf_models["llama"]
+    rows = np.random.default_rng(5).integers(3, VOCAB_SIZE, size=(3, 9)).tolist()
+    out = jaxdec.generate(model, torch.tensor(rows), max_new_tokens=10, stop_token_ids=[])
+    assert out.tokens == jaxdec.generate(model, rows, max_new_tokens=10, stop_token_ids=[]).tokens
+    assert out.tokens == [hf_greedy(hf, row, 10) for row in rows]
+
+
 def test_bfloat16_close_to_float32(converted_dirs):
     f32 = jaxdec.load(converted_dirs["llama"])
     bf16 = jaxdec.load(converted_dirs["llama"], dtype="bfloat16")
