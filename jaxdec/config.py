@@ -10,6 +10,9 @@ import dataclasses
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+# Families whose Hugging Face configs give sliding windows per layer (use_sliding_window,
+# layer_types or max_window_layers); Mistral's window covers every layer.
+PER_LAYER_WINDOW_TYPES = ("qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 RUNTIME_FIELDS = ("attn_impl", "mesh")  # how a model runs, not what it is: never saved
 
@@ -114,7 +117,7 @@ class ModelConfig:
         window = hf.get("sliding_window")
         if model_type == "mistral" and window:
             windows = (int(window),) * layers
-        elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window") and window:
+        elif model_type in PER_LAYER_WINDOW_TYPES and hf.get("use_sliding_window") and window:
             types = hf.get("layer_types") or [
                 "sliding_attention" if i >= hf.get("max_window_layers", layers) else "full_attention"
                 for i in range(layers)]

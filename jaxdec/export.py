@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxdec import storage
-from jaxdec.config import ModelConfig
+from jaxdec.config import PER_LAYER_WINDOW_TYPES, ModelConfig
 from jaxdec.convert import ConversionError, expected_tensors
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -50,7 +50,7 @@ def hf_config(cfg: ModelConfig, dtype: str) -> dict:
         if sliding and None in windows:
             raise ConversionError("a Mistral config cannot mix sliding-window and full-attention layers")
         out["sliding_window"] = sliding[0] if sliding else None
-    elif cfg.model_type in ("qwen2", "qwen3"):
+    elif cfg.model_type in PER_LAYER_WINDOW_TYPES:
         out["use_sliding_window"] = bool(sliding)
         out["sliding_window"] = sliding[0] if sliding else None
         out["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in windows]

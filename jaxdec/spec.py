@@ -137,10 +137,12 @@ class DraftTree:
         _check_draft_model("DraftTree", self.model, None, 0)
         _check_tree_options(self.depth, self.top_k, self.max_nodes, self.model.config.vocab_size)
 
+    num_tokens = property(lambda self: _kept_nodes(self.depth, self.top_k, self.max_nodes))
+
     def build(self, target: Model, batch_size: int, num_slots: int):
         _check_draft_model("DraftTree", self.model, target, num_slots)
         same = self.model.params is target.params
-        nodes = _kept_nodes(self.depth, self.top_k, self.max_nodes)
+        nodes = self.num_tokens
         drafter = DraftTreeDrafter(self.model.config, _grown_levels(self.depth, nodes), int(self.top_k), nodes,
                                    drafts_with_target=same)
         state = DraftTreeState(cache=init_cache(self.model.config, batch_size, num_slots, self.model.dtype),
@@ -253,9 +255,7 @@ class Eagle:
         _check_heads("Eagle", self.heads, "eagle")
         _check_tree_options(self.depth, self.top_k, self.max_nodes, self.heads.config.vocab_size)
 
-    @property
-    def num_tokens(self) -> int:
-        return _kept_nodes(self.depth, self.top_k, self.max_nodes)
+    num_tokens = property(lambda self: _kept_nodes(self.depth, self.top_k, self.max_nodes))
 
     def build(self, target: Model, batch_size: int, num_slots: int):
         check_heads_fit(self.heads, target)
