@@ -427,12 +427,15 @@ def test_a_file_is_not_a_source(tmp_path):
     ("single", dict(tie_word_embeddings=True), r"lm_head.*does not match"),
     ("qwen2", dict(tie_word_embeddings=False), r"missing tensor 'lm_head\.weight'"),
     ("qwen2", dict(attention_bias=False), r"unexpected tensor .*bias"),
+    ("qwen3", dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", attention_bias=False),
+     r"unexpected tensor .*self_attn\.[qk]_norm\.weight"),
+    ("single", dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3"), r"missing tensor .*self_attn\.[qk]_norm"),
     ("single", dict(architectures=["LlamaForCausalLM"], model_type="gpt2"), r"unsupported"),
     ("single", dict(hidden_act="gelu"), r"hidden_act"),
 ], ids=["more-layers", "fewer-layers", "vocab-size", "kv-heads", "intermediate-size", "tied-but-distinct-head",
-        "untied-but-no-head", "no-bias", "model-type", "activation"])
+        "untied-but-no-head", "no-bias", "qwen3-as-qwen2", "llama-as-qwen3", "model-type", "activation"])
 def test_config_that_does_not_match_is_refused(hf_dirs, variant, tmp_path, source, changes, reason):
-    src = variant(hf_dirs["qwen2"] if source == "qwen2" else None, **changes)
+    src = variant(hf_dirs[source] if source != "single" else None, **changes)
     dst = tmp_path / "out"
     with pytest.raises(ConversionError, match=reason) as info:
         convert(src, dst, progress=False)
