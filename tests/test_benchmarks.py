@@ -516,11 +516,13 @@ def test_prefill_benchmark_refuses_bad_settings(args, capsys):
 
 def test_xla_flags_runs_decode_under_each_setting_and_folds_the_runs(tmp_path):
     """One real decode.py process per setting and pass, each under its own XLA_FLAGS; the
-    folded means and speedups are those of the runs' own files."""
+    folded means are those of the runs' own files. Plain decoding alone: each process compiles
+    with XLA's full optimizations, and a draft's programs would double that (15 s); the
+    speedups' arithmetic is test_xla_flags_averages_a_settings_passes'."""
     from benchmarks import xla_flags
     out = tmp_path / "flags.json"
     payload = xla_flags.main(["--settings", "default,single_thread", "--passes", "1", "--out", str(out), "--",
-                              "--methods", "ar,draft:2", "--num-prompts", "1", "--max-new-tokens", "4",
+                              "--methods", "ar", "--num-prompts", "1", "--max-new-tokens", "4",
                               "--context", "16", "--repeats", "1"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     runs = payload["runs"]
@@ -529,14 +531,11 @@ def test_xla_flags_runs_decode_under_each_setting_and_folds_the_runs(tmp_path):
     assert [r["run"]["machine"]["xla_flags"] for r in runs] == ["", "--xla_cpu_multi_thread_eigen=false"]
     for r in runs:
         tps = {e["method"]: e["tokens_per_second"] for e in r["run"]["methods"]}
-        assert payload["mean_tokens_per_second"][r["setting"]] == tps
-        assert payload["speedup_within_setting"][r["setting"]]["draft:2"] == pytest.approx(tps["draft:2"] / tps["ar"])
-        assert all(e["rows_identical_to_first_method"] == 1.0 for e in r["run"]["methods"])
+        assert payload["mean_tokens_per_second"][r["setting"]] == tps and set(tps) == {"ar"} and tps["ar"] > 0
+        assert payload["speedup_within_setting"][r["setting"]] == {}
     plain = {s: m["ar"] for s, m in payload["mean_tokens_per_second"].items()}
     fastest = max(plain, key=plain.get)
     assert payload["fastest_plain_decoding"] == {"setting": fastest, "tokens_per_second": plain[fastest]}
-    for s, m in payload["mean_tokens_per_second"].items():
-        assert payload["speedup_vs_fastest_plain_decoding"][s]["draft:2"] == pytest.approx(m["draft:2"] / plain[fastest])
 
 
 def test_xla_flags_averages_a_settings_passes():
