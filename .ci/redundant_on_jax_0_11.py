@@ -23,8 +23,7 @@ from __future__ import annotations
 import collections
 import re
 import sys
-
-from coverage import CoverageData
+from pathlib import Path
 
 MIN_SECONDS = 5.0
 ALWAYS_KEPT = ("tests/test_tree_attention.py", "tests/test_decode_attention.py", "tests/test_sparse_attention.py",
@@ -32,6 +31,8 @@ ALWAYS_KEPT = ("tests/test_tree_attention.py", "tests/test_decode_attention.py",
 
 
 def lines_per_test(coverage_file: str) -> dict[str, set]:
+    """{node id: {(path, line number)}} from a coverage file with pytest-cov's test contexts."""
+    from coverage import CoverageData  # not a dependency of the project: only this script needs it
     data = CoverageData(basename=coverage_file)
     data.read()
     lines = collections.defaultdict(set)
@@ -43,8 +44,9 @@ def lines_per_test(coverage_file: str) -> dict[str, set]:
 
 
 def seconds_per_test(durations_log: str) -> collections.Counter:
+    """{node id: seconds of setup, call and teardown} from pytest's --durations=0 report."""
     seconds = collections.Counter()
-    for line in open(durations_log):
+    for line in Path(durations_log).read_text().splitlines():
         found = re.match(r"([0-9.]+)s (?:setup|call|teardown)\s+(\S.*)$", line.strip())
         if found:
             seconds[found.group(2)] += float(found.group(1))
@@ -52,6 +54,7 @@ def seconds_per_test(durations_log: str) -> collections.Counter:
 
 
 def redundant(lines: dict[str, set], seconds: collections.Counter) -> list[str]:
+    """The tests to leave out, slowest first: each one's lines are all run by tests kept."""
     runs = collections.Counter(line for test in seconds for line in lines.get(test, ()))
     dropped = []
     for test in sorted(seconds, key=seconds.get, reverse=True):
