@@ -126,7 +126,13 @@ def jax_process_index() -> int:
 
 def parser() -> argparse.ArgumentParser:
     from jaxdec import loading, storage
+    import jax
+
+    import jaxdec
     top = argparse.ArgumentParser(prog="jaxdec", description="Lossless speculative decoding in JAX.")
+    # The JAX version beside ours: which one runs is what a bug report or a benchmark needs.
+    top.add_argument("--version", action="version",
+                     version=f"jaxdec {jaxdec.__version__} (jax {jax.__version__}, jaxlib {jax.lib.__version__})")
     commands = top.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it")
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt (default: stdin, or a demo prompt)")

@@ -101,6 +101,15 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
     assert refused.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
 
 
+def test_version_names_jaxdec_and_the_jax_that_runs_it(capsys):
+    import jax
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == (f"jaxdec {jaxdec.__version__} (jax {jax.__version__}, "
+                                              f"jaxlib {jax.lib.__version__})")
+
+
 def test_no_options_runs_the_demo_pair_speculatively(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", None)  # no piped prompt: the demo prompt is used
     code, out, err = run(capsys, monkeypatch, ["generate", "--max-new-tokens", "24"])
