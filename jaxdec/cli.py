@@ -125,10 +125,10 @@ def jax_process_index() -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from jaxdec import loading, storage
     import jax
 
     import jaxdec
+    from jaxdec import loading, storage
     top = argparse.ArgumentParser(prog="jaxdec", description="Lossless speculative decoding in JAX.")
     # The JAX version beside ours: which one runs is what a bug report or a benchmark needs.
     top.add_argument("--version", action="version",
