@@ -359,9 +359,7 @@ def main(argv=None):
             parser.error(f"--target {args.target!r} has no tokenizer; the prompts are text")
         pearl_draft = None
         if any(m.startswith("pearl") for m in methods):  # the draft on a device the target does not use
-            used = set(mesh.devices.flat) if mesh is not None else {jax.devices()[0]}
-            spare = [d for d in jax.devices() if d not in used] or jax.devices()[-1:]
-            pearl_draft = jaxdec.load(args.draft, dtype=args.dtype, mesh=jaxdec.make_mesh(devices=spare[:1]))
+            pearl_draft = jaxdec.load(args.draft, dtype=args.dtype, mesh=sharding.spare_device_mesh(mesh))
         with refused_in_one_line(parser, f"--methods {args.methods!r}: "):  # e.g. sparse:8 or draft:x
             specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold, heads,
                                      pearl_draft) for m in methods}

@@ -1,7 +1,8 @@
 """The `jaxdec` command line.
 
     jaxdec generate ["PROMPT"] [--model demo-target] [--draft demo-draft] [--method draft]
-                    [--num-tokens 4] [--tree 5x4x32] [--heads demo-medusa|demo-eagle]
+                    [--num-tokens 4] [--tree 5x4x32] [--paths 0 1 0.0 ...]
+                    [--heads demo-medusa|demo-eagle]
                     [--max-new-tokens 128] [--temperature 0]
                     [--top-p 1] [--top-k 0] [--min-p 0] [--seed 0] [--dtype bfloat16]
                     [--attn-impl pallas] [--mesh data=1,model=8]
@@ -38,8 +39,11 @@ def at_least(low, kind=int, strict=False):
 POSITIVE, COUNT, RATE = at_least(1), at_least(0), at_least(0.0, float, strict=True)
 WEIGHT = at_least(0.0, float)
 
-METHODS = ("ar", "draft", "tree", "medusa", "eagle", "layerskip", "sparse", "triforce", "lookup")
+METHODS = ("ar", "draft", "pearl", "tree", "static", "medusa", "eagle", "layerskip", "sparse", "triforce", "lookup")
 DEMO_PROMPT = "def fibonacci(n):"
+# --method static's tree when --paths is left out: the draft's first choice five deep, with
+# second choices at the first two levels (8 nodes).
+STATIC_PATHS = ("0", "1", "0.0", "0.1", "1.0", "0.0.0", "0.0.0.0", "0.0.0.0.0")
 
 
 def build_speculative(args, target):
@@ -50,12 +54,18 @@ def build_speculative(args, target):
         return None
     if args.method == "draft":
         return jaxdec.spec.DraftModel(jaxdec.load(args.draft, **place), num_tokens=args.num_tokens)
+    if args.method == "pearl":  # the draft on a device the target leaves free, to overlap them
+        from jaxdec import sharding
+        draft = jaxdec.load(args.draft, dtype=args.dtype, mesh=sharding.spare_device_mesh(target.config.mesh))
+        return jaxdec.spec.Pearl(draft, num_tokens=args.num_tokens)
     if args.method == "tree":
         return jaxdec.spec.DraftTree(jaxdec.load(args.draft, **place), *tree_shape(args.tree))
+    if args.method == "static":
+        return jaxdec.spec.StaticTree(jaxdec.load(args.draft, **place), tree_paths(args.paths or STATIC_PATHS))
     if args.method in ("medusa", "eagle"):
         heads = jaxdec.load_heads(args.heads or f"demo-{args.method}", **place)
         if args.method == "medusa":
-            return jaxdec.spec.Medusa(heads)
+            return jaxdec.spec.Medusa(heads, None if args.paths is None else tree_paths(args.paths))
         return jaxdec.spec.Eagle(heads, *tree_shape(args.tree))
     if args.method == "layerskip":
         layers = target.config.num_hidden_layers
@@ -64,7 +74,8 @@ def build_speculative(args, target):
     if args.method in ("sparse", "triforce"):
         draft = jaxdec.load(args.draft, **place) if args.method == "triforce" else None
         return jaxdec.spec.SparseSelf(budget=args.budget, num_tokens=args.num_tokens, draft=draft)
-    return jaxdec.spec.PromptLookup(max_ngram=args.max_ngram, num_tokens=args.num_tokens)
+    return jaxdec.spec.PromptLookup(max_ngram=args.max_ngram, num_tokens=args.num_tokens,
+                                    num_candidates=args.num_candidates)
 
 
 def tree_shape(text: str, flag: str = "--tree") -> tuple[int, int, int]:
@@ -74,6 +85,18 @@ def tree_shape(text: str, flag: str = "--tree") -> tuple[int, int, int]:
     if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"{flag} must be DEPTHxTOP_KxMAX_NODES of positive integers, e.g. 5x4x32, got {text!r}")
     return tuple(int(p) for p in parts)
+
+
+def tree_paths(words) -> list[tuple[int, ...]]:
+    """["0", "1", "0.0"] -> [(0,), (1,), (0, 0)]: each node as its child ranks joined by dots;
+    a ValueError naming the word otherwise (spec.StaticTree checks the tree itself)."""
+    paths = []
+    for word in words:
+        ranks = word.split(".")
+        if not all(r.isdigit() for r in ranks):
+            raise ValueError(f"--paths: each node is child ranks joined by dots, e.g. 0 1 0.0 0.1, got {word!r}")
+        paths.append(tuple(int(r) for r in ranks))
+    return paths
 
 
 def generate_command(args) -> int:
@@ -137,9 +160,12 @@ def parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it")
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt (default: stdin, or a demo prompt)")
     gen.add_argument("--model", default="demo-target", help="target checkpoint: a converted folder or shipped name")
-    gen.add_argument("--draft", default="demo-draft", help="draft checkpoint for --method draft, tree and triforce")
+    gen.add_argument("--draft", default="demo-draft",
+                     help="draft checkpoint for --method draft, pearl, tree, static and triforce")
     gen.add_argument("--method", choices=METHODS, default="draft",
-                     help="ar: plain decoding; draft: draft model; tree: a token tree from the draft model; "
+                     help="ar: plain decoding; draft: draft model; pearl: the draft model on a free device "
+                          "drafting while the target verifies; tree: a token tree from the draft model; "
+                          "static: a fixed tree shape (--paths) from the draft model; "
                           "medusa: Medusa heads' static tree; eagle: an EAGLE layer's dynamic tree; "
                           "layerskip: the target with layers skipped; sparse: the target over a budget of its KV cache "
                           "(long prompts); triforce: the draft model drafting for that sparse target; "
@@ -147,12 +173,18 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step")
     gen.add_argument("--tree", default="5x4x32",
                      help="DEPTHxTOP_KxMAX_NODES of --method tree and eagle (default 5x4x32; on a CPU 6x2x8 is faster)")
+    gen.add_argument("--paths", nargs="+", default=None,
+                     help="the tree of --method static and medusa, a node per word as child ranks joined by dots: "
+                          "0 is the likeliest first token, 0.1 the second likeliest after it (default for static: "
+                          f"{' '.join(STATIC_PATHS)}; for medusa: the tree shipped with the heads)")
     gen.add_argument("--heads", default=None,
                      help="draft heads for --method medusa or eagle (default: the shipped demo-medusa / demo-eagle)")
     gen.add_argument("--skip-layers", type=int, nargs="+", default=None,
                      help="layers to skip for --method layerskip (default: every other inner layer)")
     gen.add_argument("--budget", type=int, default=1024, help="KV-cache tokens the draft reads for --method sparse and triforce")
     gen.add_argument("--max-ngram", type=int, default=3, help="longest n-gram for --method lookup")
+    gen.add_argument("--num-candidates", type=int, default=1,
+                     help="earlier matches --method lookup drafts at once, merged into a tree")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     gen.add_argument("--top-p", type=float, default=1.0)

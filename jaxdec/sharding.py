@@ -51,6 +51,15 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
     return Mesh(np.asarray(devices, dtype=object).reshape(data, model), AXES)
 
 
+def spare_device_mesh(mesh: Mesh | None) -> Mesh:
+    """A one-device mesh for `spec.Pearl`'s draft: the first device that `mesh` (None: the
+    default device) leaves free, so the draft runs while the target verifies; the last device
+    when none is free (then the draft shares it and the rounds run without the overlap)."""
+    used = set(mesh.devices.flat) if mesh is not None else {jax.devices()[0]}
+    spare = [d for d in jax.devices() if d not in used] or jax.devices()[-1:]
+    return make_mesh(devices=spare[:1])
+
+
 def parse_mesh(text: str) -> tuple[int, int]:
     """"data=2,model=4" -> (2, 4) (a missing axis is 1); ValueError naming the text otherwise."""
     sizes = {"data": 1, "model": 1}

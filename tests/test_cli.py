@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 
+import jax
 import pytest
 
 import jaxdec
@@ -24,19 +25,41 @@ def run(capsys, monkeypatch, argv, stdin=None):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("method", ["ar", "draft", "tree", "layerskip", "sparse", "triforce", "lookup"])
-def test_streams_the_same_text_as_generate(capsys, monkeypatch, llama_dir, method):
+@pytest.mark.parametrize("method", ["ar", "draft", "pearl", "tree", "static", "layerskip", "sparse", "triforce",
+                                    "lookup"])
+def test_streams_the_same_text_as_generate(capsys, monkeypatch, llama_dir, loaded_models, method):
     prompt = "def add(a, b):"
     code, out, err = run(capsys, monkeypatch, ["generate", prompt, "--model", llama_dir, "--draft", llama_dir,
                                                "--method", method, "--max-new-tokens", "12", "--num-tokens", "3",
                                                "--tree", "3x2x5"])
     assert code == 0
+    if method == "pearl":  # the draft on a device the target leaves free (the tests have 8 CPU devices)
+        target, draft = loaded_models
+        assert set(draft.config.mesh.devices.flat).isdisjoint(target.config.mesh.devices.flat
+                                                               if target.config.mesh else [jax.devices()[0]])
     expected = jaxdec.generate(jaxdec.load(llama_dir), [prompt], max_new_tokens=12).texts[0]
     assert out == prompt + expected + "\n"
     stats = re.search(r"\[(\w+)\] (\d+) new tokens in (\d+) target steps, mean accepted ([\d.]+)", err)
     assert stats and stats.group(1) == method and 1 <= int(stats.group(2)) <= 12
-    if method in ("draft", "tree"):  # the model drafts for itself: its top drafts are accepted
+    if method in ("draft", "pearl", "tree", "static"):  # the model drafts for itself: its top drafts are accepted
         assert float(stats.group(4)) > 2
+
+
+def test_tree_paths_and_lookup_candidates_reach_the_method(capsys, monkeypatch, llama_dir):
+    """--paths shapes the static tree (and Medusa's), --num-candidates the prompt lookup: what
+    generate receives is the method the flags describe."""
+    received = []
+    real = jaxdec.generate
+    monkeypatch.setattr(jaxdec, "generate", lambda *a, **k: received.append(k["speculative"]) or real(*a, **k))
+    for argv in (["--model", llama_dir, "--draft", llama_dir, "--method", "static", "--paths", "0", "0.0", "1"],
+                 ["--method", "medusa", "--paths", "0", "1", "0.0"],
+                 ["--model", llama_dir, "--method", "lookup", "--num-candidates", "2"]):
+        code, _, err = run(capsys, monkeypatch, ["generate", "def add(a, b):", "--max-new-tokens", "4", *argv])
+        assert code == 0, err
+    static, medusa, lookup = received
+    assert isinstance(static, jaxdec.spec.StaticTree) and static.paths == ((0,), (1,), (0, 0))
+    assert isinstance(medusa, jaxdec.spec.Medusa) and medusa.paths == ((0,), (1,), (0, 0))
+    assert isinstance(lookup, jaxdec.spec.PromptLookup) and lookup.num_candidates == 2
 
 
 def test_sampling_options_and_the_kernel_reach_generate(capsys, monkeypatch, llama_dir, loaded_models):
@@ -94,6 +117,10 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "tree",
                                              "--draft", llama_dir, "--tree", "5x0x32"])  # refused here, not by DraftTree
     assert code == 2 and err.strip().endswith("got '5x0x32'") and "positive integers" in err
+    code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "static",
+                                             "--draft", llama_dir, "--paths", "0", "0.x"])
+    assert code == 2 and err.strip() == ("jaxdec: error: --paths: each node is child ranks joined by dots, "
+                                         "e.g. 0 1 0.0 0.1, got '0.x'")
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", "/no/such/checkpoint"])
     assert code == 2 and "no checkpoint at '/no/such/checkpoint'" in err
     with pytest.raises(SystemExit) as refused:  # argparse's own one line, before anything loads

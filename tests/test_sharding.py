@@ -218,6 +218,14 @@ def test_mesh_errors():
         jaxdec.generate(target, PROMPTS, max_new_tokens=4, speculative=jaxdec.spec.Eagle(jaxdec.load_heads("demo-eagle")))
 
 
+def test_spare_device_mesh_takes_a_device_the_target_leaves_free():
+    devices = jax.devices()
+    assert list(sharding.spare_device_mesh(None).devices.flat) == [devices[1]]
+    assert list(sharding.spare_device_mesh(jaxdec.make_mesh(model=4)).devices.flat) == [devices[4]]
+    # Every device taken: the last one, shared (Pearl then runs without the overlap).
+    assert list(sharding.spare_device_mesh(jaxdec.make_mesh(data=2, model=4)).devices.flat) == [devices[-1]]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
