@@ -17,7 +17,7 @@ on the target's own generations):
   are cached in the work folder (rewritten atomically after every batch, so an interrupted
   run resumes where it stopped).
 - `mixed_batch_at` builds each training batch from `fraction` of these rows and corpus
-  windows for the rest (`jaxdec.train.batch_at`), a pure function of the step like the
+  windows for the rest (`jaxdec.corpus.batch_at`), a pure function of the step like the
   corpus batches, so a resumed run sees the batches an unbroken one would.
 
 The loss is unchanged: KL(target || draft) at every position of the window. With
@@ -40,7 +40,7 @@ from jaxdec.cli import COUNT, POSITIVE, WEIGHT
 from jaxdec.generate import generate
 from jaxdec.sampling import SamplingParams
 from jaxdec.storage import write_json
-from jaxdec.train import batch_at
+from jaxdec.corpus import batch_at
 
 PROMPT_SEED_SALT = 15485863  # prompts' places: independent of the corpus batches' seeds
 ORDER_SEED_SALT = 104729

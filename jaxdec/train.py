@@ -7,15 +7,8 @@
     python -m jaxdec.train eagle  --workdir W --teacher checkpoints/demo-target --out checkpoints/demo-eagle
 (the draft heads: `jaxdec/train_heads.py`)
 
-Corpus: the Python source of this interpreter's standard library (`*.py` under
-`sysconfig.get_paths()["stdlib"]`, without `site-packages` and without the test suites, see
-`TEST_DIRS`), read as UTF-8 (undecodable files skipped), sorted by relative path. A fixed
-~4% of the files is held out, chosen by a stable hash of the relative path (`is_held_out`).
-Every file is one document followed by the EOS token; documents are concatenated and cut
-into packed windows.
-
-Tokenizer: byte-level BPE (`tokenizers`), specials `<unk>`=0, `<s>`=1, `</s>`=2 (EOS), a
-ByteLevel decoder, so decoding round-trips source code (indentation included) exactly.
+Corpus and tokenizer: the standard library's Python source with a fixed held-out split and
+a byte-level BPE tokenizer (`jaxdec/corpus.py`).
 
 Target: next-token cross-entropy with AdamW and a warmup + cosine schedule. Draft: distilled
 from the frozen target, loss KL(target || draft) of the next-token distributions (teacher
@@ -47,7 +40,6 @@ import math
 import os
 import shutil
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -61,17 +53,11 @@ from tqdm import tqdm
 from jaxdec import storage
 from jaxdec.cli import COUNT, POSITIVE, RATE, WEIGHT
 from jaxdec.config import ModelConfig
+from jaxdec.corpus import BOS_ID, EOS_ID, batch_at, eval_windows, prepare
 from jaxdec.loading import _read_tokenizer
 from jaxdec.model import init_params, sequence_logits
 from jaxdec.sampling import SamplingParams
 
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
-# Test suites are left out: they are ~60% of the stdlib's bytes, mostly assertion
-# boilerplate and large data literals, and a CPU budget of a few million tokens is better
-# spent on library code (what a demo prompt like "def fib(n):" continues).
-TEST_DIRS = frozenset({"test", "tests", "idle_test"})
-HELD_OUT_PER_MILLE = 40  # ~4% of the files
 PROBE_WINDOWS, PROBE_LEN = 4, 256  # the small held-out sample recorded with each export
 
 TARGET_CONFIG = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
@@ -80,102 +66,8 @@ DRAFT_CONFIG = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
-# --------------------------------------------------------------------------- corpus
-
 def _log(message: str) -> None:
     print(message, flush=True)  # flushed: runs are usually followed through a log file
-
-
-def is_held_out(relative_path: str) -> bool:
-    """The fixed split: sha256 of the '/'-separated relative path, first 8 bytes, mod 1000."""
-    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % 1000 < HELD_OUT_PER_MILLE
-
-
-def corpus_files(root=None, include_tests: bool = False):
-    """Sorted [(relative path, text)] of the *.py files under `root` (default: the stdlib),
-    and a dict of counts of what was skipped."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    files, skipped = [], {"test_dirs": 0, "undecodable": 0}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != "site-packages")
-        rel_dir = Path(dirpath).relative_to(root).parts
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            if not include_tests and TEST_DIRS.intersection(rel_dir):
-                skipped["test_dirs"] += 1
-                continue
-            try:
-                text = (Path(dirpath) / name).read_bytes().decode("utf-8")
-            except (OSError, UnicodeDecodeError):
-                skipped["undecodable"] += 1
-                continue
-            files.append(("/".join((*rel_dir, name)), text))
-    files.sort()
-    return files, skipped
-
-
-def train_tokenizer(texts, vocab_size: int = 4096):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  min_frequency=2, show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    for token, want in zip(SPECIAL_TOKENS, (UNK_ID, BOS_ID, EOS_ID)):
-        if tokenizer.token_to_id(token) != want:
-            raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, want {want}")
-    return tokenizer
-
-
-def encode_documents(tokenizer, texts) -> np.ndarray:
-    """The documents' token ids, each followed by EOS, concatenated (uint16)."""
-    ids = [np.asarray(enc.ids + [EOS_ID], np.uint16) for enc in tokenizer.encode_batch(list(texts))]
-    return np.concatenate(ids) if ids else np.zeros((0,), np.uint16)
-
-
-def prepare(workdir: Path, vocab_size: int = 4096, corpus_root=None, include_tests: bool = False,
-            log=_log) -> dict:
-    """Trains the tokenizer and tokenizes the corpus into `workdir` (once; then reused)."""
-    workdir = Path(workdir)
-    info_path = workdir / "corpus.json"
-    if info_path.is_file():
-        return json.loads(info_path.read_text())
-    workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    files, skipped = corpus_files(corpus_root, include_tests)
-    train = [(p, t) for p, t in files if not is_held_out(p)]
-    held = [(p, t) for p, t in files if is_held_out(p)]
-    log(f"corpus: {len(files)} files ({len(train)} train, {len(held)} held out), skipped {skipped}")
-    tokenizer = train_tokenizer([t for _, t in train], vocab_size)
-    train_ids = encode_documents(tokenizer, [t for _, t in train])
-    held_ids = encode_documents(tokenizer, [t for _, t in held])
-    mismatches = sum(tokenizer.decode(enc.ids, skip_special_tokens=False) != text
-                     for enc, (_, text) in zip(tokenizer.encode_batch([t for _, t in files]), files))
-    info = {
-        "python": sys.version.split()[0],
-        "stdlib": str(corpus_root or sysconfig.get_paths()["stdlib"]),
-        "include_tests": include_tests,
-        "excluded_dirs": [] if include_tests else sorted(TEST_DIRS),
-        "split_rule": f"held out iff int.from_bytes(sha256(relative_path).digest()[:8], 'big') % 1000 "
-                      f"< {HELD_OUT_PER_MILLE}",
-        "files": len(files), "train_files": len(train), "held_out_files": len(held),
-        "skipped": skipped,
-        "bytes": sum(len(t.encode()) for _, t in files),
-        "train_tokens": int(train_ids.size), "held_out_tokens": int(held_ids.size),
-        "vocab_size": tokenizer.get_vocab_size(),
-        "round_trip_mismatches": int(mismatches),
-        "seconds": round(time.time() - t0, 1),
-    }
-    tokenizer.save(str(workdir / "tokenizer.json"))
-    np.save(workdir / "train_tokens.npy", train_ids)
-    np.save(workdir / "held_out_tokens.npy", held_ids)
-    storage.write_json(info_path, info)
-    log(json.dumps(info, indent=2))
-    return info
 
 
 # --------------------------------------------------------------------------- models
@@ -199,43 +91,6 @@ def param_counts(cfg: ModelConfig) -> dict:
 
 def flops_per_token(cfg: ModelConfig) -> int:
     return param_counts(cfg)["flops_per_token"]
-
-
-# --------------------------------------------------------------------------- data
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, num_tokens: int, seq_len: int):
-    rng = np.random.default_rng([seed, epoch, 7919])
-    offset = int(rng.integers(seq_len))
-    count = (num_tokens - 1 - offset) // seq_len
-    return offset, rng.permutation(count)
-
-
-def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
-    """int32 [batch_size, seq_len + 1]: step's windows, a pure function of the step.
-
-    Each epoch cuts the stream into non-overlapping windows at a random offset and visits
-    them in a random order; so a resumed run sees exactly the batches an unbroken one would.
-    """
-    rows = []
-    for i in range(step * batch_size, (step + 1) * batch_size):
-        epoch = 0
-        while True:  # epochs have (almost) the same length; find the one holding window i
-            offset, order = _epoch_order(seed, epoch, tokens.size, seq_len)
-            if i < order.size:
-                break
-            i -= order.size
-            epoch += 1
-        start = offset + int(order[i]) * seq_len
-        rows.append(tokens[start:start + seq_len + 1])
-    return np.stack(rows).astype(np.int32)
-
-
-def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> np.ndarray:
-    """Up to max_windows non-overlapping windows [n, seq_len + 1] spread evenly over tokens."""
-    total = (tokens.size - 1) // seq_len
-    index = np.unique(np.linspace(0, total - 1, min(total, max_windows)).astype(int))
-    return np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in index]).astype(np.int32)
 
 
 # --------------------------------------------------------------------------- losses and steps

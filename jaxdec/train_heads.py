@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdec import storage
+from jaxdec import corpus, storage
 from jaxdec.cli import COUNT, POSITIVE, RATE, WEIGHT
 from jaxdec.config import ModelConfig
 from jaxdec.heads import HEADS_FILE, HeadsConfig, best_static_tree, eagle_sequence, init_heads, medusa_logits, save_heads
@@ -176,9 +176,9 @@ def run_heads_stage(kind: str, args) -> dict:
     if args.eval_generations and opts.prompt_len + deepest > opts.seq_len:
         raise ValueError(f"--prompt-len {opts.prompt_len} leaves no generated token to score every head on in "
                          f"windows of --seq-len {opts.seq_len} (need prompt_len + {deepest} <= seq_len)")
-    train.prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
-    train_tokens, held_tokens, corpus = train._load_data(workdir)
-    teacher = train.load_teacher(args.teacher, workdir, corpus["vocab_size"])
+    corpus.prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
+    train_tokens, held_tokens, corpus_info = train._load_data(workdir)
+    teacher = train.load_teacher(args.teacher, workdir, corpus_info["vocab_size"])
     if kind == "medusa":
         objective = MedusaObjective(HeadsConfig.medusa(teacher.config, args.num_heads), teacher.config)
     else:
@@ -200,9 +200,9 @@ def run_heads_stage(kind: str, args) -> dict:
     t0 = time.time()
     accuracy_of = lambda p, windows, first=0: held_out_accuracy(objective, p, teacher.params, windows,
                                                                 opts.eval_batch_size, first)
-    windows = train.eval_windows(held_tokens, opts.seq_len, opts.eval_windows)
+    windows = corpus.eval_windows(held_tokens, opts.seq_len, opts.eval_windows)
     accuracy = accuracy_of(params, windows)
-    probe_windows = train.eval_windows(held_tokens, train.PROBE_LEN, train.PROBE_WINDOWS)
+    probe_windows = corpus.eval_windows(held_tokens, train.PROBE_LEN, train.PROBE_WINDOWS)
     probe = accuracy_of(params, probe_windows)
     on_generations = {}
     if generations is not None:
@@ -218,7 +218,7 @@ def run_heads_stage(kind: str, args) -> dict:
     n_params = int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
     training = {
         "command": "python -m jaxdec.train " + " ".join(sys.argv[1:]),
-        "kind": kind, "corpus": corpus, "teacher": args.teacher, "params": n_params,
+        "kind": kind, "corpus": corpus_info, "teacher": args.teacher, "params": n_params,
         "options": dataclasses.asdict(opts), "steps": info["step"], "schedule_changes": info["schedule_changes"],
         "tokens_seen": info["step"] * opts.batch_size * opts.seq_len, "train_wall_seconds": info["wall_seconds"],
         "final_train_metrics": info["history"][-1] if info["history"] else None,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxdec
-from jaxdec import train
+from jaxdec import corpus, train
 from jaxdec.loading import _resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +49,9 @@ def test_names_resolve_from_another_directory(demo, tmp_path, monkeypatch):
         assert cfg.model_type == "llama"
         assert cfg.max_position_embeddings >= 4096
         assert model.tokenizer is not None
-        assert cfg.eos_token_id == (train.EOS_ID,) and cfg.bos_token_id == train.BOS_ID
-        assert model.tokenizer.token_to_id("</s>") == train.EOS_ID
-        assert model.tokenizer.token_to_id("<s>") == train.BOS_ID
+        assert cfg.eos_token_id == (corpus.EOS_ID,) and cfg.bos_token_id == corpus.BOS_ID
+        assert model.tokenizer.token_to_id("</s>") == corpus.EOS_ID
+        assert model.tokenizer.token_to_id("<s>") == corpus.BOS_ID
         assert model.dtype == np.float32
     assert target.config.vocab_size == draft.config.vocab_size == target.tokenizer.get_vocab_size()
     assert target.tokenizer.get_vocab() == draft.tokenizer.get_vocab()
@@ -70,7 +70,7 @@ def test_draft_costs_at_most_an_eighth_of_the_target(demo):
 def test_tokenizer_round_trips_code(demo):
     for model in demo:
         ids = model.tokenizer.encode(CODE).ids
-        assert train.UNK_ID not in ids
+        assert corpus.UNK_ID not in ids
         assert len(ids) < len(CODE.encode()) / 2  # BPE merges, not bytes
         assert model.tokenizer.decode(ids) == CODE
 
@@ -178,26 +178,26 @@ def test_corpus_split_and_filters(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     (tmp_path / "bad.py").write_bytes(b"\xff\xfe\x00bad")
-    files, skipped = train.corpus_files(tmp_path)
+    files, skipped = corpus.corpus_files(tmp_path)
     assert [p for p, _ in files] == ["a.py", "pkg/b.py"]
     assert skipped == {"test_dirs": 2, "undecodable": 1}
-    assert [p for p, _ in train.corpus_files(tmp_path, include_tests=True)[0]] == [
+    assert [p for p, _ in corpus.corpus_files(tmp_path, include_tests=True)[0]] == [
         "a.py", "pkg/b.py", "pkg/tests/u.py", "test/t.py"]
     # the split is a fixed function of the path (not of the machine, the order or a seed)
     names = [f"pkg/m{i}.py" for i in range(2000)]
-    held = [n for n in names if train.is_held_out(n)]
+    held = [n for n in names if corpus.is_held_out(n)]
     assert 0.02 < len(held) / len(names) < 0.06
-    assert held == [n for n in names if train.is_held_out(n)]
-    assert train.is_held_out("json/decoder.py") is (
+    assert held == [n for n in names if corpus.is_held_out(n)]
+    assert corpus.is_held_out("json/decoder.py") is (
         int.from_bytes(__import__("hashlib").sha256(b"json/decoder.py").digest()[:8], "big") % 1000 < 40)
 
 
 def _tiny_data():
     texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n\nclass C{i}:\n    pass\n" for i in range(300)]
-    tokenizer = train.train_tokenizer(texts, vocab_size=320)
-    assert [tokenizer.token_to_id(t) for t in train.SPECIAL_TOKENS] == [0, 1, 2]
-    tokens = train.encode_documents(tokenizer, texts)
-    assert tokens[-1] == train.EOS_ID and tokenizer.decode(tokenizer.encode(texts[5]).ids) == texts[5]
+    tokenizer = corpus.train_tokenizer(texts, vocab_size=320)
+    assert [tokenizer.token_to_id(t) for t in corpus.SPECIAL_TOKENS] == [0, 1, 2]
+    tokens = corpus.encode_documents(tokenizer, texts)
+    assert tokens[-1] == corpus.EOS_ID and tokenizer.decode(tokenizer.encode(texts[5]).ids) == texts[5]
     return tokenizer, tokens
 
 
@@ -208,7 +208,7 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     draft_cfg = train.make_config(cfg.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     opts = train.RunOptions(steps=24, batch_size=4, seq_len=32, lr=1e-2, warmup=2, save_every=6, log_every=6)
-    held = train.eval_windows(tokens, opts.seq_len, 8)
+    held = corpus.eval_windows(tokens, opts.seq_len, 8)
     # one evaluation program for everything: the draft's metrics against the target ("teacher")
     step = train.make_eval_step(draft_cfg, cfg)
     draft_init = train.init_params(draft_cfg, jax.random.key(0))
@@ -236,7 +236,7 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     out = train.export(tmp_path / "export", cfg, params, _save_tokenizer(tokenizer, tmp_path), {"steps": 24})
     model = jaxdec.load(out)
     assert model.config == cfg and model.tokenizer.get_vocab() == tokenizer.get_vocab()
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == train.EOS_ID
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == corpus.EOS_ID
     d_before = train.evaluate(step, draft_init, held, 8, model.params)
     assert d_before["teacher_loss"] == pytest.approx(after, rel=1e-6)
 

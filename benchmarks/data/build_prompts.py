@@ -37,7 +37,7 @@ QUESTIONS = ("What is the passage above about? Answer in one sentence.",
 
 def functions(per_category: int):
     """(file, text before a function, the function) from held-out corpus files, evenly spread."""
-    from jaxdec.train import corpus_files, is_held_out
+    from jaxdec.corpus import corpus_files, is_held_out
     files, _ = corpus_files()
     found = []
     for path, text in files:
