@@ -357,10 +357,10 @@ def main(argv=None):
             parser.error(f"--skip-layers {args.skip_layers}: the target has {target.config.num_hidden_layers} layers")
         if target.tokenizer is None:
             parser.error(f"--target {args.target!r} has no tokenizer; the prompts are text")
-        pearl_draft = None
-        if any(m.startswith("pearl") for m in methods):  # the draft on a device the target does not use
-            pearl_draft = jaxdec.load(args.draft, dtype=args.dtype, mesh=sharding.spare_device_mesh(mesh))
-        with refused_in_one_line(parser, f"--methods {args.methods!r}: "):  # e.g. sparse:8 or draft:x
+        with refused_in_one_line(parser, f"--methods {args.methods!r}: "):  # e.g. sparse:8, draft:x, pearl multi-host
+            pearl_draft = None
+            if any(m.startswith("pearl") for m in methods):  # the draft on a device the target does not use
+                pearl_draft = jaxdec.load(args.draft, dtype=args.dtype, mesh=sharding.spare_device_mesh(mesh))
             specs = {m: build_method(m, target, draft, args.num_tokens, skip, args.confidence_threshold, heads,
                                      pearl_draft) for m in methods}
         mesh_name = "one device" if shape is None else f"data={shape[0]},model={shape[1]}"

@@ -119,6 +119,13 @@ def check_mesh(mesh) -> None:
         raise ValueError(f"mesh must be a jax.sharding.Mesh (jaxdec.make_mesh) or None, got {mesh!r:.80}")
     if tuple(mesh.axis_names) != sharding.AXES:
         raise ValueError(f"mesh axes must be {sharding.AXES} (jaxdec.make_mesh), got {tuple(mesh.axis_names)}")
+    # Every process runs the same program over the mesh (README, "Sharding"), so each must hold
+    # a part of it; checked alike on every process, so that all of them stop here together.
+    held = sorted({d.process_index for d in mesh.devices.flat})
+    if len(held) != jax.process_count():
+        raise ValueError(f"mesh data={mesh.shape['data']} x model={mesh.shape['model']} holds devices of process "
+                         f"{', '.join(map(str, held))} only; in a multi-process run it must span all "
+                         f"{jax.process_count()} processes (jax.devices() lists {jax.device_count()})")
 
 
 def on_mesh(model: Model, mesh) -> Model:

@@ -51,10 +51,20 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
     return Mesh(np.asarray(devices, dtype=object).reshape(data, model), AXES)
 
 
+def check_one_process(what: str) -> None:
+    """ValueError in a multi-process run (jax.distributed): `what` puts a model on a device of
+    its choosing, which may be one that another process holds."""
+    if jax.process_count() > 1:
+        raise ValueError(f"{what} runs in one process, but this is process {jax.process_index()} of "
+                         f"{jax.process_count()} (jax.distributed); across hosts use spec.DraftModel")
+
+
 def spare_device_mesh(mesh: Mesh | None) -> Mesh:
     """A one-device mesh for `spec.Pearl`'s draft: the first device that `mesh` (None: the
     default device) leaves free, so the draft runs while the target verifies; the last device
-    when none is free (then the draft shares it and the rounds run without the overlap)."""
+    when none is free (then the draft shares it and the rounds run without the overlap).
+    One process only (`check_one_process`)."""
+    check_one_process("spec.Pearl")
     used = set(mesh.devices.flat) if mesh is not None else {jax.devices()[0]}
     spare = [d for d in jax.devices() if d not in used] or jax.devices()[-1:]
     return make_mesh(devices=spare[:1])

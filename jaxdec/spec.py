@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import jax.numpy as jnp
 
+from jaxdec import sharding
 from jaxdec.cache import init_cache
 from jaxdec.checks import is_int
 from jaxdec.drafters.draft_model import DraftModelDrafter, DraftModelState
@@ -97,11 +98,11 @@ class Pearl:
     """A draft model on devices of its own drafts the next chain while the target verifies
     this one (PEARL's post-verify, over JAX's asynchronous dispatch): when the target accepts
     all `num_tokens` and its next token is the one the draft guessed, the next round starts
-    at once. Load the draft on other devices than the target, e.g.
-    `jaxdec.load(draft, mesh=jaxdec.make_mesh(devices=[jax.devices()[-1]]))`; on the same
-    devices it still works, without the overlap. `overlap=False` runs the same schedule
-    sequentially (the baseline it is measured against). Runs a host round trip per round;
-    tested on one host (a multi-host mesh for the target is untested here)."""
+    at once. Load the draft on other devices than the target, e.g. `jaxdec.load(draft,
+    mesh=jaxdec.sharding.spare_device_mesh(target.config.mesh))`; on the same devices it
+    still works, without the overlap. `overlap=False` runs the same schedule sequentially
+    (the baseline it is measured against). Runs a host round trip per round, in one process:
+    a multi-process run (jax.distributed) is refused."""
     model: Model
     num_tokens: int = 4
     overlap: bool = True
@@ -114,6 +115,7 @@ class Pearl:
 
     def build(self, target: Model, batch_size: int, num_slots: int):
         from jaxdec.overlap import Overlapped, OverlapState
+        sharding.check_one_process("spec.Pearl")
         _check_draft_model("Pearl", self.model, target, num_slots, same_devices=False)
         cache = init_cache(self.model.config, batch_size, num_slots, self.model.dtype)
         return Overlapped(target, self.model, int(self.num_tokens), self.overlap), None, OverlapState(cache)

@@ -232,21 +232,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_run_the_cli_as_one_program(reference):
-    """jax.distributed over two CPU processes of 4 devices each (gloo collectives): the
-    documented multi-host command, on a 2x4 mesh spanning both, prints plain decoding's text."""
+def _two_processes_run_the_cli(*args):
+    """[(exit status, stdout, stderr)] of `jaxdec generate PROMPT *args` in two CPU processes of
+    4 devices each, one program over jax.distributed (gloo collectives)."""
     port, root = _free_port(), Path(__file__).resolve().parent.parent
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", PYTHONPATH=str(root))
-    command = [sys.executable, "-m", "jaxdec.cli", "generate", PROMPTS[0], "--method", "draft",
-               "--mesh", "data=2,model=4", "--max-new-tokens", str(MAX_NEW)]
+    command = [sys.executable, "-m", "jaxdec.cli", "generate", PROMPTS[0], *args]
     procs = [subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=root) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:  # a hung process (one waiting for the other at a barrier) fails the test, not the run
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def test_two_processes_run_the_cli_as_one_program(reference):
+    """The documented multi-host command, on a 2x4 mesh spanning both processes, prints plain
+    decoding's text."""
+    runs = _two_processes_run_the_cli("--method", "draft", "--mesh", "data=2,model=4", "--max-new-tokens", str(MAX_NEW))
+    outs = [(out, err) for _, out, err in runs]
+    assert [code for code, _, _ in runs] == [0, 0], [err[-2000:] for _, err in outs]
     text = jaxdec.load("demo-target").tokenizer.decode(reference["single"][0], skip_special_tokens=True)
     assert PROMPTS[0] + text in outs[0][0]
     assert "[draft]" in outs[0][1] and "[draft]" not in outs[1][1]  # process 0 speaks for both
+
+
+@pytest.mark.parametrize("args, error", [
+    # Process 1 would hold no part of the target (it failed deep in make_array_from_callback,
+    # and process 0 then in orbax's read, waiting for it).
+    (("--method", "ar", "--mesh", "data=2,model=2"),
+     "mesh data=2 x model=2 holds devices of process 0 only; in a multi-process run it must span all 2 processes "
+     "(jax.devices() lists 8)"),
+    # Pearl's draft would go on a device of its choosing, perhaps the other process's.
+    (("--method", "pearl", "--mesh", "data=2,model=4"),
+     "spec.Pearl runs in one process, but this is process {index} of 2 (jax.distributed); across hosts use "
+     "spec.DraftModel")], ids=["mesh_without_a_process", "pearl"])
+def test_what_two_processes_cannot_run_is_refused_in_one_line(args, error):
+    runs = _two_processes_run_the_cli(*args, "--max-new-tokens", "4")
+    for index, (code, out, err) in enumerate(runs):
+        assert code == 2 and PROMPTS[0] not in out, err[-2000:]  # nothing decoded
+        assert "jaxdec: error: " + error.format(index=index) + "\n" in err
 
 
 def test_chunked_prefill_on_a_mesh_equals_one_device(on_mesh, tiny, small_prefill_chunks):
