@@ -123,8 +123,8 @@ def check_mesh(mesh) -> None:
     # a part of it; checked alike on every process, so that all of them stop here together.
     held = sorted({d.process_index for d in mesh.devices.flat})
     if len(held) != jax.process_count():
-        raise ValueError(f"mesh data={mesh.shape['data']} x model={mesh.shape['model']} holds devices of process "
-                         f"{', '.join(map(str, held))} only; in a multi-process run it must span all "
+        raise ValueError(f"mesh data={mesh.shape['data']} x model={mesh.shape['model']} holds devices of process"
+                         f"{'es' * (len(held) > 1)} {', '.join(map(str, held))} only; in a multi-process run it must span all "
                          f"{jax.process_count()} processes (jax.devices() lists {jax.device_count()})")
 
 
