@@ -21,6 +21,7 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "backend": jax.default_backend(),
         "devices": [str(d.device_kind) for d in jax.devices()],
+        "processes": jax.process_count(),  # > 1: the devices of that many hosts, "host" is process 0's
         # Not on the command line, yet it changes the numbers (device count, CPU code paths).
         "xla_flags": os.environ.get("XLA_FLAGS"),
         # None is the backend's default: TF32 on recent GPUs, one bfloat16 pass on TPUs.

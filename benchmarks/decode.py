@@ -336,6 +336,8 @@ def main(argv=None):
     sharding.initialize_distributed()
     from tqdm import tqdm
     import jax
+    if jax.process_index() != 0:  # every process runs the benchmark; process 0 reports it
+        sys.stdout, args.progress = open(os.devnull, "w"), False
     import jaxdec
     from benchmarks.common import (RESULTS_DIR, command_line, machine_info, streamed_weight_bytes, versions,
                                    write_results)

@@ -5,6 +5,7 @@ runs under shard_map; two processes (jax.distributed over gloo) run the CLI as o
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -232,13 +233,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes_run_the_cli(*args):
-    """[(exit status, stdout, stderr)] of `jaxdec generate PROMPT *args` in two CPU processes of
-    4 devices each, one program over jax.distributed (gloo collectives)."""
+def _two_processes_run(*argv):
+    """[(exit status, stdout, stderr)] of `python *argv` in two CPU processes of 4 devices each,
+    one program over jax.distributed (gloo collectives)."""
     port, root = _free_port(), Path(__file__).resolve().parent.parent
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", PYTHONPATH=str(root))
-    command = [sys.executable, "-m", "jaxdec.cli", "generate", PROMPTS[0], *args]
+    command = [sys.executable, *argv]
     procs = [subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=root) for i in range(2)]
     try:
@@ -247,6 +248,10 @@ def _two_processes_run_the_cli(*args):
         for p in procs:
             p.kill()
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def _two_processes_run_the_cli(*args):
+    return _two_processes_run("-m", "jaxdec.cli", "generate", PROMPTS[0], *args)
 
 
 def test_two_processes_run_the_cli_as_one_program(reference):
@@ -258,6 +263,23 @@ def test_two_processes_run_the_cli_as_one_program(reference):
     text = jaxdec.load("demo-target").tokenizer.decode(reference["single"][0], skip_special_tokens=True)
     assert PROMPTS[0] + text in outs[0][0]
     assert "[draft]" in outs[0][1] and "[draft]" not in outs[1][1]  # process 0 speaks for both
+
+
+def test_two_processes_run_the_decode_benchmark_as_one_program(tmp_path):
+    """The documented multi-host benchmark: process 0 alone prints and writes the results, and
+    the machine says how many processes ran it (plain decoding only: the CLI's two-process test
+    shows a method's tokens across processes equal one device's)."""
+    results = tmp_path / "two_processes.json"
+    runs = _two_processes_run("benchmarks/decode.py", "--methods", "ar", "--mesh", "data=2,model=4",
+                              "--max-new-tokens", "4", "--num-prompts", "1", "--repeats", "1", "--no-progress",
+                              "--out", str(results))
+    assert [code for code, _, _ in runs] == [0, 0], [err[-2000:] for _, _, err in runs]
+    (_, out0, _), (_, out1, _) = runs
+    assert f"wrote {results}" in out0 and "tok/s" in out0
+    assert "wrote" not in out1 and "tok/s" not in out1
+    written = json.loads(results.read_text())
+    assert written["machine"]["processes"] == 2 and len(written["machine"]["devices"]) == 8
+    assert [(m["method"], m["mesh"], m["new_tokens"]) for m in written["methods"]] == [("ar", "data=2,model=4", 4)]
 
 
 @pytest.mark.parametrize("args, error", [
