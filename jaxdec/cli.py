@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 
 
@@ -210,6 +211,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         print(f"jaxdec: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`jaxdec generate | head`): stop decoding, quietly
+        # Python flushes stdout again at exit; pointed at /dev/null, that write cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

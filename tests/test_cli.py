@@ -128,6 +128,22 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
     assert refused.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
 
 
+def test_a_reader_that_left_stops_it_quietly():
+    """`jaxdec generate | head`: once the pipe's reader is gone the command stops with status 1
+    and no traceback (here the reader is gone before the first write)."""
+    import os
+    import subprocess
+    import sys
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        run = subprocess.run([sys.executable, "-m", "jaxdec.cli", "generate", "--method", "ar", "--max-new-tokens", "4"],
+                             stdout=write_end, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert run.returncode == 1 and "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr
+
+
 def test_version_names_jaxdec_and_the_jax_that_runs_it(capsys):
     import jax
     with pytest.raises(SystemExit) as done:
