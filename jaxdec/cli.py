@@ -211,6 +211,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         print(f"jaxdec: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the user's own stop, not a failure to show a traceback for
+        print("\njaxdec: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader left (`jaxdec generate | head`): stop decoding, quietly
         # Python flushes stdout again at exit; pointed at /dev/null, that write cannot fail.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -144,6 +144,21 @@ def test_a_reader_that_left_stops_it_quietly():
     assert run.returncode == 1 and "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr
 
 
+def test_ctrl_c_stops_it_with_status_130_and_no_traceback():
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdec.cli", "generate", "--method", "ar", "--max-new-tokens", "2000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.read(len(cli.DEMO_PROMPT)) == cli.DEMO_PROMPT  # decoding has started
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.endswith("jaxdec: interrupted\n") and "Traceback" not in err, err
+
+
 def test_version_names_jaxdec_and_the_jax_that_runs_it(capsys):
     import jax
     with pytest.raises(SystemExit) as done:
