@@ -62,6 +62,55 @@ def test_tree_paths_and_lookup_candidates_reach_the_method(capsys, monkeypatch, 
     assert isinstance(lookup, jaxdec.spec.PromptLookup) and lookup.num_candidates == 2
 
 
+def _sentencepiece_like_tokenizer():
+    """BPE over Metaspace words: its decoder drops the leading space of a slice's first word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer.train_from_iterator([STREAMED_TEXT] * 4, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"]))
+    return tokenizer
+
+
+def _byte_level_tokenizer():
+    """The demo checkpoints' byte-level BPE: a character outside its merges is several tokens."""
+    from tokenizers import Tokenizer
+
+    from jaxdec.loading import _resolve
+    return Tokenizer.from_file(str(_resolve("demo-target") / "tokenizer.json"))
+
+
+STREAMED_TEXT = "def naïve(café):\n    return '日本語 😀' + café  # the lazy dog\n\nprint(naïve('x'))\n"
+
+
+@pytest.mark.parametrize("make_tokenizer", [_sentencepiece_like_tokenizer, _byte_level_tokenizer])
+def test_streamed_text_is_the_rows_text_from_short_tails(make_tokenizer):
+    """Rows grown 1 to 4 tokens at a time write exactly the whole row's text, while the decoder
+    sees only tails of the last steps (whole rows: quadratic in a long stream)."""
+    import random
+    tokenizer = make_tokenizer()
+    row = tokenizer.encode(STREAMED_TEXT * 8).ids
+    whole = tokenizer.decode(row, skip_special_tokens=True)
+    assert whole.count("café") == 16  # the tokenizer does round-trip the text
+    decoded_lengths = []
+    real_decode = tokenizer.decode
+
+    class Spy:  # the tokenizer, recording how many tokens each decode is given
+        def decode(self, ids, **options):
+            decoded_lengths.append(len(ids))
+            return real_decode(ids, **options)
+
+    out = io.StringIO()
+    stream = cli.TextStream(Spy(), out, head="PROMPT")
+    rng, end = random.Random(0), 0
+    while end < len(row):
+        end = min(len(row), end + rng.randint(1, 4))
+        stream.update(row[:end])
+        assert whole.startswith(out.getvalue()[len("PROMPT"):])  # never a character that is not there
+    stream.finish(whole)
+    assert out.getvalue() == "PROMPT" + whole
+    assert max(decoded_lengths) <= 32 < len(row) // 2, (max(decoded_lengths), len(row))
+
+
 def test_sampling_options_and_the_kernel_reach_generate(capsys, monkeypatch, llama_dir, loaded_models):
     """--temperature, --top-k, --min-p and --seed are generate's; --attn-impl pallas loads the
     target to verify with the Pallas kernel (interpret mode here)."""
