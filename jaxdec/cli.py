@@ -151,11 +151,11 @@ def generate_command(args) -> int:
         raise ValueError(f"model {args.model!r} has no tokenizer; the command line needs text")
     speculative = build_speculative(args, target)
     # The prompt goes out once decoding has started (the input was valid).
-    text = TextStream(target.tokenizer, out_stream, head=prompt)
+    streamed = TextStream(target.tokenizer, out_stream, head=prompt)
     out = jaxdec.generate(target, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed, speculative=speculative,
-                          on_progress=lambda tokens: text.update(tokens[0]))
-    text.finish(out.texts[0])
+                          on_progress=lambda tokens: streamed.update(tokens[0]))
+    streamed.finish(out.texts[0])
     out_stream.write("\n")
     s = out.stats
     print(f"[{args.method}] {s.new_tokens} new tokens in {s.target_steps} target steps, mean accepted "

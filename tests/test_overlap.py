@@ -57,6 +57,14 @@ def test_a_perfect_draft_is_always_drafted_ahead(models, plain):
                           speculative=spec.Pearl(models["perfect"], num_tokens=K))
     assert out.tokens == plain[:2]
     assert out.stats.rounds_drafted_ahead == out.stats.target_steps - 1 > 0
+    # Streamed (the command line), a dispatch is one round: the chain drafted ahead carries over.
+    snapshots = []
+    streamed = jaxdec.generate(models["target"], PROMPTS[:2], max_new_tokens=MAX_NEW,
+                               speculative=spec.Pearl(models["perfect"], num_tokens=K),
+                               on_progress=lambda tokens: snapshots.append(tokens))
+    assert streamed.tokens == plain[:2] and snapshots[-1] == plain[:2]
+    assert len(snapshots) == streamed.stats.target_steps + 1  # one call before the first round
+    assert streamed.stats.rounds_drafted_ahead == out.stats.rounds_drafted_ahead
 
 
 def test_overlap_changes_when_drafts_are_made_not_what_they_are(models):
