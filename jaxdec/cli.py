@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import signal
 import sys
+import threading
 
 
 def at_least(low, kind=int, strict=False):
@@ -135,6 +137,29 @@ class TextStream:
         self.out.write(final[len(shown):] if final.startswith(shown) else "\n" + final)
 
 
+class CtrlC:
+    """Once decoding has started (the first `check`), Ctrl-C stops it at the next step, raised
+    from here. The default handler raises KeyboardInterrupt wherever Python is, and in JAX's
+    garbage-collection callback that exception is printed and dropped ("Exception ignored"):
+    decoding then ran on to the end. Only in the main thread, where Python runs handlers."""
+
+    def __init__(self):
+        self.pressed, self.installed, self.previous = False, False, None
+
+    def check(self) -> None:
+        if not self.installed and threading.current_thread() is threading.main_thread():
+            self.previous, self.installed = signal.signal(signal.SIGINT, self.press), True
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def press(self, signum, frame) -> None:
+        self.pressed = True
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
+
+
 def generate_command(args) -> int:
     import jaxdec
     prompt = args.prompt
@@ -151,10 +176,18 @@ def generate_command(args) -> int:
         raise ValueError(f"model {args.model!r} has no tokenizer; the command line needs text")
     speculative = build_speculative(args, target)
     # The prompt goes out once decoding has started (the input was valid).
-    streamed = TextStream(target.tokenizer, out_stream, head=prompt)
-    out = jaxdec.generate(target, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed, speculative=speculative,
-                          on_progress=lambda tokens: streamed.update(tokens[0]))
+    streamed, ctrl_c = TextStream(target.tokenizer, out_stream, head=prompt), CtrlC()
+
+    def stream(tokens):
+        ctrl_c.check()
+        streamed.update(tokens[0])
+
+    try:
+        out = jaxdec.generate(target, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+                              speculative=speculative, on_progress=stream)
+    finally:
+        ctrl_c.restore()
     streamed.finish(out.texts[0])
     out_stream.write("\n")
     s = out.stats
