@@ -1,7 +1,9 @@
 """The converter contract: `python -m jaxdec.convert SRC_DIR DST_DIR` (see API.md).
 
 Success paths are checked in-process through `convert(..., progress=False)`; every refusal goes
-through the real CLI once (exit status, a one-line stderr, nothing left behind).
+through the CLI's `main` once (exit status, a one-line stderr, nothing left behind), in-process:
+a subprocess per case spent 2 s importing. `python -m jaxdec.convert` itself runs in
+test_cli_dtype_bfloat16_is_stored_and_reported.
 """
 
 from __future__ import annotations
@@ -368,7 +370,7 @@ REFUSALS = {  # name: (source, break it, what the one stderr line must say)
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
-def test_cli_refusal(case, hf_dirs, request, tmp_path):
+def test_cli_refusal(case, hf_dirs, request, tmp_path, capsys):
     # hf_dirs: every source fixture is built from it, but getfixturevalue does not say so.
     source, breaker, reason = REFUSALS[case]
     src, out = tmp_path / "src", tmp_path / "out"
@@ -379,12 +381,14 @@ def test_cli_refusal(case, hf_dirs, request, tmp_path):
         breaker(src, dst)
     before = {p.relative_to(dst): p.read_text() for p in dst.rglob("*") if p.is_file()} if dst.exists() else None
 
-    result = _cli(src, dst)
+    capsys.readouterr()  # what building the source printed
+    status = main([str(src), str(dst)])
+    written = capsys.readouterr()
 
-    assert result.returncode != 0
-    assert result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"stderr is not one line:\n{result.stderr}"
+    assert status != 0
+    assert written.out == ""
+    lines = [line for line in written.err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"stderr is not one line:\n{written.err}"
     assert lines[0].startswith("jaxdec.convert: error: "), lines[0]
     assert re.search(reason, lines[0]), lines[0]
     assert not _leftovers(out, dst)

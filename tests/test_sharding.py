@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -237,7 +238,9 @@ def _two_processes_run(*argv):
     """[(exit status, stdout, stderr)] of `python *argv` in two CPU processes of 4 devices each,
     one program over jax.distributed (gloo collectives)."""
     port, root = _free_port(), Path(__file__).resolve().parent.parent
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    # The suite's XLA flags (conftest: compile time is the test's time) but four devices each.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip(),
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", PYTHONPATH=str(root))
     command = [sys.executable, *argv]
     procs = [subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
