@@ -158,7 +158,7 @@ class StaticTree:
     """A fixed token-tree shape filled in by a draft model each round (Sequoia / Medusa
     style): `paths` lists the nodes as tuples of child ranks, (0,) the root's likeliest
     child, (0, 1) the second likeliest child of that, and so on; every prefix of a path must
-    be listed too. Each row keeps the deepest path the target accepts."""
+    be listed too, and each path once. Each row keeps the deepest path the target accepts."""
     model: Model
     paths: tuple
 

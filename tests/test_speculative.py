@@ -676,6 +676,7 @@ def test_bad_draft_tree_options(llama, kwargs, pattern):
     ([(0,), (VOCAB_SIZE,)], rf"rank {VOCAB_SIZE}.*vocabulary"),
     ([(0,), (1.5,)], r"tuples of child ranks.*1\.5"), ([(0,), ("1",)], r"tuples of child ranks.*'1'"),
     ([(True,)], r"tuples of child ranks.*True"), ([0, 1], r"tuples of child ranks.*\[0, 1\]"),
+    ([(0,), (1,), (0, 0), [1]], r"path \(1,\) is listed twice"),
 ])
 def test_bad_static_tree_paths(llama, paths, pattern):
     with pytest.raises(ValueError, match=pattern):
