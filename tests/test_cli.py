@@ -171,6 +171,9 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
                                              "--draft", llama_dir, "--paths", "0", "0.x"])
     assert code == 2 and err.strip() == ("jaxdec: error: --paths: each node is child ranks joined by dots, "
                                          "e.g. 0 1 0.0 0.1, got '0.x'")
+    code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "static",
+                                             "--draft", llama_dir, "--paths", "0", "1", "0.0", "1"])
+    assert code == 2 and err.strip() == "jaxdec: error: path (1,) is listed twice: each path is one node of the tree"
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", "/no/such/checkpoint"])
     assert code == 2 and "no checkpoint at '/no/such/checkpoint'" in err
     with pytest.raises(SystemExit) as refused:  # argparse's own one line, before anything loads
