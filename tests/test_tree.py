@@ -203,7 +203,7 @@ def test_tree_rule_on_a_chain_is_the_chain_rule():
 
 
 def test_static_tree_numbers_nodes_by_depth_then_path():
-    tree = StaticTree([(1, 0), (0,), (0, 0), (1,), (0, 0, 2), (0, 0)])   # unordered, one repeat
+    tree = StaticTree([(1, 0), (0,), (0, 0), (1,), (0, 0, 2)])   # unordered
     assert tree.paths == ((0,), (1,), (0, 0), (1, 0), (0, 0, 2))
     assert tree.parents == (-1, -1, 0, 1, 2)
     assert tree.ranks == (0, 1, 0, 0, 2)
