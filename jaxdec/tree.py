@@ -70,8 +70,9 @@ class StaticTree:
 
     Each path names a node by the ranks of the choices leading to it: (0,) is the root's
     likeliest child, (1,) its second, (0, 2) the third likeliest child of (0,). Every prefix
-    of a path must be a path too, and no path is listed twice. Nodes are numbered in order of (depth, path), so parents
-    come first. Plain tuples and numpy arrays only: the shape is static, known when tracing.
+    of a path must be a path too, and no path is listed twice. Nodes are numbered in order of
+    (depth, path), so parents come first. Plain tuples and numpy arrays only: the shape is
+    static, known when tracing.
     """
 
     def __init__(self, paths):
@@ -81,13 +82,13 @@ class StaticTree:
         except (TypeError, ValueError):
             raise ValueError(f"paths must be a list of tuples of child ranks, e.g. [(0,), (1,), (0, 0)], "
                              f"got {paths!r:.80}") from None
-        # A path listed twice is one node, but the tree is then smaller than its list says.
+        if not given or any(len(p) == 0 or min(p) < 0 for p in given):
+            raise ValueError(f"paths must be non-empty tuples of ranks >= 0, got {paths!r:.80}")
+        # A path listed twice would be one node: a smaller tree than the list says.
         repeated = next((p for i, p in enumerate(given) if p in given[:i]), None)
         if repeated is not None:
             raise ValueError(f"path {repeated} is listed twice: each path is one node of the tree")
         nodes = sorted(given, key=lambda p: (len(p), p))
-        if not nodes or any(len(p) == 0 or min(p) < 0 for p in nodes):
-            raise ValueError(f"paths must be non-empty tuples of ranks >= 0, got {paths!r:.80}")
         index = {p: i for i, p in enumerate(nodes)}
         missing = [p[:-1] for p in nodes if len(p) > 1 and p[:-1] not in index]
         if missing:
