@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -137,7 +141,6 @@ def test_dtype_casts_the_target_and_its_drafter(capsys, monkeypatch, loaded_mode
     """--dtype bfloat16 loads the target and the heads (as the draft: one `place` serves every
     drafter) in bfloat16 and prints what generate gives with them (the same method: in
     bfloat16 plain decoding may differ at a near-tie, README "Numerics")."""
-    import jax
     import jax.numpy as jnp
     loaded = loaded_models
     prompt = "def add(a, b):"
@@ -184,23 +187,17 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
 def test_a_reader_that_left_stops_it_quietly():
     """`jaxdec generate | head`: once the pipe's reader is gone the command stops with status 1
     and no traceback (here the reader is gone before the first write)."""
-    import os
-    import subprocess
-    import sys
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        run = subprocess.run([sys.executable, "-m", "jaxdec.cli", "generate", "--method", "ar", "--max-new-tokens", "4"],
+        done = subprocess.run([sys.executable, "-m", "jaxdec.cli", "generate", "--method", "ar", "--max-new-tokens", "4"],
                              stdout=write_end, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, timeout=300)
     finally:
         os.close(write_end)
-    assert run.returncode == 1 and "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
 
 
 def test_ctrl_c_stops_it_with_status_130_and_no_traceback():
-    import signal
-    import subprocess
-    import sys
     proc = subprocess.Popen([sys.executable, "-m", "jaxdec.cli", "generate", "--method", "ar", "--max-new-tokens", "2000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
@@ -213,7 +210,6 @@ def test_ctrl_c_stops_it_with_status_130_and_no_traceback():
 
 
 def test_version_names_jaxdec_and_the_jax_that_runs_it(capsys):
-    import jax
     with pytest.raises(SystemExit) as done:
         cli.main(["--version"])
     assert done.value.code == 0
