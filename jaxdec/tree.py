@@ -85,9 +85,11 @@ class StaticTree:
         if not given or any(len(p) == 0 or min(p) < 0 for p in given):
             raise ValueError(f"paths must be non-empty tuples of ranks >= 0, got {paths!r:.80}")
         # A path listed twice would be one node: a smaller tree than the list says.
-        repeated = next((p for i, p in enumerate(given) if p in given[:i]), None)
-        if repeated is not None:
-            raise ValueError(f"path {repeated} is listed twice: each path is one node of the tree")
+        seen = set()
+        for path in given:
+            if path in seen:
+                raise ValueError(f"path {path} is listed twice: each path is one node of the tree")
+            seen.add(path)
         nodes = sorted(given, key=lambda p: (len(p), p))
         index = {p: i for i, p in enumerate(nodes)}
         missing = [p[:-1] for p in nodes if len(p) > 1 and p[:-1] not in index]
