@@ -191,7 +191,8 @@ def test_a_reader_that_left_stops_it_quietly():
     os.close(read_end)
     try:
         done = subprocess.run([sys.executable, "-m", "jaxdec.cli", "generate", "--method", "ar", "--max-new-tokens", "4"],
-                             stdout=write_end, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, timeout=300)
+                              stdout=write_end, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                              timeout=300)
     finally:
         os.close(write_end)
     assert done.returncode == 1 and "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr

@@ -233,6 +233,8 @@ def test_medusa_tree_must_fit_the_heads(medusa):
         spec.Medusa(medusa)
     with pytest.raises(ValueError, match="missing"):
         spec.Medusa(medusa, [(0, 0)])
+    with pytest.raises(ValueError, match=r"path \(0,\) is listed twice"):
+        spec.Medusa(medusa, [(0,), (1,), (0,)])
 
 
 @pytest.mark.parametrize("kwargs, pattern", [(dict(depth=0), "depth must be"), (dict(top_k=0), "top_k must be"),
