@@ -32,6 +32,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # RoPE scaling as sorted (key, value) pairs so the config stays hashable; () means none.
     rope_scaling: tuple[tuple[str, Any], ...] = ()
+    # Biases on the attention projections, as each family's transformers class reads the switch:
+    # Llama and Qwen3 put them on q, k, v and o; Qwen2 always has them on q, k, v (never o);
+    # Mistral never has them. See `o_proj_bias`.
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     # Attention window per layer (None = full attention); empty tuple = all layers full.
@@ -57,6 +60,10 @@ class ModelConfig:
         if self.layer_windows and len(self.layer_windows) != self.num_hidden_layers:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries, "
                              f"expected num_hidden_layers={self.num_hidden_layers}")
+        fixed_bias = {"qwen2": True, "mistral": False}.get(self.model_type)
+        if fixed_bias is not None and self.attention_bias != fixed_bias:
+            raise ValueError(f"attention_bias={self.attention_bias} for model_type={self.model_type!r}: "
+                             f"that family's attention {'always has' if fixed_bias else 'has no'} biases")
         rope_type = dict(self.rope_scaling).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"unsupported RoPE scaling rope_type={rope_type!r}; "
@@ -66,6 +73,11 @@ class ModelConfig:
     def qk_norm(self) -> bool:
         """Qwen3 normalizes each head's query and key (RMSNorm over head_dim) before RoPE."""
         return self.model_type == "qwen3"
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """Llama's and Qwen3's attention_bias includes the output projection; Qwen2's does not."""
+        return self.attention_bias and self.model_type != "qwen2"
 
     def window(self, layer: int) -> int | None:
         return self.layer_windows[layer] if self.layer_windows else None
@@ -137,7 +149,8 @@ class ModelConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=tuple(sorted(rope.items())),
-            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            # transformers' Qwen2 and Mistral ignore an attention_bias entry: their biases are fixed.
+            attention_bias={"qwen2": True, "mistral": False}.get(model_type, bool(hf.get("attention_bias", False))),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             layer_windows=windows,
             bos_token_id=hf.get("bos_token_id"),

@@ -1,9 +1,9 @@
 """One Flax decoder for Llama, Qwen2, Qwen3 and Mistral, and the single forward every step uses.
 
 The families differ only by config switches: grouped-query attention (num_key_value_heads),
-q/k/v bias (attention_bias, Qwen2), per-head query/key norms (qk_norm, Qwen3), tied embeddings
-(tie_word_embeddings), RoPE scaling (rope_scaling) and sliding-window attention
-(layer_windows, Mistral).
+attention biases (attention_bias: q/k/v in Qwen2, q/k/v/o in Llama and Qwen3), per-head
+query/key norms (qk_norm, Qwen3), tied embeddings (tie_word_embeddings), RoPE scaling
+(rope_scaling) and sliding-window attention (layer_windows, Mistral).
 
 At the jit boundary everything is a pure function of pytrees:
     forward(cfg, params, tokens[B,T], positions[B,T], cache, step_mask[B,T,T])
@@ -15,7 +15,7 @@ Prefill, decode (T = 1) and verification (T = k + 1 or tree size) differ only in
 Parameter tree (what the converter writes; `kernel`s are [in, out]):
     embed_tokens/embedding [V, D]
     layers_{i}/input_layernorm/scale, post_attention_layernorm/scale [D]
-    layers_{i}/self_attn/{q,k,v,o}_proj/kernel (+ q,k,v bias when attention_bias)
+    layers_{i}/self_attn/{q,k,v,o}_proj/kernel (+ q,k,v bias when attention_bias, o bias when o_proj_bias)
     layers_{i}/self_attn/{q,k}_norm/scale [head_dim]  (when qk_norm)
     layers_{i}/mlp/{gate,up,down}_proj/kernel
     norm/scale [D]
@@ -91,7 +91,7 @@ class Attention(nn.Module):
                                       step_mask)
         else:
             out = reference_attention(q, k_cache, v_cache, cache_mask, k, v, step_mask)
-        out = nn.Dense(cfg.hidden_size, use_bias=False, name="o_proj")(out.reshape(B, T, -1))
+        out = nn.Dense(cfg.hidden_size, use_bias=cfg.o_proj_bias, name="o_proj")(out.reshape(B, T, -1))
         return (out, k_cache, v_cache, page_ids) if slots is not None else (out, k, v, page_ids)
 
 

@@ -52,10 +52,14 @@ def build_hf_model(directory: Path, family: str, seed: int = 0, dtype: str = "fl
     torch.manual_seed(seed)
     config = config_cls(**{**BASE, **FAMILIES[family], **overrides})
     model = model_cls(config).to(getattr(torch, dtype)).eval()
-    with torch.no_grad():  # norms start at ones: random scales, so a swapped q/k norm shows
+    # Norms start at ones and biases at zeros: random ones, so a swapped q/k norm or a bias left
+    # out shows in the logits.
+    with torch.no_grad():
         for name, weight in model.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 weight.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                weight.uniform_(-0.5, 0.5)
     directory = Path(directory)
     model.save_pretrained(directory)
     build_tokenizer().save(str(directory / "tokenizer.json"))

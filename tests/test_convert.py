@@ -267,6 +267,23 @@ TF4_BASE = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, nu
                 hidden_act="silu", bos_token_id=1, eos_token_id=2, transformers_version="4.44.0")
 
 
+@pytest.mark.parametrize("family, overrides, biased", [
+    ("llama", dict(attention_bias=True), ["k_proj", "o_proj", "q_proj", "v_proj"]),
+    ("qwen3", dict(attention_bias=True), ["k_proj", "o_proj", "q_proj", "v_proj"]),
+    ("qwen2", dict(attention_bias=False), ["k_proj", "q_proj", "v_proj"]),  # transformers' Qwen2 ignores the switch
+    ("mistral", dict(attention_bias=True), []),                              # and so does its Mistral
+], ids=["llama", "qwen3", "qwen2-switch-ignored", "mistral-switch-ignored"])
+def test_attention_biases_follow_transformers(tmp_path, build_hf, family, overrides, biased):
+    """Each family's attention_bias means what its transformers class makes of it (the biases
+    are random: tests.hf_models)."""
+    src = build_hf(tmp_path / "hf", family, **overrides)
+    model = jaxdec.load(convert(src, tmp_path / "out", progress=False))
+    attention = model.params["layers_0"]["self_attn"]
+    assert sorted(name for name, leaves in attention.items() if "bias" in leaves) == biased
+    np.testing.assert_allclose(jaxdec.logits(model, IDS), _hf_logits(load_hf_model(src), IDS),
+                               atol=LOGIT_TOLERANCE, rtol=0)
+
+
 @pytest.mark.parametrize("hf, expected", [
     (dict(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=500000.0,
           rope_scaling={"type": "linear", "factor": 2.0}),
@@ -430,14 +447,14 @@ def test_a_file_is_not_a_source(tmp_path):
     ("single", dict(intermediate_size=96), r"mlp.*does not match"),
     ("single", dict(tie_word_embeddings=True), r"lm_head.*does not match"),
     ("qwen2", dict(tie_word_embeddings=False), r"missing tensor 'lm_head\.weight'"),
-    ("qwen2", dict(attention_bias=False), r"unexpected tensor .*bias"),
-    ("qwen3", dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", attention_bias=False),
+    ("single", dict(attention_bias=True), r"missing tensor .*self_attn\.[qkvo]_proj\.bias"),
+    ("qwen3", dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
      r"unexpected tensor .*self_attn\.[qk]_norm\.weight"),
     ("single", dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3"), r"missing tensor .*self_attn\.[qk]_norm"),
     ("single", dict(architectures=["LlamaForCausalLM"], model_type="gpt2"), r"unsupported"),
     ("single", dict(hidden_act="gelu"), r"hidden_act"),
 ], ids=["more-layers", "fewer-layers", "vocab-size", "kv-heads", "intermediate-size", "tied-but-distinct-head",
-        "untied-but-no-head", "no-bias", "qwen3-as-qwen2", "llama-as-qwen3", "model-type", "activation"])
+        "untied-but-no-head", "bias-but-none-saved", "qwen3-as-qwen2", "llama-as-qwen3", "model-type", "activation"])
 def test_config_that_does_not_match_is_refused(hf_dirs, variant, tmp_path, source, changes, reason):
     src = variant(hf_dirs[source] if source != "single" else None, **changes)
     dst = tmp_path / "out"

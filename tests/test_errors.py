@@ -263,6 +263,7 @@ def test_the_undamaged_copy_loads(checkpoint):
     (lambda d: _edit_meta(d, config=None), r"jaxdec_config\.json"),
     (lambda d: _edit_config(d, model_type="gpt2"), r"gpt2"),
     (lambda d: _edit_config(d, bogus_key=1), r"bogus_key"),
+    (lambda d: _edit_config(d, model_type="mistral", attention_bias=True), r"attention_bias=True.*'mistral'"),
 ])
 def test_load_corrupt_config(checkpoint, damage, pattern):
     damage(checkpoint)
@@ -286,6 +287,7 @@ def _garble_params(directory):
     (lambda d: _edit_config(d, num_hidden_layers=3), r"layers_2"),
     (lambda d: _edit_config(d, num_hidden_layers=1), r"layers_1"),
     (lambda d: _edit_config(d, tie_word_embeddings=True), r"lm_head"),
+    (lambda d: _edit_config(d, attention_bias=True), r"layers_0.*bias"),
     (lambda d: _edit_config(d, vocab_size="many"), r"many"),
 ])
 def test_load_damaged_params(checkpoint, damage, pattern):

@@ -37,6 +37,16 @@ def test_export_loads_in_transformers_with_the_same_logits(family, converted_dir
     assert storage.read_config(back)[0] == storage.read_config(converted_dirs[family])[0]
 
 
+def test_llama_attention_biases_go_back(tmp_path, build_hf, torch):
+    """Llama's attention_bias: biases on all four projections, o_proj's included."""
+    src = build_hf(tmp_path / "hf", "llama", attention_bias=True)
+    out = export(convert(src, tmp_path / "jd", progress=False), tmp_path / "out", progress=False)
+    with torch.no_grad():
+        want = load_hf_model(src)(torch.tensor([TOKENS])).logits[0].numpy()
+        got = load_hf_model(out)(torch.tensor([TOKENS])).logits[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_bfloat16_stays_bfloat16(tmp_path, build_hf, torch):
     hf = build_hf(tmp_path / "hf", "llama", dtype="bfloat16")
     converted = convert(hf, tmp_path / "jd", progress=False)
