@@ -14,6 +14,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # layer_types or max_window_layers); Mistral's window covers every layer.
 PER_LAYER_WINDOW_TYPES = ("qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Families whose attention biases are fixed: transformers' Qwen2 and Mistral ignore an
+# attention_bias entry in config.json (Qwen2 always has q/k/v biases, Mistral none).
+FIXED_ATTENTION_BIAS = {"qwen2": True, "mistral": False}
 RUNTIME_FIELDS = ("attn_impl", "mesh")  # how a model runs, not what it is: never saved
 
 
@@ -60,7 +63,7 @@ class ModelConfig:
         if self.layer_windows and len(self.layer_windows) != self.num_hidden_layers:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries, "
                              f"expected num_hidden_layers={self.num_hidden_layers}")
-        fixed_bias = {"qwen2": True, "mistral": False}.get(self.model_type)
+        fixed_bias = FIXED_ATTENTION_BIAS.get(self.model_type)
         if fixed_bias is not None and self.attention_bias != fixed_bias:
             raise ValueError(f"attention_bias={self.attention_bias} for model_type={self.model_type!r}: "
                              f"that family's attention {'always has' if fixed_bias else 'has no'} biases")
@@ -149,8 +152,7 @@ class ModelConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=tuple(sorted(rope.items())),
-            # transformers' Qwen2 and Mistral ignore an attention_bias entry: their biases are fixed.
-            attention_bias={"qwen2": True, "mistral": False}.get(model_type, bool(hf.get("attention_bias", False))),
+            attention_bias=FIXED_ATTENTION_BIAS.get(model_type, bool(hf.get("attention_bias", False))),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             layer_windows=windows,
             bos_token_id=hf.get("bos_token_id"),
