@@ -17,6 +17,15 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # Families whose attention biases are fixed: transformers' Qwen2 and Mistral ignore an
 # attention_bias entry in config.json (Qwen2 always has q/k/v biases, Mistral none).
 FIXED_ATTENTION_BIAS = {"qwen2": True, "mistral": False}
+# What transformers' config classes assume for a key that config.json leaves out, where that is
+# not what from_hf falls back to (num_key_value_heads = heads, head_dim = hidden / heads, no
+# window, every layer windowed): a hand-written Mistral config without sliding_window still
+# means a 4096-token window.
+CLASS_DEFAULTS = {
+    "qwen2": {"num_key_value_heads": 32, "max_window_layers": 28},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_window_layers": 28},
+    "mistral": {"num_key_value_heads": 8, "sliding_window": 4096},
+}
 RUNTIME_FIELDS = ("attn_impl", "mesh")  # how a model runs, not what it is: never saved
 
 
@@ -112,6 +121,7 @@ class ModelConfig:
             raise ValueError(f"unsupported architecture: model_type={model_type!r} "
                              f"(architectures={hf.get('architectures')}); "
                              f"supported model types: {SUPPORTED_MODEL_TYPES}")
+        hf = {**CLASS_DEFAULTS.get(model_type, {}), **hf}
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act={hf['hidden_act']!r}; only 'silu'")
         if hf.get("mlp_bias"):

@@ -284,6 +284,30 @@ def test_attention_biases_follow_transformers(tmp_path, build_hf, family, overri
                                atol=LOGIT_TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("family, config", [
+    ("llama", {}),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=16)),
+    ("mistral", {}),
+])
+def test_keys_left_out_mean_what_transformers_assumes(torch, family, config):
+    """A hand-written config.json without num_key_value_heads, head_dim, sliding_window or
+    max_window_layers: each family's transformers class fills in its own defaults (Qwen3's
+    head_dim 128, Mistral's 4096-token window, ...), and so must the converter."""
+    import transformers
+    config = {**TF4_BASE, "model_type": family, "num_hidden_layers": 30, "hidden_size": 512,
+              "num_attention_heads": 64, **config}
+    del config["num_key_value_heads"]
+    theirs = transformers.AutoConfig.for_model(**config)
+    ours = ModelConfig.from_hf(config)
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads  # as Qwen2's attention
+    assert (ours.num_key_value_heads, ours.head_dim) == (theirs.num_key_value_heads, head_dim)
+    layer_types = getattr(theirs, "layer_types", None) or ["full_attention"] * 30
+    window = getattr(theirs, "sliding_window", None)
+    assert [ours.window(i) for i in range(30)] == [window if t == "sliding_attention" or family == "mistral" else None
+                                                   for t in layer_types]
+
+
 @pytest.mark.parametrize("hf, expected", [
     (dict(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=500000.0,
           rope_scaling={"type": "linear", "factor": 2.0}),
