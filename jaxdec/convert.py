@@ -42,7 +42,8 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
         table[hf + "post_attention_layernorm.weight"] = ((D,), (jd, "post_attention_layernorm", "scale"), False)
         for name, out, inp in (("q_proj", q_out, D), ("k_proj", kv_out, D), ("v_proj", kv_out, D), ("o_proj", D, q_out)):
             table[f"{hf}self_attn.{name}.weight"] = ((out, inp), (jd, "self_attn", name, "kernel"), True)
-            if cfg.o_proj_bias if name == "o_proj" else cfg.attention_bias:
+            biased = cfg.o_proj_bias if name == "o_proj" else cfg.attention_bias
+            if biased:
                 table[f"{hf}self_attn.{name}.bias"] = ((out,), (jd, "self_attn", name, "bias"), False)
         if cfg.qk_norm:
             for name in ("q_norm", "k_norm"):

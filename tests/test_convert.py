@@ -308,6 +308,15 @@ def test_keys_left_out_mean_what_transformers_assumes(torch, family, config):
                                                    for t in layer_types]
 
 
+def test_a_left_out_key_whose_default_does_not_fit_is_refused():
+    """Qwen2 without num_key_value_heads means 32 kv heads (transformers' default): with 4
+    query heads that is no model, and the error says which values clash."""
+    config = {**TF4_BASE, "model_type": "qwen2"}
+    del config["num_key_value_heads"]
+    with pytest.raises(ValueError, match=r"num_attention_heads=4 is not a multiple of num_key_value_heads=32"):
+        ModelConfig.from_hf(config)
+
+
 @pytest.mark.parametrize("hf, expected", [
     (dict(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=500000.0,
           rope_scaling={"type": "linear", "factor": 2.0}),
