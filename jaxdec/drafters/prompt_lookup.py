@@ -27,13 +27,18 @@ from jaxdec.verify import Draft
 @dataclasses.dataclass(frozen=True)
 class PromptLookupDrafter(Drafter):
     max_ngram: int
-    num_tokens: int
+    continuation: int  # K: tokens taken after each match
     vocab_size: int
     num_candidates: int = 1
 
+    @property
+    def num_tokens(self) -> int:
+        """The draft slots (`jaxdec.drafters`): a continuation per candidate, merged into one tree."""
+        return self.num_candidates * self.continuation
+
     def propose(self, cfg, params, cache, dparams, dstate, state, sampling, keys):
         tokens, lengths = state.tokens, state.lengths
-        C, K = self.num_candidates, self.num_tokens
+        C, K = self.num_candidates, self.continuation
         starts = _matches(tokens, lengths, self.max_ngram, C)                     # [B, C]
         S = tokens.shape[1]
         found = starts >= 0
