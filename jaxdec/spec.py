@@ -367,6 +367,12 @@ class SparseSelf:
         if self.draft is None:
             return SparseSelfDrafter(int(self.num_tokens)), None, pages
         _check_draft_model("SparseSelf", self.draft, target, num_slots)
+        # The sparse target scores the draft model's guesses and its last token in one forward,
+        # as the dense target does its own draft (generate's check of num_tokens).
+        limit = min(cfg.max_position_embeddings, self.draft.config.max_position_embeddings)
+        if self.draft_tokens + 1 > limit:
+            raise ValueError(f"SparseSelf's draft model drafts {self.draft_tokens} tokens per step (draft_tokens): "
+                             f"with the pending token more than the models' max_position_embeddings={limit}")
         drafter = TriForceDrafter(self.draft.config, int(self.num_tokens), int(self.draft_tokens))
         state = TriForceState(pages=pages, cache=init_cache(self.draft.config, batch_size, num_slots, self.draft.dtype))
         return drafter, self.draft.params, state

@@ -108,10 +108,16 @@ def test_longest_allowed_prompt_is_accepted(llama):
     lambda llama, k: jaxdec.spec.LayerSkip([0], k),
     lambda llama, k: jaxdec.spec.PromptLookup(3, k),
     lambda llama, k: jaxdec.spec.DraftTree(llama, depth=k, top_k=1, max_nodes=k),
-], ids=["DraftModel", "LayerSkip", "PromptLookup", "DraftTree"])
+    # A tree of k // 2 candidate continuations of 2 tokens: k nodes. It used to be checked as a
+    # chain of 2 (num_candidates=10**12 then failed in XLA: "out of bounds for int32").
+    lambda llama, k: jaxdec.spec.PromptLookup(3, 2, num_candidates=k // 2),
+    # The draft model of a hierarchical SparseSelf, whose guesses the sparse target scores.
+    lambda llama, k: jaxdec.spec.SparseSelf(draft=llama, draft_tokens=k),
+], ids=["DraftModel", "LayerSkip", "PromptLookup", "DraftTree", "PromptLookup-candidates", "SparseSelf-draft"])
 def test_draft_window_longer_than_the_model(llama, method):
     """A verify of the pending token and K drafts needs K + 1 positions; a larger K used to
     compile and then fail in XLA, out of memory (num_tokens=10**6 asked for 73 TB)."""
+    assert MAX_POSITIONS % 2 == 0
     with pytest.raises(ValueError, match=rf"drafts {MAX_POSITIONS} tokens.*max_position_embeddings={MAX_POSITIONS}"):
         jaxdec.generate(llama, OK, max_new_tokens=4, speculative=method(llama, MAX_POSITIONS))
 
