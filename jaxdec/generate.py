@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxdec import sharding, spec, speculative as spec_steps, steps
 from jaxdec.cache import init_cache
-from jaxdec.checks import is_int
+from jaxdec.checks import check_draft_window, is_int
 from jaxdec.loading import Model
 from jaxdec.sampling import SamplingParams, row_keys
 
@@ -184,12 +184,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
 
     if speculative is not None:
         drafter, dparams, dstate = speculative.build(model, batch, slots)
-        # The verify step scores the pending token and every draft slot at once: a window the
-        # model's positions cannot hold would only fail later, as XLA running out of memory.
-        if drafter is not None and drafter.num_tokens + 1 > cfg.max_position_embeddings:
-            raise ValueError(f"{type(speculative).__name__} drafts {drafter.num_tokens} tokens per step: with the "
-                             f"pending token more than the model's max_position_embeddings="
-                             f"{cfg.max_position_embeddings}")
+        if drafter is not None:  # the verify step scores the pending token and every draft slot
+            check_draft_window(type(speculative).__name__, drafter.num_tokens, cfg.max_position_embeddings)
 
     start = time.perf_counter()
     cache = init_cache(cfg, batch, slots, model.dtype)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxdec import sharding
 from jaxdec.cache import init_cache
-from jaxdec.checks import is_int
+from jaxdec.checks import check_draft_window, is_int
 from jaxdec.drafters.draft_model import DraftModelDrafter, DraftModelState
 from jaxdec.drafters.draft_tree import DraftTreeDrafter, DraftTreeState, num_candidates
 from jaxdec.drafters.layer_skip import LayerSkipDrafter
@@ -367,12 +367,9 @@ class SparseSelf:
         if self.draft is None:
             return SparseSelfDrafter(int(self.num_tokens)), None, pages
         _check_draft_model("SparseSelf", self.draft, target, num_slots)
-        # The sparse target scores the draft model's guesses and its last token in one forward,
-        # as the dense target does its own draft (generate's check of num_tokens).
-        limit = min(cfg.max_position_embeddings, self.draft.config.max_position_embeddings)
-        if self.draft_tokens + 1 > limit:
-            raise ValueError(f"SparseSelf's draft model drafts {self.draft_tokens} tokens per step (draft_tokens): "
-                             f"with the pending token more than the models' max_position_embeddings={limit}")
+        # The sparse target scores the draft model's guesses (and its last token) in one forward.
+        check_draft_window("SparseSelf's draft model (draft_tokens)", int(self.draft_tokens),
+                           min(cfg.max_position_embeddings, self.draft.config.max_position_embeddings))
         drafter = TriForceDrafter(self.draft.config, int(self.num_tokens), int(self.draft_tokens))
         state = TriForceState(pages=pages, cache=init_cache(self.draft.config, batch_size, num_slots, self.draft.dtype))
         return drafter, self.draft.params, state
