@@ -35,6 +35,9 @@ UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 # spent on library code (what a demo prompt like "def fib(n):" continues).
 TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 HELD_OUT_PER_MILLE = 40  # ~4% of the files
+DEFAULT_VOCAB_SIZE = 4096
+# Byte-level BPE starts from the 256 bytes and the specials; the stream is stored as uint16.
+VOCAB_SIZE_RANGE = (256 + len(SPECIAL_TOKENS), 2 ** 16)
 
 
 def is_held_out(relative_path: str) -> bool:
@@ -67,7 +70,7 @@ def corpus_files(root=None, include_tests: bool = False):
     return files, skipped
 
 
-def train_tokenizer(texts, vocab_size: int = 4096):
+def train_tokenizer(texts, vocab_size: int = DEFAULT_VOCAB_SIZE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -88,19 +91,48 @@ def encode_documents(tokenizer, texts) -> np.ndarray:
     return np.concatenate(ids) if ids else np.zeros((0,), np.uint16)
 
 
-def prepare(workdir: Path, vocab_size: int = 4096, corpus_root=None, include_tests: bool = False,
+def _check_same_corpus(info: dict, info_path: Path, vocab_size, corpus_root, include_tests) -> None:
+    """ValueError when a setting given differs from the one the work folder was prepared with
+    (reusing it would silently train on another corpus or tokenizer than asked for)."""
+    recorded = {"--vocab-size": info.get("requested_vocab_size", info["vocab_size"]),
+                "--corpus-root": Path(info["stdlib"]).resolve(), "--include-tests": info["include_tests"]}
+    given = {"--vocab-size": vocab_size, "--corpus-root": None if corpus_root is None else Path(corpus_root).resolve(),
+             "--include-tests": include_tests}
+    for flag, value in given.items():
+        if value is not None and value != recorded[flag]:
+            raise ValueError(f"{flag} {value} differs from the {recorded[flag]} that {info_path} was prepared with: "
+                             f"leave it out, or use another --workdir")
+
+
+def prepare(workdir: Path, vocab_size: int | None = None, corpus_root=None, include_tests: bool | None = None,
             log=functools.partial(print, flush=True)) -> dict:
-    """Trains the tokenizer and tokenizes the corpus into `workdir` (once; then reused)."""
+    """Trains the tokenizer and tokenizes the corpus into `workdir` (once; then reused).
+
+    Settings left None are the work folder's when it is prepared (given ones must match it),
+    else the defaults: `DEFAULT_VOCAB_SIZE` tokens, the stdlib, without the test suites.
+    """
     workdir = Path(workdir)
     info_path = workdir / "corpus.json"
     if info_path.is_file():
-        return json.loads(info_path.read_text())
-    workdir.mkdir(parents=True, exist_ok=True)
+        info = json.loads(info_path.read_text())
+        _check_same_corpus(info, info_path, vocab_size, corpus_root, include_tests)
+        return info
+    vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
+    if not VOCAB_SIZE_RANGE[0] <= vocab_size <= VOCAB_SIZE_RANGE[1]:
+        raise ValueError(f"--vocab-size must be in [{VOCAB_SIZE_RANGE[0]}, {VOCAB_SIZE_RANGE[1]}] (every byte and "
+                         f"{len(SPECIAL_TOKENS)} specials; ids stored as uint16), got {vocab_size}")
+    include_tests = bool(include_tests)
+    corpus_root = Path(corpus_root or sysconfig.get_paths()["stdlib"]).resolve()
     t0 = time.time()
     files, skipped = corpus_files(corpus_root, include_tests)
     train = [(p, t) for p, t in files if not is_held_out(p)]
     held = [(p, t) for p, t in files if is_held_out(p)]
     log(f"corpus: {len(files)} files ({len(train)} train, {len(held)} held out), skipped {skipped}")
+    if not train or not held:  # before writing anything: a written corpus.json is reused as is
+        raise ValueError(f"--corpus-root {corpus_root} has {len(train)} training and "
+                         f"{len(held)} held-out *.py files (skipped {skipped}); both must be non-empty "
+                         f"(~{HELD_OUT_PER_MILLE / 10:g}% of the files are held out)")
+    workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer([t for _, t in train], vocab_size)
     train_ids = encode_documents(tokenizer, [t for _, t in train])
     held_ids = encode_documents(tokenizer, [t for _, t in held])
@@ -108,8 +140,9 @@ def prepare(workdir: Path, vocab_size: int = 4096, corpus_root=None, include_tes
                      for enc, (_, text) in zip(tokenizer.encode_batch([t for _, t in files]), files))
     info = {
         "python": sys.version.split()[0],
-        "stdlib": str(corpus_root or sysconfig.get_paths()["stdlib"]),
+        "stdlib": str(corpus_root),
         "include_tests": include_tests,
+        "requested_vocab_size": vocab_size,
         "excluded_dirs": [] if include_tests else sorted(TEST_DIRS),
         "split_rule": f"held out iff int.from_bytes(sha256(relative_path).digest()[:8], 'big') % 1000 "
                       f"< {HELD_OUT_PER_MILLE}",
@@ -136,6 +169,8 @@ def _epoch_order(seed: int, epoch: int, num_tokens: int, seq_len: int):
     rng = np.random.default_rng([seed, epoch, 7919])
     offset = int(rng.integers(seq_len))
     count = (num_tokens - 1 - offset) // seq_len
+    if count < 1:  # batch_at would look for the window in later epochs forever
+        raise ValueError(f"a stream of {num_tokens} tokens holds no window of seq_len {seq_len} + 1 at offset {offset}")
     return offset, rng.permutation(count)
 
 

@@ -53,7 +53,7 @@ from tqdm import tqdm
 from jaxdec import storage
 from jaxdec.cli import COUNT, POSITIVE, RATE, WEIGHT
 from jaxdec.config import ModelConfig
-from jaxdec.corpus import BOS_ID, EOS_ID, batch_at, eval_windows, prepare
+from jaxdec.corpus import BOS_ID, DEFAULT_VOCAB_SIZE, EOS_ID, batch_at, eval_windows, prepare
 from jaxdec.loading import _read_tokenizer
 from jaxdec.model import init_params, sequence_logits
 from jaxdec.sampling import SamplingParams
@@ -353,9 +353,21 @@ def export(out: Path, cfg: ModelConfig, params, tokenizer_path: Path, training: 
     return out
 
 
-def _load_data(workdir: Path):
-    return (np.load(workdir / "train_tokens.npy"), np.load(workdir / "held_out_tokens.npy"),
-            json.loads((workdir / "corpus.json").read_text()))
+def _load_data(workdir: Path, seq_len: int):
+    """(train tokens, held-out tokens, corpus.json) of the work folder, long enough for windows
+    of `seq_len` + 1 tokens: every epoch of training windows non-empty, and a held-out window
+    and probe window to evaluate on."""
+    train_tokens, held_tokens = np.load(workdir / "train_tokens.npy"), np.load(workdir / "held_out_tokens.npy")
+    # An epoch starts at a random offset < seq_len, then needs seq_len + 1 tokens.
+    if train_tokens.size < 2 * seq_len:
+        raise ValueError(f"--seq-len {seq_len} needs at least {2 * seq_len} training tokens, but {workdir} holds "
+                         f"{train_tokens.size}: use a shorter --seq-len or a larger corpus")
+    for need, what, fix in ((seq_len + 1, f"--seq-len {seq_len}", "a shorter --seq-len or a larger corpus"),
+                            (PROBE_LEN + 1, f"the {PROBE_LEN}-token probe window", "a larger corpus")):
+        if held_tokens.size < need:
+            raise ValueError(f"{what} needs at least {need} held-out tokens, but {workdir} holds {held_tokens.size}: "
+                             f"use {fix}")
+    return train_tokens, held_tokens, json.loads((workdir / "corpus.json").read_text())
 
 
 def run_folder(workdir: Path, run: str) -> Path:
@@ -384,7 +396,7 @@ def run_stage(kind: str, args) -> dict:
     if args.out:  # before hours of training, not at the export
         storage.check_replaceable(args.out, storage.CONFIG_FILE)
     corpus = prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
-    train_tokens, held_tokens, corpus = _load_data(workdir)
+    train_tokens, held_tokens, corpus = _load_data(workdir, args.seq_len)
     sizes = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim)
     cfg = make_config(corpus["vocab_size"], **sizes)
@@ -465,9 +477,10 @@ def main(argv=None) -> int:
 
     def common(p):
         p.add_argument("--workdir", required=True, help="work folder: tokenized corpus and resumable runs")
-        p.add_argument("--vocab-size", type=POSITIVE, default=4096)
+        # The corpus settings: a prepared work folder's own unless given (then they must match).
+        p.add_argument("--vocab-size", type=POSITIVE, default=None, help=f"default: {DEFAULT_VOCAB_SIZE}")
         p.add_argument("--corpus-root", default=None, help="default: sysconfig.get_paths()['stdlib']")
-        p.add_argument("--include-tests", action="store_true", help="keep test/, tests/, idle_test/")
+        p.add_argument("--include-tests", action="store_true", default=None, help="keep test/, tests/, idle_test/")
 
     common(sub.add_parser("tokenizer", help="train the tokenizer and tokenize the corpus"))
     for kind, model, defaults in (("target", TARGET_CONFIG, dict(steps=800, batch_size=8, seq_len=512, lr=2e-3, warmup=60)),

@@ -177,7 +177,7 @@ def run_heads_stage(kind: str, args) -> dict:
         raise ValueError(f"--prompt-len {opts.prompt_len} leaves no generated token to score every head on in "
                          f"windows of --seq-len {opts.seq_len} (need prompt_len + {deepest} <= seq_len)")
     corpus.prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
-    train_tokens, held_tokens, corpus_info = train._load_data(workdir)
+    train_tokens, held_tokens, corpus_info = train._load_data(workdir, opts.seq_len)
     teacher = train.load_teacher(args.teacher, workdir, corpus_info["vocab_size"])
     if kind == "medusa":
         objective = MedusaObjective(HeadsConfig.medusa(teacher.config, args.num_heads), teacher.config)

@@ -348,6 +348,36 @@ def tiny_work(tmp_path_factory):
     return work, tmp_path
 
 
+def test_work_folder_refuses_a_corpus_it_cannot_train_on(tiny_work, tmp_path, capsys):
+    """A work folder's corpus settings are its first command's: later commands may leave them
+    out, and one that gives others is refused rather than silently trained on the old corpus.
+    A corpus too small for its split or for --seq-len is refused before anything is written
+    (a written corpus.json would be reused as is); a window search never runs forever."""
+    work, tiny = tiny_work
+    workdir = work[work.index("--workdir") + 1]
+    assert train.main(["tokenizer", "--workdir", workdir]) == 0  # the folder's own settings
+    for flag, value in (("--vocab-size", "400"), ("--corpus-root", str(tmp_path)), ("--include-tests", None)):
+        refused(capsys, ["tokenizer", "--workdir", workdir, flag, *([value] if value else [])],
+                rf"^python -m jaxdec.train tokenizer: error: {flag} .* differs from .*corpus.json was prepared with")
+    refused(capsys, ["target", *work, "--seq-len", "100000", "--run", "long"],
+            r"--seq-len 100000 needs at least 200000 training tokens, but .* holds \d+: use a shorter --seq-len")
+    held = int(np.load(Path(workdir) / "held_out_tokens.npy").size)
+    refused(capsys, ["target", *work, "--seq-len", str(held), "--run", "long"],
+            rf"--seq-len {held} needs at least {held + 1} held-out tokens")
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.py").write_text("x = 1\n")
+    for root, counts in ((tmp_path / "none", "0 training and 0 held-out"), (tmp_path / "one", "1 training and 0 held-out")):
+        refused(capsys, ["tokenizer", "--workdir", str(tmp_path / "w"), "--corpus-root", str(root)],
+                rf"--corpus-root .*{root.name} has {counts} \*\.py files")
+    for size in ("3", "258", "65537"):
+        refused(capsys, ["tokenizer", "--workdir", str(tmp_path / "w"), "--vocab-size", size],
+                rf"--vocab-size must be in \[259, 65536\] .*got {size}$")
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(ValueError, match="holds no window of seq_len 32"):
+        corpus.batch_at(np.zeros(20, np.uint16), 0, 2, 32, seed=0)
+
+
 def test_on_policy_distillation_command(tiny_work, capsys):
     """`python -m jaxdec.train draft --init D --on-policy N`: the target writes N continuations
     (cached, resumable), the draft is fine-tuned on them mixed with corpus windows, and the
