@@ -404,6 +404,11 @@ def _missing_source(src, dst):
     shutil.rmtree(src)
 
 
+def _already_converted(src, dst):  # a jaxdec checkpoint given where a Hugging Face folder belongs
+    shutil.rmtree(src)
+    shutil.copytree(Path(jaxdec.__file__).parents[1] / "checkpoints" / "demo-draft", src)
+
+
 REFUSALS = {  # name: (source, break it, what the one stderr line must say)
     "unsupported-architecture": ("single", _unsupported_architecture, r"unsupported architecture.*GPT2LMHeadModel"),
     "no-weight-file": ("single", _no_weight_file, r"no weight files"),
@@ -416,6 +421,7 @@ REFUSALS = {  # name: (source, break it, what the one stderr line must say)
     "pickle-without-allow-pickle": ("pickled", None, r"pickle.*--allow-pickle"),
     "unsupported-rope-scaling": ("single", _yarn, r"RoPE scaling rope_type='yarn'"),
     "missing-source": ("single", _missing_source, r"source folder .* does not exist"),
+    "already-converted": ("single", _already_converted, r"no config\.json: it is already a jaxdec checkpoint"),
 }
 
 
