@@ -478,9 +478,11 @@ def main(argv=None) -> int:
     def common(p):
         p.add_argument("--workdir", required=True, help="work folder: tokenized corpus and resumable runs")
         # The corpus settings: a prepared work folder's own unless given (then they must match).
-        p.add_argument("--vocab-size", type=POSITIVE, default=None, help=f"default: {DEFAULT_VOCAB_SIZE}")
-        p.add_argument("--corpus-root", default=None, help="default: sysconfig.get_paths()['stdlib']")
-        p.add_argument("--include-tests", action="store_true", default=None, help="keep test/, tests/, idle_test/")
+        p.add_argument("--vocab-size", type=POSITIVE, default=None, help=f"default: the work folder's, else {DEFAULT_VOCAB_SIZE}")
+        p.add_argument("--corpus-root", default=None,
+                       help="default: the work folder's, else sysconfig.get_paths()['stdlib']")
+        p.add_argument("--include-tests", action="store_true", default=None,
+                       help="keep test/, tests/, idle_test/ (default: as the work folder was prepared)")
 
     common(sub.add_parser("tokenizer", help="train the tokenizer and tokenize the corpus"))
     for kind, model, defaults in (("target", TARGET_CONFIG, dict(steps=800, batch_size=8, seq_len=512, lr=2e-3, warmup=60)),

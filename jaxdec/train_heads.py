@@ -171,6 +171,13 @@ def run_heads_stage(kind: str, args) -> dict:
                             log_every=args.log_every, seed=args.seed, eval_windows=args.eval_windows, init=args.init,
                             on_policy=args.on_policy, on_policy_fraction=args.on_policy_fraction,
                             on_policy_temperature=args.on_policy_temperature, prompt_len=args.prompt_len)
+    # Windows too short leave a head no position to learn from: its loss, the mean over none, is NaN.
+    offset, why = ((args.num_heads, "head k learns at positions < length - k") if kind == "medusa"
+                   else (1, "the second pass starts at position 1"))
+    for length, what in ((opts.seq_len, "--seq-len is"), (train.PROBE_LEN, "the probe window is")):
+        if length <= offset:
+            raise ValueError(f"{kind} heads need windows of at least {offset + 1} tokens ({why}), but {what} {length}"
+                             + (" tokens: use fewer --num-heads" if kind == "medusa" else ""))
     # Medusa's head k is scored at positions < seq_len - k: each needs a generated token there.
     deepest = args.num_heads if kind == "medusa" else 0
     if args.eval_generations and opts.prompt_len + deepest > opts.seq_len:

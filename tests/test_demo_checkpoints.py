@@ -527,3 +527,11 @@ def test_heads_on_policy_fine_tuning_command(tiny_work, capsys, kind):
     refused(capsys, [*heads, "--prompt-len", "31" if kind == "medusa" else "33", "--run", "bad"],
             "--prompt-len .* leaves no generated token")
     refused(capsys, [*heads, "--teacher", str(tmp_path / "other-target"), "--run", "bad"], "another tokenizer")
+    # too short a window leaves the deepest head no position: a NaN loss, NaN heads
+    deep = ["--num-heads", "32"] if kind == "medusa" else ["--seq-len", "1"]
+    refused(capsys, [*heads, *deep, "--eval-generations", "0", "--run", "bad"],
+            f"{kind} heads need windows of at least {33 if kind == 'medusa' else 2} tokens .* but --seq-len is "
+            f"{32 if kind == 'medusa' else 1}")
+    if kind == "medusa":
+        refused(capsys, [*heads, "--num-heads", "256", "--seq-len", "512", "--eval-generations", "0", "--run", "bad"],
+                "at least 257 tokens .* but the probe window is 256 tokens: use fewer --num-heads")
