@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import results_path  # noqa: E402
 
 from jaxdec.cli import POSITIVE, RATE  # noqa: E402
 
@@ -61,7 +62,7 @@ def main(argv=None):
     parser.add_argument("--prompt-length", type=POSITIVE, default=128)
     parser.add_argument("--max-new-tokens", type=POSITIVE, default=256)
     parser.add_argument("--copy-gib", type=RATE, default=2.0, help="buffer size of the copy measurement")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=results_path, default=None)
     args = parser.parse_args(argv)
 
     import jax

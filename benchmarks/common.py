@@ -58,6 +58,20 @@ def git_revision(root: Path | None = None) -> dict:
         return {"commit": None, "modified": None, "untracked_code": None}
 
 
+def results_path(text: str) -> str:
+    """argparse type of every --out: a path the results cannot be written to is refused at
+    once, not after the whole run (the folders up to it are made at the end). The text is
+    kept as given (it is recorded in some results files)."""
+    import argparse
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give the results file's path (a .json)")
+    ancestor = next(p for p in (path.parent.absolute(), *path.parent.absolute().parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {ancestor} is not a folder this user may write in")
+    return text
+
+
 @contextlib.contextmanager
 def refused_in_one_line(parser, prefix: str = ""):
     """Bad settings or inputs the block raises (ValueError; FileNotFoundError: a missing

@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import plots  # noqa: E402
-from benchmarks.common import refused_in_one_line  # noqa: E402
+from benchmarks.common import refused_in_one_line, results_path  # noqa: E402
 from jaxdec import storage  # noqa: E402
 from jaxdec.cli import POSITIVE  # noqa: E402
 
@@ -315,7 +315,7 @@ def main(argv=None):
     parser.add_argument("--cpu-devices", type=POSITIVE, default=None,
                         help="on a CPU host, split it into N devices (for --mesh and pearl); sets XLA_FLAGS")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=results_path, default=None)
     args = parser.parse_args(argv)
 
     methods = args.methods.split(",")

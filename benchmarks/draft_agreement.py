@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import command_line, machine_info, refused_in_one_line, versions, write_results  # noqa: E402
+from benchmarks.common import command_line, machine_info, refused_in_one_line, results_path, versions, write_results  # noqa: E402
 from benchmarks.decode import category_prompts, load_prompts  # noqa: E402
 from jaxdec.cli import COUNT, POSITIVE, WEIGHT  # noqa: E402
 from jaxdec.spec import _check_draft_model  # noqa: E402
@@ -100,7 +100,7 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=POSITIVE, default=128)
     parser.add_argument("--num-tokens", type=POSITIVE, nargs="+", default=[4, 8, 12, 16], help="chain lengths")
     parser.add_argument("--confidence-thresholds", type=WEIGHT, nargs="+", default=[0.0])
-    parser.add_argument("--out", default="benchmarks/results/draft_agreement.json")
+    parser.add_argument("--out", type=results_path, default="benchmarks/results/draft_agreement.json")
     args = parser.parse_args(argv)
 
     import jaxdec

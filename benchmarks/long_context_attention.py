@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import refused_in_one_line  # noqa: E402
+from benchmarks.common import refused_in_one_line, results_path  # noqa: E402
 from jaxdec.cli import POSITIVE  # noqa: E402
 
 SHAPES = {"demo": (6, 2, 64, "float32"), "llama3-8b": (32, 8, 128, "bfloat16")}
@@ -112,7 +112,7 @@ def main(argv=None):
     parser.add_argument("--interpret-kernels", action="store_true",
                         help="on a CPU, run the Pallas kernels in interpret mode anyway (agreement only)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=results_path, default=None)
     args = parser.parse_args(argv)
     with refused_in_one_line(parser):
         shapes = [parse_shape(s) for s in args.shapes] if args.shapes else None

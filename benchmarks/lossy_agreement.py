@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import command_line, machine_info, refused_in_one_line, versions, write_results  # noqa: E402
+from benchmarks.common import command_line, machine_info, refused_in_one_line, results_path, versions, write_results  # noqa: E402
 from benchmarks.decode import category_prompts, load_prompts, parse_list  # noqa: E402
 from jaxdec.cli import POSITIVE  # noqa: E402
 
@@ -71,7 +71,7 @@ def main(argv=None):
     parser.add_argument("--num-prompts", type=POSITIVE, default=8)
     parser.add_argument("--batch-size", type=POSITIVE, default=8)
     parser.add_argument("--max-new-tokens", type=POSITIVE, default=64)
-    parser.add_argument("--out", default="benchmarks/results/lossy_agreement.json")
+    parser.add_argument("--out", type=results_path, default="benchmarks/results/lossy_agreement.json")
     args = parser.parse_args(argv)
 
     import jaxdec

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import refused_in_one_line  # noqa: E402
+from benchmarks.common import refused_in_one_line, results_path  # noqa: E402
 from jaxdec.cli import COUNT, POSITIVE  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main(argv=None):
     parser.add_argument("--chunks", type=COUNT, nargs="+", default=[0, 512],
                         help="prompt tokens per forward; 0 reads the whole prompt in one")
     parser.add_argument("--repeats", type=POSITIVE, default=3)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=results_path, default=None)
     args = parser.parse_args(argv)
 
     import jax

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import results_path  # noqa: E402
 
 from jaxdec.cli import POSITIVE, RATE  # noqa: E402
 
@@ -69,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--temperature", type=RATE, default=0.8, help="> 0: greedy applies no filter")
     parser.add_argument("--iterations", type=POSITIVE, default=20, help="calls per timed loop")
     parser.add_argument("--repeats", type=POSITIVE, default=3)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=results_path, default=None)
     args = parser.parse_args(argv)
 
     import jax

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import results_path  # noqa: E402
 
 from benchmarks.bandwidth import SHAPES  # noqa: E402
 from jaxdec.cli import COUNT, POSITIVE, RATE  # noqa: E402
@@ -82,7 +83,7 @@ def main(argv=None):
     parser.add_argument("--model-sizes", type=POSITIVE, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--data-sizes", type=POSITIVE, nargs="+", default=[1])
     parser.add_argument("--efficiency", type=RATE, default=0.8, help="share of peak bandwidth and FLOP/s reached")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=results_path, default=None)
     args = parser.parse_args(argv)
 
     shape, device = SHAPES[args.shape], DEVICES[args.device]

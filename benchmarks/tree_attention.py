@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import results_path  # noqa: E402
 
 from jaxdec.cli import POSITIVE  # noqa: E402
 
@@ -68,7 +69,7 @@ def main(argv=None):
                         help="cache slots per block of the pallas_call kernel (the Mosaic GPU kernel takes 64)")
     parser.add_argument("--iterations", type=POSITIVE, default=20)
     parser.add_argument("--repeats", type=POSITIVE, default=3)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=results_path, default=None)
     args = parser.parse_args(argv)
     if args.heads % args.kv_heads:
         parser.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")

@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import results_path  # noqa: E402
 
 from benchmarks.bandwidth import SHAPES  # noqa: E402
 from jaxdec.cli import POSITIVE, tree_shape as parse_tree_shape  # noqa: E402
@@ -334,7 +335,7 @@ def main(argv=None):
     parser.add_argument("--acceptance", type=float, nargs="+", default=[0.6, 0.8])
     parser.add_argument("--iterations", type=POSITIVE, default=20, help="steps per timed loop")
     parser.add_argument("--repeats", type=POSITIVE, default=3)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=results_path, default=None)
     args = parser.parse_args(argv)
     if any(k > args.max_draft for k in args.rounds):
         parser.error(f"--rounds must be draft lengths in 1..--max-draft ({args.max_draft}), got {args.rounds}")

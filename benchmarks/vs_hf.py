@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (RESULTS_DIR, command_line, machine_info, refused_in_one_line,  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, command_line, machine_info, refused_in_one_line, results_path,  # noqa: E402
                                versions, write_results)
 from jaxdec.cli import POSITIVE  # noqa: E402
 
@@ -78,7 +78,7 @@ def main(argv=None):
     parser.add_argument("--lookup-tokens", type=POSITIVE, default=8, help="prompt-lookup tokens per round (L)")
     parser.add_argument("--lookup-ngram", type=POSITIVE, default=2, help="longest n-gram matched (N)")
     parser.add_argument("--repeats", type=POSITIVE, default=3)
-    parser.add_argument("--out", default=str(RESULTS_DIR / "vs_hf_cpu.json"))
+    parser.add_argument("--out", type=results_path, default=str(RESULTS_DIR / "vs_hf_cpu.json"))
     args = parser.parse_args(argv)
 
     import jaxdec

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import results_path  # noqa: E402
 
 from jaxdec.cli import POSITIVE  # noqa: E402
 
@@ -90,7 +91,7 @@ def main(argv=None):
     parser.add_argument("--settings", default="default,no_ynn_single_thread",
                         help=f"comma-separated, of: {', '.join(SETTINGS)}")
     parser.add_argument("--passes", type=POSITIVE, default=2, help="runs of each setting, alternated")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=results_path, default=None)
     args = parser.parse_args(ours)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]

@@ -190,6 +190,31 @@ def test_counts_and_rates_are_refused_in_one_line(module, args, capsys):
     assert f"argument {args[0]}: must be" in capsys.readouterr().err
 
 
+OUT_MODULES = ["bandwidth", "decode", "draft_agreement", "long_context_attention", "lossy_agreement", "prefill",
+               "sampling_cost", "scaling_model", "tree_attention", "verify_cost", "vs_hf", "xla_flags"]
+
+
+@pytest.mark.parametrize("module", OUT_MODULES)
+def test_an_unwritable_out_is_refused_before_the_run(module, tmp_path, capsys):
+    """--out was written only at the end: a folder, or a path under a file, failed after the
+    whole run with a traceback."""
+    import importlib
+    main = importlib.import_module(f"benchmarks.{module}").main
+    (tmp_path / "a-file").write_text("")
+    for out, says in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "r.json", "is not a folder this user may write")):
+        with pytest.raises(SystemExit) as stop:
+            main(["--out", str(out)])
+        assert stop.value.code == 2
+        assert re.search(rf"argument --out: .*{says}", capsys.readouterr().err)
+
+
+def test_every_benchmark_with_out_is_checked():
+    import pathlib
+    found = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "benchmarks").glob("*.py")
+                   if 'add_argument("--out"' in p.read_text())
+    assert found == sorted(OUT_MODULES)
+
+
 @pytest.mark.parametrize("module, args, reason", [
     ("prefill", ["--target", "/nonexistent/model"], r"no checkpoint at '/nonexistent/model'"),
     ("lossy_agreement", ["--target", "demo-medusa"], r"holds draft heads, not a model"),
