@@ -160,11 +160,18 @@ class CtrlC:
             signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
+def _read_text(stream, name: str) -> str:
+    try:
+        return stream.read().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{name} is not UTF-8 text: {err.reason} at byte {err.start}") from None
+
+
 def generate_command(args) -> int:
     import jaxdec
     prompt = args.prompt
     if prompt is None:
-        piped = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+        piped = "" if sys.stdin is None or sys.stdin.isatty() else _read_text(sys.stdin.buffer, "stdin")
         prompt = piped if piped.strip() else DEMO_PROMPT  # nothing piped in: the demo prompt
     from jaxdec import sharding
     sharding.initialize_distributed()

@@ -84,6 +84,11 @@ def encode_prompts(model: Model, prompts) -> list[list[int]]:
             if model.tokenizer is None:
                 raise ValueError(f"prompt {i} is text ({prompt!r:.40}) but the model has no tokenizer; "
                                  f"pass token ids instead")
+            try:  # lone surrogates: bytes that were not UTF-8, read with errors="surrogateescape"
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"prompt {i} is not valid text: {err.reason} {prompt[err.start]!r} at character "
+                                 f"{err.start} (bytes that are not UTF-8?)") from None
             ids = model.tokenizer.encode(prompt).ids
         elif isinstance(prompt, Sequence):
             ids = list(prompt)

@@ -22,8 +22,9 @@ def llama_dir(converted_dirs):
 
 
 def run(capsys, monkeypatch, argv, stdin=None):
-    if stdin is not None:
-        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    if stdin is not None:  # a pipe's text stream, over its bytes
+        data = stdin if isinstance(stdin, bytes) else stdin.encode()
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
     code = cli.main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -157,6 +158,9 @@ def test_reads_the_prompt_from_stdin(capsys, monkeypatch, llama_dir):
     code, out, _ = run(capsys, monkeypatch, ["generate", "--model", llama_dir, "--method", "ar",
                                              "--max-new-tokens", "5"], stdin="x = 1\n")
     assert code == 0 and out.startswith("x = 1\n")
+    code, out, err = run(capsys, monkeypatch, ["generate", "--model", llama_dir, "--method", "ar"],
+                         stdin=b"x = '\xff'\n")  # Latin-1, not UTF-8: one line, not a traceback
+    assert code == 2 and out == "" and err.strip() == "jaxdec: error: stdin is not UTF-8 text: invalid start byte at byte 5"
 
 
 def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):

@@ -38,6 +38,8 @@ def named(value) -> str:
     (None, r"None"),
     ([5], r"prompt 0 .*\b5\b"),     # an id where a list of ids belongs
     ([{"ids": [1]}], r"prompt 0 .*ids"),
+    # bytes that were not UTF-8, decoded with errors="surrogateescape" (argv, a C-locale stdin)
+    (["ok", "x\udcff"], r"prompt 1 is not valid text: surrogates not allowed '\\udcff' at character 1"),
 ])
 def test_malformed_prompts(llama, prompts, pattern):
     with pytest.raises(ValueError, match=pattern):
