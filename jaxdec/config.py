@@ -7,6 +7,8 @@ so two models with the same shapes share compiled code.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -27,6 +29,11 @@ CLASS_DEFAULTS = {
     "mistral": {"num_key_value_heads": 8, "sliding_window": 4096},
 }
 RUNTIME_FIELDS = ("attn_impl", "mesh")  # how a model runs, not what it is: never saved
+
+
+def is_int(value) -> bool:
+    """An integer, and not a bool (JSON's true is not a size)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +69,24 @@ class ModelConfig:
     mesh: Any = None
 
     def __post_init__(self):
+        # A bad value would otherwise fail deep in tracing (a negative shape) or decode garbage
+        # (a negative theta gives NaN frequencies).
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, low in (("rms_norm_eps", "0 <="), ("rope_theta", "0 <")):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                    and (value >= 0 if name == "rms_norm_eps" else value > 0)):
+                raise ValueError(f"{name} must be a finite number, {low} {name}, got {value!r}")
+        for name in ("attention_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        bad_window = next((w for w in self.layer_windows if w is not None and (not is_int(w) or w < 1)), None)
+        if bad_window is not None:
+            raise ValueError(f"layer_windows entries must be positive integers or None, got {bad_window!r}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")

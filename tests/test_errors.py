@@ -272,6 +272,15 @@ def test_the_undamaged_copy_loads(checkpoint):
     (lambda d: _edit_config(d, model_type="gpt2"), r"gpt2"),
     (lambda d: _edit_config(d, bogus_key=1), r"bogus_key"),
     (lambda d: _edit_config(d, model_type="mistral", attention_bias=True), r"attention_bias=True.*'mistral'"),
+    # values no model has: they failed deep in tracing, or (a negative theta) decoded NaN garbage
+    (lambda d: _edit_config(d, head_dim=-1), r"head_dim must be a positive integer, got -1"),
+    (lambda d: _edit_config(d, num_key_value_heads=0), r"num_key_value_heads must be a positive integer, got 0"),
+    (lambda d: _edit_config(d, max_position_embeddings=0), r"max_position_embeddings must be .* got 0"),
+    (lambda d: _edit_config(d, num_hidden_layers=2.0), r"num_hidden_layers must be a positive integer, got 2\.0"),
+    (lambda d: _edit_config(d, rope_theta=-5), r"rope_theta must be a finite number, 0 < rope_theta, got -5"),
+    (lambda d: _edit_config(d, rms_norm_eps="x"), r"rms_norm_eps must be .* got 'x'"),
+    (lambda d: _edit_config(d, tie_word_embeddings="yes"), r"tie_word_embeddings must be true or false, got 'yes'"),
+    (lambda d: _edit_config(d, layer_windows=[0, None]), r"layer_windows entries .* got 0"),
 ])
 def test_load_corrupt_config(checkpoint, damage, pattern):
     damage(checkpoint)
@@ -296,7 +305,7 @@ def _garble_params(directory):
     (lambda d: _edit_config(d, num_hidden_layers=1), r"layers_1"),
     (lambda d: _edit_config(d, tie_word_embeddings=True), r"lm_head"),
     (lambda d: _edit_config(d, attention_bias=True), r"layers_0.*bias"),
-    (lambda d: _edit_config(d, vocab_size="many"), r"many"),
+    (lambda d: _edit_config(d, vocab_size="many"), r"vocab_size must be a positive integer, got 'many'"),
 ])
 def test_load_damaged_params(checkpoint, damage, pattern):
     damage(checkpoint)
