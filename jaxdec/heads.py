@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec import sharding, storage
-from jaxdec.config import ModelConfig
+from jaxdec.config import ModelConfig, is_int
 from jaxdec.model import Decoder, forward_hidden, lm_head, random_like, step_hidden
 
 KINDS = ("medusa", "eagle")
@@ -56,8 +56,15 @@ class HeadsConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"heads kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "medusa" and self.num_heads < 1:
+        for name in ("hidden_size", "vocab_size"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"heads {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.kind == "medusa" and not (is_int(self.num_heads) and self.num_heads >= 1):
             raise ValueError(f"Medusa heads need num_heads >= 1, got {self.num_heads!r}")
+        # Measured shares: a tree built from anything else would be silently wrong.
+        bad = next((a for row in self.accuracy for a in row if not 0.0 <= a <= 1.0), None)
+        if bad is not None:
+            raise ValueError(f"heads accuracy entries are shares in [0, 1], got {bad!r}")
         if self.kind == "eagle" and self.layer is None:
             raise ValueError("EAGLE heads need the layer's config")
 
@@ -79,6 +86,8 @@ class HeadsConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "HeadsConfig":
         d = dict(d)
+        if not isinstance(d.get("layer"), (dict, type(None))):
+            raise ValueError(f"heads layer must be a model config (an object) or null, got {d['layer']!r:.80}")
         d["layer"] = None if d.get("layer") is None else ModelConfig.from_dict(d["layer"])
         d["tree"] = tuple(tuple(int(r) for r in p) for p in d.get("tree") or ())
         d["accuracy"] = tuple(tuple(float(a) for a in row) for row in d.get("accuracy") or ())

@@ -277,3 +277,23 @@ def test_load_tells_models_and_heads_apart(llama, tmp_path, converted_dirs):
     (tmp_path / "eagle" / "heads.json").write_text('{"format": 1, "config": {"kind": "hydra"}}')
     with pytest.raises(ValueError, match="unreadable heads config"):
         load_heads(tmp_path / "eagle")
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("num_heads", 2.5, r"num_heads >= 1, got 2\.5"),  # was a TypeError from the shapes
+    ("hidden_size", "x", r"hidden_size must be a positive integer, got 'x'"),
+    ("accuracy", [[0.5, 2.0]], r"accuracy entries are shares in \[0, 1\], got 2\.0"),
+    ("accuracy", [[float("nan")]], r"got nan"),
+    ("layer", "x", r"layer must be a model config .* got 'x'"),
+])
+def test_load_refuses_a_damaged_heads_config(llama, tmp_path, field, value, says):
+    import json
+    heads = random_heads(llama, "medusa")
+    save_heads(tmp_path / "medusa", heads.config, heads.params)
+    assert load_heads(tmp_path / "medusa").config == heads.config  # undamaged, it loads
+    path = tmp_path / "medusa" / "heads.json"
+    meta = json.loads(path.read_text())
+    meta["config"][field] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"unreadable heads config .*{says}"):
+        load_heads(tmp_path / "medusa")
