@@ -404,6 +404,24 @@ def test_prompt_set_has_every_category_and_honours_the_context():
         assert len(decode.prompt_ids(tokenizer, items[0], 0)) == task
 
 
+def test_prompt_builder_writes_every_category_and_refuses_bad_counts(tmp_path, capsys):
+    """benchmarks/data/build_prompts.py: the prompt set's shape, as decode.py reads it; its
+    code prompts are held-out corpus files (never trained on); a count < 1 is refused (a
+    negative one cut from the end of each list)."""
+    from benchmarks.data import build_prompts
+    from jaxdec.corpus import is_held_out
+    build_prompts.main(["--per-category", "2", "--out", str(tmp_path / "p.json")])
+    built = json.loads((tmp_path / "p.json").read_text())["categories"]
+    assert {k: len(v) for k, v in built.items()} == {"code": 2, "rewrite": 2, "qa": 2, "free": 2}
+    assert all(item["context"] and item["task"] for items in built.values() for item in items)
+    assert all(is_held_out(item["source"]) for item in built["code"])
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit):
+            build_prompts.main(["--per-category", bad, "--out", str(tmp_path / "never.json")])
+        assert f"--per-category: must be >= 1, got {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "never.json").exists()
+
+
 def test_decode_benchmark_runs_the_pallas_kernels(tmp_path, monkeypatch):
     """--attn-impl pallas loads the target with the Pallas attention (interpreted on CPU; plain
     decoding only: the speculative loop's program is huge with the interpreted kernel inside)."""

@@ -25,6 +25,8 @@ import sysconfig
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+from benchmarks.common import results_path  # noqa: E402
+from jaxdec.cli import POSITIVE  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "prompts.json"
 CONTEXT_CHARS = 12000  # about 4k tokens of the demo tokenizer on code, more than any --context used
@@ -114,10 +116,11 @@ def build(per_category: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--per-category", type=int, default=12)
-    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--per-category", type=POSITIVE, default=12)
+    parser.add_argument("--out", type=results_path, default=str(OUT))
     args = parser.parse_args(argv)
     data = build(args.per_category)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {args.out}: " + ", ".join(f"{k} {len(v)}" for k, v in data["categories"].items()))
 
