@@ -276,8 +276,6 @@ def train_run(run_dir: Path, cfg: ModelConfig | None, train_tokens: np.ndarray, 
         if same(old) != same(meta):
             raise ValueError(f"{run_dir} holds a run with different settings ({meta_path}); "
                              f"use another --run or --workdir, or pass --fresh")
-    if old != meta:
-        storage.write_json(meta_path, meta)
 
     teacher_params = None if teacher is None else _uncommitted(teacher.params)
     optimizer, schedule, train_step = _compiled_step(objective, opts.lr, opts.steps, opts.warmup, opts.weight_decay)
@@ -294,6 +292,12 @@ def train_run(run_dir: Path, cfg: ModelConfig | None, train_tokens: np.ndarray, 
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         state, step, wall = _uncommitted(restored["state"]), int(restored["meta"]["step"]), float(restored["meta"]["wall_seconds"])
         log(f"resumed {run_dir} at step {step} ({wall:.0f} s of training so far)")
+    if step > opts.steps:  # else the export would be a longer-trained model than asked for
+        manager.close()
+        raise ValueError(f"--steps {opts.steps} is fewer than the {step} steps {run_dir} has trained; "
+                         f"give --steps >= {step}, another --run, or --fresh")
+    if old != meta:
+        storage.write_json(meta_path, meta)
     if old is not None and old["options"]["steps"] != opts.steps and step < opts.steps:
         # a new total length: the cosine schedule is re-stretched from here on (recorded)
         log(f"total steps changed from {old['options']['steps']} to {opts.steps} at step {step}")

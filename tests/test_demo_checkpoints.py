@@ -232,6 +232,11 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     with pytest.raises(ValueError, match="different settings"):
         train.train_run(tmp_path / "run", cfg, tokens, train.RunOptions(**{**opts.__dict__, "lr": 1e-3}),
                         progress=False)
+    # fewer steps than were trained: refused (the export would be the 24-step model), run.json kept
+    with pytest.raises(ValueError, match="--steps 12 is fewer than the 24 steps"):
+        train.train_run(tmp_path / "run", cfg, tokens, train.RunOptions(**{**opts.__dict__, "steps": 12}),
+                        progress=False)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["options"]["steps"] == 24
 
     out = train.export(tmp_path / "export", cfg, params, _save_tokenizer(tokenizer, tmp_path), {"steps": 24})
     model = jaxdec.load(out)
