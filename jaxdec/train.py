@@ -53,6 +53,7 @@ from tqdm import tqdm
 from jaxdec import storage
 from jaxdec.cli import COUNT, POSITIVE, RATE, WEIGHT
 from jaxdec.config import ModelConfig
+from jaxdec.loading import _resolve
 from jaxdec.corpus import BOS_ID, DEFAULT_VOCAB_SIZE, EOS_ID, batch_at, eval_windows, prepare
 from jaxdec.loading import _read_tokenizer
 from jaxdec.model import init_params, sequence_logits
@@ -399,6 +400,8 @@ def run_stage(kind: str, args) -> dict:
     run_dir = run_folder(workdir, args.run or kind)
     if args.out:  # before hours of training, not at the export
         storage.check_replaceable(args.out, storage.CONFIG_FILE)
+        if kind == "draft" and Path(args.out).resolve() == _resolve(args.teacher).resolve():
+            raise ValueError(f"--out {args.out} is the --teacher's folder: the draft would replace the target")
     corpus = prepare(workdir, args.vocab_size, args.corpus_root, args.include_tests)
     train_tokens, held_tokens, corpus = _load_data(workdir, args.seq_len)
     sizes = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,

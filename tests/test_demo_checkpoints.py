@@ -443,6 +443,9 @@ def test_on_policy_distillation_command(tiny_work, capsys):
     with pytest.raises(ValueError, match="count must be >= 1"):
         on_policy.continuations(target, train_tokens, 0, 8, 33, 0, cache)
     refused(capsys, [*draft[:-6], "--teacher", str(tmp_path / "other-target"), "--run", "bad"], "another tokenizer")
+    refused(capsys, [*draft, "--out", str(tmp_path / "target") + "/", "--run", "bad"],
+            "--out .* is the --teacher's folder: the draft would replace the target")
+    assert jaxdec.load(tmp_path / "target").config == target.config
 
 
 def test_on_policy_continuations_sampled_at_a_temperature(tiny_work, capsys):
