@@ -30,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import command_line, machine_info, refused_in_one_line, results_path, versions, write_results  # noqa: E402
+from benchmarks.common import (command_line, machine_info, refused_in_one_line, results_path,  # noqa: E402
+                               versions, write_results)
 from benchmarks.decode import category_prompts, load_prompts  # noqa: E402
 from jaxdec.cli import COUNT, POSITIVE, WEIGHT  # noqa: E402
 from jaxdec.spec import _check_draft_model  # noqa: E402

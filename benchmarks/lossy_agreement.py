@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import command_line, machine_info, refused_in_one_line, results_path, versions, write_results  # noqa: E402
+from benchmarks.common import (command_line, machine_info, refused_in_one_line, results_path,  # noqa: E402
+                               versions, write_results)
 from benchmarks.decode import category_prompts, load_prompts, parse_list  # noqa: E402
 from jaxdec.cli import POSITIVE  # noqa: E402
 

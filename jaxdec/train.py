@@ -53,9 +53,8 @@ from tqdm import tqdm
 from jaxdec import storage
 from jaxdec.cli import COUNT, POSITIVE, RATE, WEIGHT
 from jaxdec.config import ModelConfig
-from jaxdec.loading import _resolve
 from jaxdec.corpus import BOS_ID, DEFAULT_VOCAB_SIZE, EOS_ID, batch_at, eval_windows, prepare
-from jaxdec.loading import _read_tokenizer
+from jaxdec.loading import _read_tokenizer, _resolve
 from jaxdec.model import init_params, sequence_logits
 from jaxdec.sampling import SamplingParams
 
@@ -485,7 +484,8 @@ def main(argv=None) -> int:
     def common(p):
         p.add_argument("--workdir", required=True, help="work folder: tokenized corpus and resumable runs")
         # The corpus settings: a prepared work folder's own unless given (then they must match).
-        p.add_argument("--vocab-size", type=POSITIVE, default=None, help=f"default: the work folder's, else {DEFAULT_VOCAB_SIZE}")
+        p.add_argument("--vocab-size", type=POSITIVE, default=None,
+                       help=f"default: the work folder's, else {DEFAULT_VOCAB_SIZE}")
         p.add_argument("--corpus-root", default=None,
                        help="default: the work folder's, else sysconfig.get_paths()['stdlib']")
         p.add_argument("--include-tests", action="store_true", default=None,
