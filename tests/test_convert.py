@@ -409,6 +409,11 @@ def _already_converted(src, dst):  # a jaxdec checkpoint given where a Hugging F
     shutil.copytree(Path(jaxdec.__file__).parents[1] / "checkpoints" / "demo-draft", src)
 
 
+def _draft_heads(src, dst):
+    shutil.rmtree(src)
+    shutil.copytree(Path(jaxdec.__file__).parents[1] / "checkpoints" / "demo-medusa", src)
+
+
 REFUSALS = {  # name: (source, break it, what the one stderr line must say)
     "unsupported-architecture": ("single", _unsupported_architecture, r"unsupported architecture.*GPT2LMHeadModel"),
     "no-weight-file": ("single", _no_weight_file, r"no weight files"),
@@ -421,7 +426,9 @@ REFUSALS = {  # name: (source, break it, what the one stderr line must say)
     "pickle-without-allow-pickle": ("pickled", None, r"pickle.*--allow-pickle"),
     "unsupported-rope-scaling": ("single", _yarn, r"RoPE scaling rope_type='yarn'"),
     "missing-source": ("single", _missing_source, r"source folder .* does not exist"),
-    "already-converted": ("single", _already_converted, r"no config\.json: it is already a jaxdec checkpoint"),
+    "already-converted": ("single", _already_converted,
+                          r"no config\.json: it is already a jaxdec checkpoint \(jaxdec_config\.json\); jaxdec\.load "),
+    "draft-heads": ("single", _draft_heads, r"it is already a jaxdec checkpoint \(heads\.json\); jaxdec\.load_heads "),
 }
 
 
@@ -469,6 +476,13 @@ def test_a_file_is_not_a_destination(tmp_path, write, overwrite):
     with pytest.raises(ConversionError, match=rf"destination {re.escape(str(dst))} is a file, not a folder"):
         run()
     assert dst.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == [dst.name, "src"]
+
+
+def test_export_refuses_draft_heads(tmp_path):
+    """Heads have no Hugging Face form: they said only that jaxdec_config.json was missing."""
+    with pytest.raises(ConversionError, match=r"demo-medusa holds draft heads, not a model: only models"):
+        export("demo-medusa", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_file_is_not_a_source(tmp_path):
