@@ -11,6 +11,8 @@ import math
 import numbers
 from typing import Any
 
+from jaxdec.checks import is_int
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # Families whose Hugging Face configs give sliding windows per layer (use_sliding_window,
 # layer_types or max_window_layers); Mistral's window covers every layer.
@@ -29,11 +31,6 @@ CLASS_DEFAULTS = {
     "mistral": {"num_key_value_heads": 8, "sliding_window": 4096},
 }
 RUNTIME_FIELDS = ("attn_impl", "mesh")  # how a model runs, not what it is: never saved
-
-
-def is_int(value) -> bool:
-    """An integer, and not a bool (JSON's true is not a size)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +73,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, low in (("rms_norm_eps", "0 <="), ("rope_theta", "0 <")):
-            value = getattr(self, name)
-            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-                    and (value >= 0 if name == "rms_norm_eps" else value > 0)):
-                raise ValueError(f"{name} must be a finite number, {low} {name}, got {value!r}")
+        finite = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        if not (finite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
+            raise ValueError(f"rms_norm_eps must be a finite number, 0 <= rms_norm_eps, got {self.rms_norm_eps!r}")
+        if not (finite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be a finite number, 0 < rope_theta, got {self.rope_theta!r}")
         for name in ("attention_bias", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

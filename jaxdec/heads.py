@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec import sharding, storage
-from jaxdec.config import ModelConfig, is_int
+from jaxdec.checks import is_int
+from jaxdec.config import ModelConfig
 from jaxdec.model import Decoder, forward_hidden, lm_head, random_like, step_hidden
 
 KINDS = ("medusa", "eagle")
