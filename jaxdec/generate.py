@@ -96,6 +96,9 @@ def encode_prompts(model: Model, prompts) -> list[list[int]]:
             if bad:
                 raise ValueError(f"prompt {i} has token id {bad}")
             ids = [int(t) for t in ids]
+        elif is_int(prompt):  # a flat list (or 1-D array) of ids: one prompt, not a batch of them
+            raise ValueError(f"prompt {i} must be a string or a list of token ids, got the id {prompt!r}; "
+                             f"for one prompt of ids pass a list of it, [ids]")
         else:
             raise ValueError(f"prompt {i} must be a string or a list of token ids, got {prompt!r:.40}")
         if not ids:

@@ -36,7 +36,7 @@ def named(value) -> str:
     ([[1, 2], []], r"prompt 1 is empty"),
     ("hello", r"'hello'"),          # a bare string, not a list of prompts
     (None, r"None"),
-    ([5], r"prompt 0 .*\b5\b"),     # an id where a list of ids belongs
+    ([5], r"prompt 0 .*\b5\b.*\[ids\]"),  # an id where a list of ids belongs
     ([{"ids": [1]}], r"prompt 0 .*ids"),
     # bytes that were not UTF-8, decoded with errors="surrogateescape" (argv, a C-locale stdin)
     (["ok", "x\udcff"], r"prompt 1 is not valid text: surrogates not allowed '\\udcff' at character 1"),
@@ -47,7 +47,7 @@ def test_malformed_prompts(llama, prompts, pattern):
 
 
 @pytest.mark.parametrize("prompts, pattern", [
-    (np.array([1, 5, 9]), r"prompt 0 .*\b1\b"),  # one row, not a batch of rows: as the list [1, 5, 9]
+    (np.array([1, 5, 9]), r"prompt 0 .*\b1\b.*\[ids\]"),  # one row, not a batch of rows: as the list [1, 5, 9]
     (np.ones((1, 2, 3), np.int32), r"prompt 0 has token id \[1, 1, 1\], not an integer"),
     (np.zeros((0, 3), np.int32), r"non-empty"),
     (np.zeros((2, 0), np.int32), r"prompt 0 is empty"),
