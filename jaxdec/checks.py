@@ -11,6 +11,12 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_real(value) -> bool:
+    """True for a Python or NumPy real number that is not NaN; False for bool, as in is_int
+    (`temperature=True` is a mistake, not a 1.0)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+
+
 def check_draft_window(drafter: str, num_tokens: int, max_positions: int) -> None:
     """A forward that scores the pending token and `num_tokens` drafts at once needs that many
     positions; a wider window would only fail later, in XLA (out of memory, or an int32

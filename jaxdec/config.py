@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any
 
-from jaxdec.checks import is_int
+from jaxdec.checks import is_int, is_real
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # Families whose Hugging Face configs give sliding windows per layer (use_sliding_window,
@@ -73,7 +72,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        finite = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        finite = lambda v: is_real(v) and math.isfinite(v)
         if not (finite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
             raise ValueError(f"rms_norm_eps must be a finite number, 0 <= rms_norm_eps, got {self.rms_norm_eps!r}")
         if not (finite(self.rope_theta) and self.rope_theta > 0):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxdec.checks import is_int
+from jaxdec.checks import is_int, is_real
 
 
 @struct.dataclass
@@ -32,9 +32,8 @@ class SamplingParams:
     @classmethod
     def create(cls, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0) -> "SamplingParams":
         """Validates on the host, so bad values fail here with their name, not inside XLA."""
-        import numbers
         for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
-            if not isinstance(value, numbers.Real) or value != value:
+            if not is_real(value):
                 raise ValueError(f"{name} must be a real number, got {value!r}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")

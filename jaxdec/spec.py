@@ -9,14 +9,13 @@ verifies nothing (sparse attention in plain decoding, an explicit opt-in).
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Iterable
 
 import jax.numpy as jnp
 
 from jaxdec import sharding
 from jaxdec.cache import init_cache
-from jaxdec.checks import check_draft_window, is_int
+from jaxdec.checks import check_draft_window, is_int, is_real
 from jaxdec.drafters.draft_model import DraftModelDrafter, DraftModelState
 from jaxdec.drafters.draft_tree import DraftTreeDrafter, DraftTreeState, num_candidates
 from jaxdec.drafters.layer_skip import LayerSkipDrafter
@@ -76,7 +75,7 @@ class DraftModel:
 
     def __post_init__(self):
         _check_num_tokens(self.num_tokens)
-        if not isinstance(self.confidence_threshold, numbers.Real) or not 0 <= self.confidence_threshold <= 1:
+        if not is_real(self.confidence_threshold) or not 0 <= self.confidence_threshold <= 1:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold!r}")
         if not isinstance(self.adaptive_schedule, bool):
             raise ValueError(f"adaptive_schedule must be True or False, got {self.adaptive_schedule!r}")

@@ -142,10 +142,10 @@ def test_bad_max_new_tokens(llama, bad):
 
 @pytest.mark.parametrize("name, bad", [
     ("temperature", -0.5), ("temperature", -1e-9), ("temperature", float("nan")), ("temperature", "0.7"),
-    ("temperature", None), ("temperature", float("inf")), ("temperature", 1e39),
+    ("temperature", None), ("temperature", float("inf")), ("temperature", 1e39), ("temperature", True),
     ("top_p", 0.0), ("top_p", -0.1), ("top_p", 1.5), ("top_p", float("nan")), ("top_p", None),
     ("top_k", -1), ("top_k", 2.5), ("top_k", "5"), ("top_k", None),
-    ("min_p", -0.1), ("min_p", 1.5), ("min_p", float("nan")),
+    ("min_p", -0.1), ("min_p", 1.5), ("min_p", float("nan")), ("min_p", False),
 ])
 def test_bad_sampling_parameters(llama, name, bad):
     with pytest.raises(ValueError, match=rf"{name}.*{named(bad)}"):

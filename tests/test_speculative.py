@@ -726,7 +726,7 @@ def test_draft_model_needs_a_model(bad, method):
         method(bad)
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.5"])
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.5", True])
 def test_confidence_threshold_range(llama, bad):
     with pytest.raises(ValueError, match=rf"confidence_threshold.*{_named(bad)}"):
         spec.DraftModel(llama, confidence_threshold=bad)
