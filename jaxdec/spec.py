@@ -225,10 +225,9 @@ class Medusa:
     def __post_init__(self):
         _check_heads("Medusa", self.heads, "medusa")
         cfg = self.heads.config
-        paths = cfg.tree if self.paths is None else self.paths
-        if not paths:
+        if self.paths is None and not cfg.tree:
             raise ValueError("these Medusa heads ship no tree: pass paths=[(0,), (0, 0), ...]")
-        _set_tree_paths(self, paths, cfg.vocab_size)
+        _set_tree_paths(self, cfg.tree if self.paths is None else self.paths, cfg.vocab_size)
         if self.depth > cfg.num_heads:
             raise ValueError(f"the tree is {self.depth} deep but there are only {cfg.num_heads} Medusa heads")
 

@@ -235,6 +235,14 @@ def test_medusa_tree_must_fit_the_heads(medusa):
         spec.Medusa(medusa, [(0, 0)])
     with pytest.raises(ValueError, match=r"path \(0,\) is listed twice"):
         spec.Medusa(medusa, [(0,), (1,), (0,)])
+    with pytest.raises(ValueError, match="paths must be non-empty"):  # given empty, not "ship no tree"
+        spec.Medusa(medusa, [])
+
+
+def test_medusa_paths_may_be_an_array(medusa):
+    """As StaticTree's: an integer array of equal-depth paths is a list of them (NumPy's truth
+    value of an array was once asked, an error that named nothing)."""
+    assert spec.Medusa(medusa, np.array([[0], [1]])).paths == spec.Medusa(medusa, [(0,), (1,)]).paths
 
 
 @pytest.mark.parametrize("kwargs, pattern", [(dict(depth=0), "depth must be"), (dict(top_k=0), "top_k must be"),
