@@ -49,6 +49,25 @@ DEMO_PROMPT = "def fibonacci(n):"
 STATIC_PATHS = ("0", "1", "0.0", "0.1", "1.0", "0.0.0", "0.0.0.0", "0.0.0.0.0")
 
 
+# The methods that read each method-specific flag (argparse's dest names).
+FLAG_METHODS = {
+    "draft": ("draft", "pearl", "tree", "static", "triforce"),
+    "num_tokens": ("draft", "pearl", "layerskip", "sparse", "triforce", "lookup"),
+    "tree": ("tree", "eagle"), "paths": ("static", "medusa"), "heads": ("medusa", "eagle"),
+    "skip_layers": ("layerskip",), "budget": ("sparse", "triforce"),
+    "max_ngram": ("lookup",), "num_candidates": ("lookup",),
+}
+
+
+def ignored_flags(args, defaults) -> list[str]:
+    """One line for each method-specific flag set away from its default that args.method does
+    not read: the flag is ignored, which a typo in --method (or leaving it out) would hide.
+    Not an error: a script may pass one set of flags to every method."""
+    return [f"--{dest.replace('_', '-')} applies to --method {', '.join(methods)}; --method {args.method} "
+            f"ignores it" for dest, methods in FLAG_METHODS.items()
+            if args.method not in methods and getattr(args, dest) != defaults[dest]]
+
+
 def build_speculative(args, target):
     import jaxdec
     # The draft and heads where the target is, in the dtype asked for.
@@ -182,6 +201,8 @@ def generate_command(args) -> int:
     if target.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; the command line needs text")
     speculative = build_speculative(args, target)
+    for line in ignored_flags(args, vars(parser().parse_args(["generate"]))):
+        print(f"jaxdec: warning: {line}", file=err_stream)
     # The prompt goes out once decoding has started (the input was valid).
     streamed, ctrl_c = TextStream(target.tokenizer, out_stream, head=prompt), CtrlC()
 
@@ -232,7 +253,8 @@ def parser() -> argparse.ArgumentParser:
                           "layerskip: the target with layers skipped; sparse: the target over a budget of its KV cache "
                           "(long prompts); triforce: the draft model drafting for that sparse target; "
                           "lookup: prompt lookup (default: draft)")
-    gen.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step")
+    gen.add_argument("--num-tokens", type=int, default=4,
+                     help="draft tokens per step for --method draft, pearl, layerskip, sparse, triforce and lookup")
     gen.add_argument("--tree", default="5x4x32",
                      help="DEPTHxTOP_KxMAX_NODES of --method tree and eagle (default 5x4x32; on a CPU 6x2x8 is faster)")
     gen.add_argument("--paths", nargs="+", default=None,

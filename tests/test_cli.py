@@ -68,6 +68,53 @@ def test_flags_build_the_methods_they_name(llama_dir):
     assert jax.devices()[0] not in set(pearl.model.config.mesh.devices.flat)  # the target's device
 
 
+# A value away from the default for each method-specific flag; "/no/draft" and "/no/heads" fail
+# to load, which reads the flag as surely as a different build does.
+OTHER_VALUES = {"draft": ["--draft", "/no/draft"], "num_tokens": ["--num-tokens", "3"], "tree": ["--tree", "2x2x3"],
+                "paths": ["--paths", "0", "1"], "heads": ["--heads", "/no/heads"], "skip_layers": ["--skip-layers", "1"],
+                "budget": ["--budget", "64"], "max_ngram": ["--max-ngram", "2"], "num_candidates": ["--num-candidates", "2"]}
+
+
+def _built(argv, target):
+    """What cli.build_speculative makes of argv: the method's type and fields (a model or heads
+    by its config), or the error it raised."""
+    import dataclasses
+    try:
+        method = cli.build_speculative(cli.parser().parse_args(["generate", *argv]), target)
+    except ValueError as err:
+        return str(err)
+    if method is None:
+        return None
+    return type(method), tuple((f.name, getattr(getattr(method, f.name), "config", getattr(method, f.name)))
+                               for f in dataclasses.fields(method))
+
+
+def test_the_ignored_flags_warning_names_what_each_method_reads(llama_dir):
+    """cli.FLAG_METHODS, behind the warning, against build_speculative itself: a method reads a
+    flag exactly when a different value of it changes the method built."""
+    target = jaxdec.load(llama_dir)
+    base = ["--draft", llama_dir]
+    defaults = vars(cli.parser().parse_args(["generate"]))
+    assert set(OTHER_VALUES) == set(cli.FLAG_METHODS)
+    for method in cli.METHODS:
+        default = _built([*base, "--method", method], target)
+        for dest, flag in OTHER_VALUES.items():
+            argv = [*base, "--method", method, *flag]
+            reads = _built(argv, target) != default
+            assert reads == (method in cli.FLAG_METHODS[dest]), (method, dest)
+            args = cli.parser().parse_args(["generate", *argv])
+            assert any(f"--{dest.replace('_', '-')} applies" in line
+                       for line in cli.ignored_flags(args, defaults)) == (not reads), (method, dest)
+
+
+def test_an_ignored_flag_is_a_warning_on_stderr(capsys, monkeypatch, llama_dir):
+    code, out, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "ar",
+                                               "--max-new-tokens", "2", "--budget", "64", "--tree", "2x2x3"])
+    assert code == 0 and out.startswith("hi")
+    assert ("jaxdec: warning: --tree applies to --method tree, eagle; --method ar ignores it\n"
+            "jaxdec: warning: --budget applies to --method sparse, triforce; --method ar ignores it\n") in err
+
+
 def _sentencepiece_like_tokenizer():
     """BPE over Metaspace words: its decoder drops the leading space of a slice's first word."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
