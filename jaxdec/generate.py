@@ -61,6 +61,18 @@ def _first_bad_token_id(ids, vocab: int) -> str | None:
     return None
 
 
+def _checked_ids(ids, vocab: int, what: str) -> list[int]:
+    """`ids` (a sequence) as Python ints, after a ValueError naming `what` for an empty one or
+    for the first id outside the vocabulary."""
+    ids = list(ids)
+    bad = _first_bad_token_id(ids, vocab)
+    if bad:
+        raise ValueError(f"{what} has token id {bad}")
+    if not ids:
+        raise ValueError(f"{what} is empty")
+    return [int(t) for t in ids]
+
+
 def _as_lists(value):
     """A NumPy, JAX or torch array (anything with __array__ that is not a list) as nested lists of
     Python numbers, so ids given the way Hugging Face's `input_ids` are go through the checks
@@ -91,11 +103,7 @@ def encode_prompts(model: Model, prompts) -> list[list[int]]:
                                  f"{err.start} (bytes that are not UTF-8?)") from None
             ids = model.tokenizer.encode(prompt).ids
         elif isinstance(prompt, Sequence):
-            ids = list(prompt)
-            bad = _first_bad_token_id(ids, vocab)
-            if bad:
-                raise ValueError(f"prompt {i} has token id {bad}")
-            ids = [int(t) for t in ids]
+            ids = _checked_ids(prompt, vocab, f"prompt {i}")
         elif is_int(prompt):  # a flat list (or 1-D array) of ids: one prompt, not a batch of them
             raise ValueError(f"prompt {i} must be a string or a list of token ids, got the id {prompt!r}; "
                              f"for one prompt of ids pass a list of it, [ids]")
@@ -268,9 +276,12 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
 @float32_products
 def logits(model: Model, token_ids) -> np.ndarray:
     """Next-token logits [len(token_ids), vocab_size] (float32) at every position."""
-    ids = encode_prompts(model, [token_ids])[0] if not isinstance(token_ids, str) else None
-    if ids is None:
+    token_ids = _as_lists(token_ids)
+    if isinstance(token_ids, (str, bytes)):
         raise ValueError("token_ids must be a sequence of token ids, not text")
+    if not isinstance(token_ids, Sequence):  # an id, None, or a generator (read once, not checkable)
+        raise ValueError(f"token_ids must be a sequence of token ids (a list or a 1-D array), got {token_ids!r:.60}")
+    ids = _checked_ids(token_ids, model.config.vocab_size, "token_ids")
     if len(ids) > model.config.max_position_embeddings:
         raise ValueError(f"{len(ids)} tokens exceed the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")

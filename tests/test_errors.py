@@ -189,6 +189,8 @@ def test_bad_stop_token_ids(llama, bad, pattern):
     ([1] * (MAX_POSITIONS + 1), rf"{MAX_POSITIONS + 1} tokens.*{MAX_POSITIONS}"),
     ("hello", r"text"),
     (None, r"None"),
+    (5, r"token_ids must be a sequence of token ids.*\b5\b"),
+    (np.array([[1, 2]]), r"token_ids has token id \[1, 2\], not an integer"),  # a batch: logits scores one row
 ])
 def test_bad_logits_input(llama, token_ids, pattern):
     with pytest.raises(ValueError, match=pattern):
