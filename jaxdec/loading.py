@@ -58,7 +58,8 @@ class CheckpointNotFoundError(FileNotFoundError, ValueError):
 
 
 def _resolve(path_or_name) -> Path:
-    if not isinstance(path_or_name, (str, os.PathLike)):
+    # "" would be Path("") == ".", the working directory: an unset variable, not a choice of it.
+    if not isinstance(path_or_name, (str, os.PathLike)) or str(path_or_name) == "":
         raise ValueError(f"expected a checkpoint directory or a shipped name ({', '.join(map(repr, SHIPPED_CHECKPOINTS))}), "
                          f"got {path_or_name!r:.80}")
     path = Path(path_or_name).expanduser()

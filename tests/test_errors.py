@@ -213,7 +213,7 @@ def test_load_missing_path(tmp_path, error):
 
 
 @pytest.mark.parametrize("load", [jaxdec.load, jaxdec.load_heads])
-@pytest.mark.parametrize("bad", [None, 3, ["demo-target"]])
+@pytest.mark.parametrize("bad", [None, 3, ["demo-target"], ""])  # "": not the working directory
 def test_load_something_that_is_not_a_path(load, bad):
     """Not a TypeError from pathlib: a ValueError naming the value and what is expected."""
     with pytest.raises(ValueError, match=rf"checkpoint directory or a shipped name .*demo-target.*got {re.escape(repr(bad))}"):
