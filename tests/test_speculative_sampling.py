@@ -374,3 +374,20 @@ def test_sampled_tokens_follow_the_target_distribution(tiny, name):
                         else _prefix_logits(tiny["target"], skip_layers=tuple(method.skip_layers)))
         wrong = joint3([target_logits, draft_logits, draft_logits], sampling, exact=False)
     assert rejects(counts, wrong), f"{name}: no power against the draft's own distribution"
+
+
+@pytest.mark.parametrize("name", ["draft_model", "pearl", "draft_tree", "prompt_lookup_tree", "medusa", "eagle"])
+def test_the_same_seed_repeats_a_speculative_call(tiny, name):
+    """API.md: the same call with the same seed gives the same output, through every kind of
+    drafter too (Pearl's overlapped rounds included); another seed gives other samples. The
+    shapes of draw3's calls, so nothing new is compiled."""
+    make, sampling = SAMPLED[name]
+    method = make(tiny)
+
+    def sample(seed):
+        return jaxdec.generate(tiny["target"], [PROMPT] * ROWS, max_new_tokens=3, seed=seed, stop_token_ids=[],
+                               speculative=method, **sampling).tokens
+
+    first = sample(SEEDS[0])
+    assert sample(SEEDS[0]) == first
+    assert sample(SEEDS[1]) != first
