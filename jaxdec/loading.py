@@ -63,6 +63,8 @@ def _resolve(path_or_name) -> Path:
         raise ValueError(f"expected a checkpoint directory or a shipped name ({', '.join(map(repr, SHIPPED_CHECKPOINTS))}), "
                          f"got {path_or_name!r:.80}")
     path = Path(path_or_name).expanduser()
+    if path.is_file():  # one of a checkpoint's files given for its folder, say
+        raise ValueError(f"{path} is a file; a checkpoint is a directory (a converted model's, or draft heads')")
     if path.exists():
         return path
     if str(path_or_name) in SHIPPED_CHECKPOINTS:
