@@ -59,13 +59,23 @@ FLAG_METHODS = {
 }
 
 
+# The flags that only sampling reads: greedy decoding (--temperature 0) has no randomness to filter.
+SAMPLING_FLAGS = ("top_k", "top_p", "min_p", "seed")
+
+
 def ignored_flags(args, defaults) -> list[str]:
-    """One line for each method-specific flag set away from its default that args.method does
-    not read: the flag is ignored, which a typo in --method (or leaving it out) would hide.
-    Not an error: a script may pass one set of flags to every method."""
-    return [f"--{dest.replace('_', '-')} applies to --method {', '.join(methods)}; --method {args.method} "
-            f"ignores it" for dest, methods in FLAG_METHODS.items()
-            if args.method not in methods and getattr(args, dest) != defaults[dest]]
+    """One line for each flag set away from its default that this run does not read: a
+    method-specific flag that args.method does not use (a typo in --method, or leaving it
+    out, would hide that), or a sampling flag when decoding greedily. Not an error: a script
+    may pass one set of flags to every method."""
+    given = lambda dest: getattr(args, dest) != defaults[dest]
+    flag = lambda dest: "--" + dest.replace("_", "-")
+    lines = [f"{flag(dest)} applies to --method {', '.join(methods)}; --method {args.method} ignores it"
+             for dest, methods in FLAG_METHODS.items() if args.method not in methods and given(dest)]
+    if args.temperature == 0:
+        lines += [f"{flag(dest)} applies when sampling (--temperature > 0); greedy decoding ignores it"
+                  for dest in SAMPLING_FLAGS if given(dest)]
+    return lines
 
 
 def build_speculative(args, target):

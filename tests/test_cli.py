@@ -109,10 +109,18 @@ def test_the_ignored_flags_warning_names_what_each_method_reads(llama_dir):
 
 def test_an_ignored_flag_is_a_warning_on_stderr(capsys, monkeypatch, llama_dir):
     code, out, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "ar",
-                                               "--max-new-tokens", "2", "--budget", "64", "--tree", "2x2x3"])
+                                               "--max-new-tokens", "2", "--budget", "64", "--tree", "2x2x3",
+                                               "--top-k", "5", "--seed", "3"])
     assert code == 0 and out.startswith("hi")
     assert ("jaxdec: warning: --tree applies to --method tree, eagle; --method ar ignores it\n"
-            "jaxdec: warning: --budget applies to --method sparse, triforce; --method ar ignores it\n") in err
+            "jaxdec: warning: --budget applies to --method sparse, triforce; --method ar ignores it\n"
+            "jaxdec: warning: --top-k applies when sampling (--temperature > 0); greedy decoding ignores it\n"
+            "jaxdec: warning: --seed applies when sampling (--temperature > 0); greedy decoding ignores it\n") in err
+    # Sampling reads them: no warning then.
+    code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "ar",
+                                             "--max-new-tokens", "2", "--temperature", "0.7", "--top-k", "5",
+                                             "--top-p", "0.9", "--min-p", "0.1", "--seed", "3"])
+    assert code == 0 and "warning" not in err
 
 
 def _sentencepiece_like_tokenizer():
