@@ -126,11 +126,11 @@ def convert(src, dst, *, dtype: str | None = None, overwrite: bool = False,
     if dtype is not None and dtype not in storage.DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(storage.DTYPES)}, got {dtype!r}")
     if not (src / "config.json").is_file():
-        already = next(((marker, reader) for marker, reader in ((storage.CONFIG_FILE, "jaxdec.load"),
-                                                                 ("heads.json", "jaxdec.load_heads"))
-                        if (src / marker).is_file()), None)
-        raise ConversionError(f"{src} has no config.json" + (
-            f": it is already a jaxdec checkpoint ({already[0]}); {already[1]} reads it as is" if already else ""))
+        for marker, reader in ((storage.CONFIG_FILE, "jaxdec.load"), (storage.HEADS_FILE, "jaxdec.load_heads")):
+            if (src / marker).is_file():
+                raise ConversionError(f"{src} has no config.json: it is already a jaxdec checkpoint ({marker}); "
+                                      f"{reader} reads it as is")
+        raise ConversionError(f"{src} has no config.json")
     hf = _read_json(src / "config.json")
     if not isinstance(hf, dict):
         raise ConversionError(f"{src / 'config.json'} is not a JSON object")

@@ -70,8 +70,7 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True) -> Path:
     storage.check_destination(dst, overwrite)
     try:
         directory = _resolve(src)
-        if (directory / "heads.json").is_file():
-            raise ValueError(f"{directory} holds draft heads, not a model: only models have a Hugging Face form")
+        storage.refuse_heads(directory, "only models have a Hugging Face form")
         cfg, dtype = storage.read_config(directory)
         params = storage.read_params(directory)
         storage.check_params(directory, cfg, params)

@@ -37,7 +37,7 @@ from jaxdec.config import ModelConfig
 from jaxdec.model import Decoder, forward_hidden, lm_head, random_like, step_hidden
 
 KINDS = ("medusa", "eagle")
-HEADS_FILE = "heads.json"
+HEADS_FILE = storage.HEADS_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +58,9 @@ class HeadsConfig:
         if self.kind not in KINDS:
             raise ValueError(f"heads kind must be one of {KINDS}, got {self.kind!r}")
         for name in ("hidden_size", "vocab_size"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"heads {name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"heads {name} must be a positive integer, got {value!r}")
         if self.kind == "medusa" and not (is_int(self.num_heads) and self.num_heads >= 1):
             raise ValueError(f"Medusa heads need num_heads >= 1, got {self.num_heads!r}")
         # Measured shares: a tree built from anything else would be silently wrong.

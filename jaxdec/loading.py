@@ -108,8 +108,7 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
         check_mesh(mesh)
     cast = storage.parse_dtype(dtype)
     directory = _resolve(path_or_name)
-    if (directory / "heads.json").is_file():
-        raise ValueError(f"{directory} holds draft heads, not a model: load it with jaxdec.load_heads")
+    storage.refuse_heads(directory, "load it with jaxdec.load_heads")
     cfg, _ = storage.read_config(directory)
     params = storage.read_params(directory, cast)
     storage.check_params(directory, cfg, params)

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from jaxdec.config import ModelConfig
 
 CONFIG_FILE = "jaxdec_config.json"
+HEADS_FILE = "heads.json"  # what a folder of draft heads holds instead (jaxdec.heads)
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -127,6 +128,13 @@ def save(directory: Path, cfg: ModelConfig, params, dtype: str) -> None:
     write_params(directory, params)
     (Path(directory) / CONFIG_FILE).write_text(
         json.dumps({"format": FORMAT_VERSION, "dtype": dtype, "config": cfg.to_dict()}, indent=2))
+
+
+def refuse_heads(directory: Path, instead: str) -> None:
+    """For readers of a model: a folder of draft heads is named as such (with `instead`, what
+    to do with it), not reported as a model missing its config."""
+    if (Path(directory) / HEADS_FILE).is_file():
+        raise ValueError(f"{directory} holds draft heads, not a model: {instead}")
 
 
 def read_config(directory: Path) -> tuple[ModelConfig, str]:
