@@ -16,7 +16,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # Families whose Hugging Face configs give sliding windows per layer (use_sliding_window,
 # layer_types or max_window_layers); Mistral's window covers every layer.
 PER_LAYER_WINDOW_TYPES = ("qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# The settings each supported RoPE scaling reads (jaxdec.rope), every one a number.
+ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+SUPPORTED_ROPE_TYPES = tuple(ROPE_SCALING_KEYS)
 # Families whose attention biases are fixed: transformers' Qwen2 and Mistral ignore an
 # attention_bias entry in config.json (Qwen2 always has q/k/v biases, Mistral none).
 FIXED_ATTENTION_BIAS = {"qwen2": True, "mistral": False}
@@ -80,6 +83,9 @@ class ModelConfig:
         for name in ("attention_bias", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, value in (("bos_token_id", self.bos_token_id), *(("eos_token_id", t) for t in self.eos_token_id)):
+            if value is not None and not (is_int(value) and value >= 0):
+                raise ValueError(f"{name} must hold token ids (integers >= 0), got {value!r}")
         bad_window = next((w for w in self.layer_windows if w is not None and (not is_int(w) or w < 1)), None)
         if bad_window is not None:
             raise ValueError(f"layer_windows entries must be positive integers or None, got {bad_window!r}")
@@ -97,10 +103,19 @@ class ModelConfig:
         if fixed_bias is not None and self.attention_bias != fixed_bias:
             raise ValueError(f"attention_bias={self.attention_bias} for model_type={self.model_type!r}: "
                              f"that family's attention {'always has' if fixed_bias else 'has no'} biases")
-        rope_type = dict(self.rope_scaling).get("rope_type", "default")
+        scaling = dict(self.rope_scaling)
+        rope_type = scaling.get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"unsupported RoPE scaling rope_type={rope_type!r}; "
                              f"supported: {SUPPORTED_ROPE_TYPES}")
+        try:  # the config is a static argument of every step: hashable
+            hash(self.rope_scaling)
+        except TypeError:
+            raise ValueError(f"rope_scaling values must be numbers or strings, got {scaling!r:.80}") from None
+        for key in ROPE_SCALING_KEYS[rope_type]:  # a missing one failed deep in tracing with a KeyError
+            if not finite(scaling.get(key)):
+                raise ValueError(f"rope_scaling rope_type={rope_type!r} needs {key} as a finite number, "
+                                 f"got {scaling.get(key)!r}")
 
     @property
     def qk_norm(self) -> bool:
@@ -125,9 +140,16 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
-        d["rope_scaling"] = tuple(sorted((d.get("rope_scaling") or {}).items()))
-        d["layer_windows"] = tuple(d.get("layer_windows") or ())
-        d["eos_token_id"] = tuple(d.get("eos_token_id") or ())
+        scaling, windows, eos = d.get("rope_scaling") or {}, d.get("layer_windows") or (), d.get("eos_token_id")
+        eos = () if eos is None else [eos] if is_int(eos) else eos  # one id, as config.json may give it
+        for name, value, want in (("rope_scaling", scaling, "an object of RoPE-scaling settings or null"),
+                                  ("layer_windows", windows, "a list (a window or null per layer) or null"),
+                                  ("eos_token_id", eos, "a token id, a list of them or null")):
+            if not isinstance(value, dict if name == "rope_scaling" else (list, tuple)):
+                raise ValueError(f"{name} must be {want}, got {value!r:.60}")
+        d["rope_scaling"] = tuple(sorted(scaling.items()))
+        d["layer_windows"] = tuple(windows)
+        d["eos_token_id"] = tuple(eos)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
@@ -154,10 +176,12 @@ class ModelConfig:
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        # transformers 5 moves partial_rotary_factor into rope_parameters too.
+        partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if partial is not None and partial != 1.0:
+            raise ValueError(f"unsupported partial_rotary_factor={partial!r}: RoPE on every channel only")
         if rope.get("rope_type", "default") == "default":
             rope = {}
-        if hf.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("unsupported partial_rotary_factor != 1")
         layers = hf["num_hidden_layers"]
         windows: tuple = ()
         window = hf.get("sliding_window")

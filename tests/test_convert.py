@@ -284,6 +284,18 @@ def test_attention_biases_follow_transformers(tmp_path, build_hf, family, overri
                                atol=LOGIT_TOLERANCE, rtol=0)
 
 
+def test_linear_rope_scaling_matches_transformers(tmp_path, build_hf):
+    """Linear RoPE scaling (positions divided by `factor`) against transformers; the shared
+    models cover only llama3's."""
+    src = build_hf(tmp_path / "hf", "llama", rope_scaling={"rope_type": "linear", "factor": 4.0})
+    model = jaxdec.load(convert(src, tmp_path / "out", progress=False))
+    assert dict(model.config.rope_scaling) == {"rope_type": "linear", "factor": 4.0}
+    ours = jaxdec.logits(model, LONG_IDS)
+    np.testing.assert_allclose(ours, _hf_logits(load_hf_model(src), LONG_IDS), atol=LOGIT_TOLERANCE, rtol=0)
+    unscaled = model_from_params(dataclasses.replace(model.config, rope_scaling=()), model.params)
+    assert np.abs(jaxdec.logits(unscaled, LONG_IDS) - ours).max() > 10 * LOGIT_TOLERANCE, "scaling had no effect"
+
+
 @pytest.mark.parametrize("family, config", [
     ("llama", {}),
     ("qwen2", dict(use_sliding_window=True, sliding_window=16)),
@@ -359,6 +371,22 @@ def test_transformers4_unsupported_rope_scaling_is_refused(rope_scaling):
         ModelConfig.from_hf({**TF4_BASE, "model_type": "llama", "rope_theta": 1e4, "rope_scaling": rope_scaling})
 
 
+@pytest.mark.parametrize("where", ["rope_parameters", "top level"])
+def test_partial_rotary_factor_is_refused_where_transformers_keeps_it(where):
+    """transformers 5 writes partial_rotary_factor inside rope_parameters; read only at the top
+    level, it was dropped there and the model converted as if RoPE covered every channel."""
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
+    hf = {**TF4_BASE, "model_type": "llama", "rope_parameters": rope}
+    if where == "top level":
+        hf["partial_rotary_factor"] = 0.5
+    else:
+        rope["partial_rotary_factor"] = 0.5
+    with pytest.raises(ValueError, match=r"unsupported partial_rotary_factor=0\.5"):
+        ModelConfig.from_hf(hf)
+    rope["partial_rotary_factor"], hf["partial_rotary_factor"] = 1.0, None  # what transformers 5 writes: fine
+    assert dict(ModelConfig.from_hf(hf).rope_scaling) == {"rope_type": "linear", "factor": 2.0}
+
+
 # ----------------------------------------------------------------------------- refusals through the CLI
 
 def _unsupported_architecture(src, dst):
@@ -404,6 +432,30 @@ def _missing_source(src, dst):
     shutil.rmtree(src)
 
 
+def _unreadable_config(src, dst):
+    (src / "config.json").write_text("{not json")
+
+
+def _config_not_an_object(src, dst):
+    (src / "config.json").write_text("[1, 2]")
+
+
+def _no_config(src, dst):  # a folder of weights alone
+    (src / "config.json").unlink()
+
+
+def _empty_weight_map(src, dst):
+    _edit_json(src / "model.safetensors.index.json", weight_map={})
+
+
+def _tensor_in_two_shards(src, dst):
+    from safetensors.numpy import load_file, save_file
+    first, second = sorted(src.glob("model-*-of-*.safetensors"))[:2]
+    extra = load_file(second)
+    name = sorted(extra)[0]
+    save_file({**load_file(first), name: extra[name]}, first, metadata={"format": "pt"})
+
+
 def _already_converted(src, dst):  # a jaxdec checkpoint given where a Hugging Face folder belongs
     shutil.rmtree(src)
     shutil.copytree(Path(jaxdec.__file__).parents[1] / "checkpoints" / "demo-draft", src)
@@ -426,6 +478,11 @@ REFUSALS = {  # name: (source, break it, what the one stderr line must say)
     "pickle-without-allow-pickle": ("pickled", None, r"pickle.*--allow-pickle"),
     "unsupported-rope-scaling": ("single", _yarn, r"RoPE scaling rope_type='yarn'"),
     "missing-source": ("single", _missing_source, r"source folder .* does not exist"),
+    "unreadable-config": ("single", _unreadable_config, r"cannot read .*config\.json"),
+    "config-not-an-object": ("single", _config_not_an_object, r"config\.json is not a JSON object"),
+    "no-config": ("single", _no_config, r"has no config\.json$"),
+    "empty-weight-map": ("sharded", _empty_weight_map, r"model\.safetensors\.index\.json has an empty weight_map"),
+    "tensor-in-two-shards": ("sharded", _tensor_in_two_shards, r"tensor 'model\..*' appears twice in the weight files"),
     "already-converted": ("single", _already_converted,
                           r"no config\.json: it is already a jaxdec checkpoint \(jaxdec_config\.json\); jaxdec\.load "),
     "draft-heads": ("single", _draft_heads, r"it is already a jaxdec checkpoint \(heads\.json\); jaxdec\.load_heads "),
@@ -483,6 +540,21 @@ def test_export_refuses_draft_heads(tmp_path):
     with pytest.raises(ConversionError, match=r"demo-medusa holds draft heads, not a model: only models"):
         export("demo-medusa", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type, windows, reason", [
+    ("qwen2", (8, 16), r"layers use different attention windows \[8, 16\]: Hugging Face configs hold one"),
+    ("mistral", (None, 16), r"a Mistral config cannot mix sliding-window and full-attention layers"),
+    ("llama", (16, 16), r"a Llama config has no sliding-window attention"),
+])
+def test_export_refuses_windows_no_hugging_face_config_holds(model_type, windows, reason):
+    from jaxdec.export import hf_config
+    cfg = ModelConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                      model_type=model_type, attention_bias=model_type == "qwen2", layer_windows=windows)
+    with pytest.raises(ConversionError, match=reason):
+        hf_config(cfg, "float32")
+    assert hf_config(dataclasses.replace(cfg, layer_windows=()), "float32")["num_hidden_layers"] == 2
 
 
 def test_a_file_is_not_a_source(tmp_path):

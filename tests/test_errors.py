@@ -284,11 +284,34 @@ def test_the_undamaged_copy_loads(checkpoint):
     (lambda d: _edit_config(d, rms_norm_eps="x"), r"rms_norm_eps must be .* got 'x'"),
     (lambda d: _edit_config(d, tie_word_embeddings="yes"), r"tie_word_embeddings must be true or false, got 'yes'"),
     (lambda d: _edit_config(d, layer_windows=[0, None]), r"layer_windows entries .* got 0"),
+    # fields of the wrong kind: an AttributeError, or a TypeError that named no field
+    (lambda d: _edit_config(d, layer_windows=5), r"layer_windows must be a list .* got 5"),
+    (lambda d: _edit_config(d, rope_scaling="linear"), r"rope_scaling must be an object .* got 'linear'"),
+    (lambda d: _edit_config(d, rope_scaling=[1]), r"rope_scaling must be an object .* got \[1\]"),
+    (lambda d: _edit_config(d, eos_token_id="x"), r"eos_token_id must be a token id, a list of them or null, got 'x'"),
+    (lambda d: _edit_config(d, eos_token_id=[2.5]), r"eos_token_id must hold token ids .* got 2\.5"),
+    (lambda d: _edit_config(d, bos_token_id="x"), r"bos_token_id must hold token ids .* got 'x'"),
+    # RoPE settings that failed in tracing with a bare KeyError, or decoded NaN (factor 0)
+    (lambda d: _edit_config(d, rope_scaling={"rope_type": "linear"}), r"rope_type='linear' needs factor .* got None"),
+    (lambda d: _edit_config(d, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": "8k"}),
+     r"rope_type='llama3' needs original_max_position_embeddings as a finite number, got '8k'"),
+    (lambda d: _edit_config(d, rope_scaling={"rope_type": "linear", "factor": 2.0, "extra": [1]}),
+     r"rope_scaling values must be numbers or strings"),
+    (lambda d: _edit_config(d, rope_scaling={"rope_type": "linear", "factor": 0}),
+     r"describes no valid model: rope_theta=.* rope_scaling=\{'factor': 0, .* frequencies that are not finite"),
+    (lambda d: _edit_config(d, rope_theta=1e-300), r"rope_theta=1e-300 .* frequencies that are not finite"),
 ])
 def test_load_corrupt_config(checkpoint, damage, pattern):
     damage(checkpoint)
     with pytest.raises(ValueError, match=pattern):
         jaxdec.load(checkpoint)
+
+
+def test_one_eos_id_need_not_be_a_list(checkpoint):
+    """config.json may give eos_token_id as one id; a jaxdec config read it as an iterable."""
+    _edit_config(checkpoint, eos_token_id=5)
+    assert jaxdec.load(checkpoint).stop_token_ids == (5,)
 
 
 def _garble_params(directory):
