@@ -53,10 +53,6 @@ class SamplingParams:
         top_k = min(int(top_k), 2**31 - 1)
         return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p))
 
-    @property
-    def is_greedy(self) -> bool:
-        return float(self.temperature) == 0.0
-
 
 def process_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """Float32 logits [..., V] of the sampling distribution; filtered-out tokens get -inf.

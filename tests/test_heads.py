@@ -269,6 +269,14 @@ def test_heads_of_another_target_are_refused(llama, kind):
         jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=2, speculative=method)
 
 
+def test_eagle_layer_must_have_room_for_the_cache(llama, eagle):
+    import dataclasses
+    layer = dataclasses.replace(eagle.config.layer, max_position_embeddings=64)
+    short = Heads(dataclasses.replace(eagle.config, layer=layer), eagle.params)
+    with pytest.raises(ValueError, match=r"128 cache slots exceed the EAGLE layer's max_position_embeddings=64"):
+        jaxdec.generate(llama, [[1] * 60], max_new_tokens=30, speculative=spec.Eagle(short))
+
+
 def test_load_tells_models_and_heads_apart(llama, tmp_path, converted_dirs):
     heads = random_heads(llama, "eagle")
     save_heads(tmp_path / "eagle", heads.config, heads.params)

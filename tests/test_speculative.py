@@ -695,6 +695,22 @@ def test_draft_vocabulary_must_match_target(llama, vocab, method):
         jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=4, speculative=method(draft))
 
 
+@pytest.mark.parametrize("method", [spec.DraftModel, spec.DraftTree, lambda d: spec.StaticTree(d, [(0,)])])
+def test_draft_model_must_have_room_for_the_cache(llama, method):
+    """The draft's cache is as long as the target's: a draft of fewer positions is refused
+    (where the call fits the draft's positions, it runs: the test below)."""
+    draft = model_from_params(dataclasses.replace(llama.config, max_position_embeddings=64), llama.params)
+    with pytest.raises(ValueError, match=r"128 cache slots exceed the draft model's max_position_embeddings=64"):
+        jaxdec.generate(llama, [[1] * 60], max_new_tokens=30, speculative=method(draft))
+
+
+def test_a_draft_of_fewer_positions_runs_where_the_call_fits(llama):
+    draft = model_from_params(dataclasses.replace(llama.config, max_position_embeddings=64), llama.params)
+    prompt = [[5, 9, 2, 7] * 8]
+    out = jaxdec.generate(llama, prompt, max_new_tokens=16, stop_token_ids=[], speculative=spec.DraftModel(draft))
+    assert out.tokens == jaxdec.generate(llama, prompt, max_new_tokens=16, stop_token_ids=[]).tokens
+
+
 @pytest.mark.parametrize("layers, bad", [([2], 2), ([0, 7], 7), ([-1], -1), ([1, -3], -3)])
 def test_skipped_layer_out_of_range(llama, layers, bad):
     assert llama.config.num_hidden_layers == 2
