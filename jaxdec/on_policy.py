@@ -65,7 +65,7 @@ def continuations(teacher, tokens: np.ndarray, count: int, prompt_len: int, leng
         raise ValueError(f"on-policy sample count must be >= 1, got {count}")
     SamplingParams.create(temperature)  # the sampler's own rules, before anything is written
     if tokens.size <= prompt_len:
-        raise ValueError(f"the training stream ({tokens.size} tokens) is shorter than prompt_len={prompt_len}")
+        raise ValueError(f"the training stream ({tokens.size} tokens) must be longer than prompt_len={prompt_len}")
     cache = Path(cache)
     meta = {"count": count, "prompt_len": prompt_len, "length": length, "seed": seed, "temperature": temperature,
             "teacher": teacher.config.to_dict(), "train_tokens": int(tokens.size)}

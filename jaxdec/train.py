@@ -468,9 +468,6 @@ def run_stage(kind: str, args) -> dict:
         t_counts = param_counts(teacher.config)
         training["teacher_flops_per_token"] = t_counts["flops_per_token"]
         training["flops_ratio"] = counts["flops_per_token"] / t_counts["flops_per_token"]
-    if info["step"] < opts.steps:
-        print(f"stopped at step {info['step']} of {opts.steps}: not exported", flush=True)
-        return training
     if args.out:
         export(Path(args.out), cfg, params, workdir / "tokenizer.json", training)
         print(f"exported {args.out}", flush=True)

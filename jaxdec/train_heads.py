@@ -243,9 +243,6 @@ def run_heads_stage(kind: str, args) -> dict:
     print(f"held-out accuracy by depth (rank 0..{RANKS - 1}): {json.dumps(accuracy)}", flush=True)
     if on_generations:
         print(f"on held-out generations: {json.dumps(on_generations['held_out_generations'])}", flush=True)
-    if info["step"] < opts.steps:
-        print(f"stopped at step {info['step']} of {opts.steps}: not exported", flush=True)
-        return training
     if args.out:
         save_heads(Path(args.out), heads_cfg, params, training)
         print(f"exported {args.out}", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,6 +242,17 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
     with pytest.raises(SystemExit) as refused:  # argparse's own one line, before anything loads
         run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--dtype", "float16"])
     assert refused.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+def test_a_model_without_a_tokenizer_is_refused(capsys, monkeypatch, llama_dir, tmp_path):
+    """The command line takes and prints text, so it needs the checkpoint's tokenizer."""
+    bare = shutil.copytree(llama_dir, tmp_path / "bare")
+    for path in bare.glob("tokenizer*"):
+        path.unlink()
+    assert jaxdec.load(bare).tokenizer is None
+    code, out, err = run(capsys, monkeypatch, ["generate", "hi", "--model", str(bare), "--method", "ar"])
+    assert code == 2 and out == ""
+    assert err.strip() == f"jaxdec: error: model {str(bare)!r} has no tokenizer; the command line needs text"
 
 
 def test_a_reader_that_left_stops_it_quietly():

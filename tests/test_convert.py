@@ -578,8 +578,10 @@ def test_a_file_is_not_a_source(tmp_path):
     ("single", dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3"), r"missing tensor .*self_attn\.[qk]_norm"),
     ("single", dict(architectures=["LlamaForCausalLM"], model_type="gpt2"), r"unsupported"),
     ("single", dict(hidden_act="gelu"), r"hidden_act"),
+    ("single", dict(mlp_bias=True), r"unsupported mlp_bias=True"),
 ], ids=["more-layers", "fewer-layers", "vocab-size", "kv-heads", "intermediate-size", "tied-but-distinct-head",
-        "untied-but-no-head", "bias-but-none-saved", "qwen3-as-qwen2", "llama-as-qwen3", "model-type", "activation"])
+        "untied-but-no-head", "bias-but-none-saved", "qwen3-as-qwen2", "llama-as-qwen3", "model-type", "activation",
+        "mlp-bias"])
 def test_config_that_does_not_match_is_refused(hf_dirs, variant, tmp_path, source, changes, reason):
     src = variant(hf_dirs[source] if source != "single" else None, **changes)
     dst = tmp_path / "out"

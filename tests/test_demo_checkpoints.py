@@ -442,6 +442,8 @@ def test_on_policy_distillation_command(tiny_work, capsys):
     refused(capsys, [*draft, "--on-policy", "-1", "--run", "bad"], "--on-policy: must be >= 0")
     with pytest.raises(ValueError, match="count must be >= 1"):
         on_policy.continuations(target, train_tokens, 0, 8, 33, 0, cache)
+    with pytest.raises(ValueError, match=r"the training stream \(8 tokens\) must be longer than prompt_len=8"):
+        on_policy.continuations(target, train_tokens[:8], 2, 8, 33, 0, cache)
     refused(capsys, [*draft[:-6], "--teacher", str(tmp_path / "other-target"), "--run", "bad"], "another tokenizer")
     refused(capsys, [*draft, "--out", str(tmp_path / "target") + "/", "--run", "bad"],
             "--out .* is the --teacher's folder: the draft would replace the target")
@@ -506,6 +508,11 @@ def test_heads_on_policy_fine_tuning_command(tiny_work, capsys, kind):
     h0, h1 = tmp_path / f"{kind}0", tmp_path / f"{kind}1"
     train.main([*heads, "--steps", "2", "--eval-generations", "0", "--out", str(h0)])
     assert "held_out_generations" not in json.loads((h0 / "training.json").read_text())
+    # the run trained 2 steps: fewer is refused, unless --fresh starts it over
+    refused(capsys, [*heads, "--steps", "1", "--eval-generations", "0"], "--steps 1 is fewer than the 2 steps")
+    train.main([*heads, "--steps", "1", "--eval-generations", "0", "--fresh", "--no-progress"])
+    out = capsys.readouterr().out
+    assert out.startswith("step 1 ") and "resumed" not in out, out
     train.main([*heads, "--steps", "12", "--lr", "1e-2", "--init", str(h0), "--on-policy", "6",
                 "--run", f"{kind}-ft", "--out", str(h1)])
     assert np.load(tmp_path / "w" / f"{kind}-ft-continuations.npy").shape == (6, 33)

@@ -301,6 +301,7 @@ def test_load_tells_models_and_heads_apart(llama, tmp_path, converted_dirs):
     ("accuracy", [[0.5, 2.0]], r"accuracy entries are shares in \[0, 1\], got 2\.0"),
     ("accuracy", [[float("nan")]], r"got nan"),
     ("layer", "x", r"layer must be a model config .* got 'x'"),
+    ("kind", "eagle", r"EAGLE heads need the layer's config"),
 ])
 def test_load_refuses_a_damaged_heads_config(llama, tmp_path, field, value, says):
     import json
@@ -311,5 +312,15 @@ def test_load_refuses_a_damaged_heads_config(llama, tmp_path, field, value, says
     meta = json.loads(path.read_text())
     meta["config"][field] = value
     path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"unreadable heads config .*{says}"):
+        load_heads(tmp_path / "medusa")
+
+
+@pytest.mark.parametrize("written, says", [('{"format": 99, "config": {}}', r"unknown heads format 99"),
+                                          ("[1, 2]", r"unknown heads format \[1, 2\]")])
+def test_load_refuses_heads_of_another_format(llama, tmp_path, written, says):
+    heads = random_heads(llama, "medusa")
+    save_heads(tmp_path / "medusa", heads.config, heads.params)
+    (tmp_path / "medusa" / "heads.json").write_text(written)
     with pytest.raises(ValueError, match=f"unreadable heads config .*{says}"):
         load_heads(tmp_path / "medusa")
