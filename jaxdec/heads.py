@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec import sharding, storage
-from jaxdec.checks import is_int
+from jaxdec.checks import is_int, is_real
 from jaxdec.config import ModelConfig
 from jaxdec.model import Decoder, forward_hidden, lm_head, random_like, step_hidden
 
@@ -91,8 +91,11 @@ class HeadsConfig:
         if not isinstance(d.get("layer"), (dict, type(None))):
             raise ValueError(f"heads layer must be a model config (an object) or null, got {d['layer']!r:.80}")
         d["layer"] = None if d.get("layer") is None else ModelConfig.from_dict(d["layer"])
-        d["tree"] = tuple(tuple(int(r) for r in p) for p in d.get("tree") or ())
-        d["accuracy"] = tuple(tuple(float(a) for a in row) for row in d.get("accuracy") or ())
+        for name, kind, what in (("tree", is_int, "child ranks"), ("accuracy", is_real, "shares")):
+            rows = d.get(name) or []
+            if not (isinstance(rows, list) and all(isinstance(r, list) and all(map(kind, r)) for r in rows)):
+                raise ValueError(f"heads {name} must be a list of lists of {what}, got {rows!r:.80}")
+            d[name] = tuple(tuple(r) for r in rows)
         return cls(**d)
 
 

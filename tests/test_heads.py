@@ -299,9 +299,14 @@ def test_load_tells_models_and_heads_apart(llama, tmp_path, converted_dirs):
     ("num_heads", 2.5, r"num_heads >= 1, got 2\.5"),  # was a TypeError from the shapes
     ("hidden_size", "x", r"hidden_size must be a positive integer, got 'x'"),
     ("accuracy", [[0.5, 2.0]], r"accuracy entries are shares in \[0, 1\], got 2\.0"),
-    ("accuracy", [[float("nan")]], r"got nan"),
+    ("accuracy", [[float("nan")]], r"shares, got \[\[nan\]\]"),
     ("layer", "x", r"layer must be a model config .* got 'x'"),
     ("kind", "eagle", r"EAGLE heads need the layer's config"),
+    # were "'int' object is not iterable", or a rank 1.5 read as 1
+    ("tree", 5, r"heads tree must be a list of lists of child ranks, got 5"),
+    ("tree", [[0], [1.5]], r"heads tree must be a list of lists of child ranks, got \[\[0\], \[1\.5\]\]"),
+    ("accuracy", [0.5], r"heads accuracy must be a list of lists of shares, got \[0\.5\]"),
+    ("accuracy", [["a"]], r"heads accuracy must be a list of lists of shares"),
 ])
 def test_load_refuses_a_damaged_heads_config(llama, tmp_path, field, value, says):
     import json
