@@ -116,6 +116,8 @@ class ModelConfig:
             if not finite(scaling.get(key)):
                 raise ValueError(f"rope_scaling rope_type={rope_type!r} needs {key} as a finite number, "
                                  f"got {scaling.get(key)!r}")
+        from jaxdec.rope import inverse_frequencies  # local: rope reads this module's config
+        inverse_frequencies(self)  # refuses settings whose frequencies are not finite (factor 0: NaN logits)
 
     @property
     def qk_norm(self) -> bool:
@@ -172,7 +174,11 @@ class ModelConfig:
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         # transformers 5 keeps theta and scaling in `rope_parameters`; 4.x in rope_theta/rope_scaling.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+        rope = hf.get(key) or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{key} must be an object of RoPE settings or null, got {rope!r:.60}")
+        rope = dict(rope)
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))

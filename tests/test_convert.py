@@ -456,6 +456,14 @@ def _tensor_in_two_shards(src, dst):
     save_file({**load_file(first), name: extra[name]}, first, metadata={"format": "pt"})
 
 
+def _rope_parameters_not_an_object(src, dst):
+    _edit_json(src / "config.json", rope_parameters="llama3")
+
+
+def _rope_factor_zero(src, dst):  # transformers converts it too, to NaN logits
+    _edit_json(src / "config.json", rope_parameters={"rope_type": "linear", "factor": 0, "rope_theta": 10000.0})
+
+
 def _already_converted(src, dst):  # a jaxdec checkpoint given where a Hugging Face folder belongs
     shutil.rmtree(src)
     shutil.copytree(Path(jaxdec.__file__).parents[1] / "checkpoints" / "demo-draft", src)
@@ -483,6 +491,9 @@ REFUSALS = {  # name: (source, break it, what the one stderr line must say)
     "no-config": ("single", _no_config, r"has no config\.json$"),
     "empty-weight-map": ("sharded", _empty_weight_map, r"model\.safetensors\.index\.json has an empty weight_map"),
     "tensor-in-two-shards": ("sharded", _tensor_in_two_shards, r"tensor 'model\..*' appears twice in the weight files"),
+    "rope-parameters-not-an-object": ("single", _rope_parameters_not_an_object,
+                                      r"rope_parameters must be an object of RoPE settings or null, got 'llama3'"),
+    "rope-factor-zero": ("single", _rope_factor_zero, r"rope_scaling=\{'factor': 0, .* frequencies that are not finite"),
     "already-converted": ("single", _already_converted,
                           r"no config\.json: it is already a jaxdec checkpoint \(jaxdec_config\.json\); jaxdec\.load "),
     "draft-heads": ("single", _draft_heads, r"it is already a jaxdec checkpoint \(heads\.json\); jaxdec\.load_heads "),
