@@ -722,3 +722,25 @@ def test_write_json_is_all_or_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
     storage.write_json(path, {"step": 3})
     assert json.loads(path.read_text()) == {"step": 3}
+
+
+def test_a_failed_final_move_puts_the_old_destination_back(tmp_path, monkeypatch):
+    """--overwrite moves the old folder aside before the new one takes its name; if that last
+    move fails, the old folder goes back, and neither the new nor the set-aside copy stays."""
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("precious")
+    rename = Path.rename
+
+    def the_new_one_cannot_move(self, target):
+        if self.name.startswith(".ckpt.partial-"):
+            raise OSError("Input/output error")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", the_new_one_cannot_move)
+    with pytest.raises(OSError, match="Input/output"):
+        with storage.written_atomically(dst) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"] and (dst / "keep.txt").read_text() == "precious"
