@@ -69,6 +69,16 @@ def _cli(*args) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=300)
 
 
+def _as_pickle(src, dst, edit=lambda state: state):
+    """A copy of the folder `src` with its weights as pytorch_model.bin only (edited first)."""
+    import torch
+    from safetensors.torch import load_file
+    shutil.copytree(src, dst)
+    torch.save(edit(load_file(dst / "model.safetensors")), dst / "pytorch_model.bin")
+    (dst / "model.safetensors").unlink()
+    return dst
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
@@ -101,12 +111,7 @@ def sharded(hf_llama, single, src_root):
 def pickled(single, src_root, torch):
     """The same weights as a pickle pytorch_model.bin only (transformers 5 ignores
     safe_serialization=False, so the state dict is torch.save'd directly)."""
-    from safetensors.torch import load_file
-    path = src_root / "pickled"
-    shutil.copytree(single, path)
-    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
-    (path / "model.safetensors").unlink()
-    return path
+    return _as_pickle(single, src_root / "pickled")
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +162,27 @@ def test_pickle_bin_loads_with_allow_pickle_and_matches(pickled, single_logits, 
     assert not list(pickled.glob("*.safetensors"))
     out = convert(pickled, tmp_path / "out", allow_pickle=True, progress=False)
     np.testing.assert_array_equal(jaxdec.logits(jaxdec.load(out), IDS), single_logits)
+
+
+def test_rotary_buffers_of_older_checkpoints_are_skipped(single, single_logits, tmp_path, torch):
+    """transformers before 4.31 saved each layer's rotary_emb.inv_freq buffer with the weights."""
+    def with_buffers(state):
+        inv_freq = torch.ones(8)
+        return {**state, **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq for i in range(2)}}
+    src = _as_pickle(single, tmp_path / "old", with_buffers)
+    out = convert(src, tmp_path / "out", allow_pickle=True, progress=False)
+    np.testing.assert_array_equal(jaxdec.logits(jaxdec.load(out), IDS), single_logits)
+
+
+def test_bfloat16_pickle_is_read_bit_for_bit(tmp_path, build_hf, torch):
+    """torch's bfloat16 tensors have no `.numpy()`: the converter reinterprets their bits."""
+    src = build_hf(tmp_path / "hf_bf16", "llama", dtype="bfloat16")
+    from_safetensors = jaxdec.load(convert(src, tmp_path / "a", progress=False)).params
+    pickled = _as_pickle(src, tmp_path / "pickled")
+    from_pickle = jaxdec.load(convert(pickled, tmp_path / "b", allow_pickle=True, progress=False)).params
+    assert {leaf.dtype for leaf in _leaves(from_pickle)} == {jnp_bfloat16()}
+    for a, b in zip(_leaves(from_safetensors), _leaves(from_pickle)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.int16), np.asarray(b).view(np.int16))
 
 
 def test_cli_dtype_bfloat16_is_stored_and_reported(single, single_logits, tmp_path):
