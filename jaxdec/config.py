@@ -142,16 +142,14 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
-        scaling, windows, eos = d.get("rope_scaling") or {}, d.get("layer_windows") or (), d.get("eos_token_id")
-        eos = () if eos is None else [eos] if is_int(eos) else eos  # one id, as config.json may give it
-        for name, value, want in (("rope_scaling", scaling, "an object of RoPE-scaling settings or null"),
-                                  ("layer_windows", windows, "a list (a window or null per layer) or null"),
-                                  ("eos_token_id", eos, "a token id, a list of them or null")):
-            if not isinstance(value, dict if name == "rope_scaling" else (list, tuple)):
-                raise ValueError(f"{name} must be {want}, got {value!r:.60}")
+        scaling, windows = d.get("rope_scaling") or {}, d.get("layer_windows") or []
+        if not isinstance(scaling, dict):
+            raise ValueError(f"rope_scaling must be an object of RoPE-scaling settings or null, got {scaling!r:.60}")
+        if not isinstance(windows, (list, tuple)):
+            raise ValueError(f"layer_windows must be a list (a window or null per layer) or null, got {windows!r:.60}")
         d["rope_scaling"] = tuple(sorted(scaling.items()))
         d["layer_windows"] = tuple(windows)
-        d["eos_token_id"] = tuple(eos)
+        d["eos_token_id"] = _eos_ids(d.get("eos_token_id"))
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
@@ -198,8 +196,7 @@ class ModelConfig:
                 "sliding_attention" if i >= hf.get("max_window_layers", layers) else "full_attention"
                 for i in range(layers)]
             windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
-        eos = (generation_config or {}).get("eos_token_id", hf.get("eos_token_id"))
-        eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (int(eos),))
+        eos = _eos_ids((generation_config or {}).get("eos_token_id", hf.get("eos_token_id")))
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -219,3 +216,15 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
         )
+
+
+def _eos_ids(value) -> tuple:
+    """eos_token_id as a config file gives it (one id, a list of them, or null) as a tuple;
+    ModelConfig then checks that each is a token id."""
+    if value is None:
+        return ()
+    if is_int(value):
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"eos_token_id must be a token id, a list of them or null, got {value!r:.60}")
+    return tuple(value)

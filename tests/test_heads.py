@@ -295,6 +295,14 @@ def test_load_tells_models_and_heads_apart(llama, tmp_path, converted_dirs):
         load_heads(tmp_path / "eagle")
 
 
+def _saved_medusa(llama, directory):
+    """Random Medusa heads saved in `directory`, checked to load undamaged."""
+    heads = random_heads(llama, "medusa")
+    save_heads(directory, heads.config, heads.params)
+    assert load_heads(directory).config == heads.config
+    return directory
+
+
 @pytest.mark.parametrize("field, value, says", [
     ("num_heads", 2.5, r"num_heads >= 1, got 2\.5"),  # was a TypeError from the shapes
     ("hidden_size", "x", r"hidden_size must be a positive integer, got 'x'"),
@@ -310,10 +318,7 @@ def test_load_tells_models_and_heads_apart(llama, tmp_path, converted_dirs):
 ])
 def test_load_refuses_a_damaged_heads_config(llama, tmp_path, field, value, says):
     import json
-    heads = random_heads(llama, "medusa")
-    save_heads(tmp_path / "medusa", heads.config, heads.params)
-    assert load_heads(tmp_path / "medusa").config == heads.config  # undamaged, it loads
-    path = tmp_path / "medusa" / "heads.json"
+    path = _saved_medusa(llama, tmp_path / "medusa") / "heads.json"
     meta = json.loads(path.read_text())
     meta["config"][field] = value
     path.write_text(json.dumps(meta))
@@ -324,8 +329,6 @@ def test_load_refuses_a_damaged_heads_config(llama, tmp_path, field, value, says
 @pytest.mark.parametrize("written, says", [('{"format": 99, "config": {}}', r"unknown heads format 99"),
                                           ("[1, 2]", r"unknown heads format \[1, 2\]")])
 def test_load_refuses_heads_of_another_format(llama, tmp_path, written, says):
-    heads = random_heads(llama, "medusa")
-    save_heads(tmp_path / "medusa", heads.config, heads.params)
-    (tmp_path / "medusa" / "heads.json").write_text(written)
+    (_saved_medusa(llama, tmp_path / "medusa") / "heads.json").write_text(written)
     with pytest.raises(ValueError, match=f"unreadable heads config .*{says}"):
         load_heads(tmp_path / "medusa")
