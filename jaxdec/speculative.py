@@ -34,8 +34,9 @@ def commit(state: DecodeState, draft_tokens, num_accepted, next_token, stop_ids,
     index = jnp.arange(K + 1)[None, :]
     emitted = jnp.concatenate([draft_tokens, jnp.zeros((B, 1), jnp.int32)], axis=1)
     emitted = emitted.at[jnp.arange(B), num_accepted].set(next_token)
-    valid = index <= num_accepted[:, None]
-    is_stop = jnp.any(emitted[..., None] == stop_ids, axis=-1) & valid
+    # A stop among the rejected drafts past the next token lies at or past `count` below, so it
+    # neither cuts the row nor ends it: no mask needed.
+    is_stop = jnp.any(emitted[..., None] == stop_ids, axis=-1)
     first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), K + 1)
     remaining = max_new_tokens - (state.lengths - state.prompt_lengths)
     active = ~state.done

@@ -255,6 +255,21 @@ def test_draft_outside_target_support_is_never_accepted():
     check_fit(np.bincount(next_token, minlength=V), p, "after rejection")
 
 
+def test_a_rejection_that_leaves_no_residual_mass_emits_p():
+    """Float32 rounding can leave a draft's q at or above p at every token (two nearly equal
+    distributions); a rejection then leaves max(0, p - q) with no mass to normalise, and the
+    row must still emit a draw of p (not of 0 / 0). q = 1.5 p stands in for such a q: every
+    rejection (u >= 2/3) leaves no residual."""
+    rng = np.random.default_rng(50)
+    logits = rng.normal(0.0, 1.5, (2, V))
+    p = _softmax(logits[0])
+    x = rng.choice(V, size=N, p=p)
+    num_accepted, next_token = run_accept(logits, x[:, None], 1.5 * p[None], 1, SamplingParams.create(1.0), seed=6)
+    rejected = num_accepted == 0
+    assert 0.3 < rejected.mean() < 0.37, rejected.mean()   # min(1, p / q) = 2/3
+    check_fit(np.bincount(next_token[rejected], minlength=V), p, "after a rejection with no residual mass")
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact output distributions through jaxdec.generate, on vocabulary-8 models: the joint
 # distribution of the first 3 new tokens (512 outcomes) is enumerated exactly from the
