@@ -24,9 +24,13 @@ from hypothesis import strategies as st
 
 import jaxdec
 from jaxdec import spec
+from jaxdec.cache import init_cache
 from jaxdec.convert import convert
+from jaxdec.drafters.autoregressive import draft_chain
 from jaxdec.loading import model_from_params
+from jaxdec.sampling import SamplingParams, row_keys
 from jaxdec.steps import DecodeState
+from jaxdec.verify import Draft
 from tests.hf_models import VOCAB_SIZE
 from tests.test_steps import _truncate_at_stop, compilations
 
@@ -752,3 +756,38 @@ def test_confidence_threshold_range(llama, bad):
 def test_adaptive_schedule_must_be_a_bool(llama, bad):
     with pytest.raises(ValueError, match=rf"adaptive_schedule.*{_named(bad)}"):
         spec.DraftModel(llama, adaptive_schedule=bad)
+
+
+def test_draft_lengths_follow_the_cap_and_the_confidence_threshold(llama):
+    """draft_chain's adaptive lengths: row b drafts min(max_lengths[b], K) tokens, each a prefix
+    of the uncapped row's draft; with a confidence threshold a row stops after its first token
+    whose top draft probability is below it (1.0: after the first token, always)."""
+    cfg, B, K = llama.config, 4, 4
+    first = jnp.full((B, 1), 3, jnp.int32)                     # every row drafts after the same token
+    run = jax.jit(draft_chain, static_argnames=("cfg", "num_tokens", "confidence_threshold"))
+
+    def lengths_and_tokens(max_lengths, confidence_threshold=0.0):
+        draft, _ = run(cfg=cfg, params=llama.params, cache=init_cache(cfg, B, 16, llama.dtype), first_tokens=first,
+                       first_positions=jnp.zeros((B, 1), jnp.int32), num_tokens=K,
+                       sampling=SamplingParams.create(0.0), keys=row_keys(0, B), max_lengths=jnp.asarray(max_lengths),
+                       confidence_threshold=confidence_threshold)
+        return np.asarray(draft.lengths).tolist(), np.asarray(draft.tokens)
+
+    lengths, tokens = lengths_and_tokens([0, 1, 2, 9])
+    assert lengths == [0, 1, 2, K]
+    for b in range(3):
+        np.testing.assert_array_equal(tokens[b, :lengths[b]], tokens[3, :lengths[b]])
+    assert lengths_and_tokens([K] * B, confidence_threshold=1.0)[0] == [1] * B
+
+
+def test_adaptive_schedule_grows_by_two_after_a_full_accept_else_shrinks_by_one(llama):
+    """Hugging Face's schedule, per row and within [1, num_tokens]."""
+    drafter, _, dstate = spec.DraftModel(llama, num_tokens=5, adaptive_schedule=True).build(llama, 4, 64)
+    dstate = dstate.replace(num_tokens=jnp.asarray([1, 4, 3, 5], jnp.int32))
+    lengths = jnp.asarray([1, 4, 3, 5], jnp.int32)
+    draft = Draft(tokens=jnp.zeros((4, 5), jnp.int32), probs=jnp.zeros((4, 5, 1)), lengths=lengths)
+    accepted = jnp.asarray([1, 4, 0, 2], jnp.int32)               # full, full, none, some
+    after = drafter.update(dstate, draft, accepted, None, None, None)
+    assert np.asarray(after.num_tokens).tolist() == [3, 5, 2, 4]
+    fixed, _, _ = spec.DraftModel(llama, num_tokens=5).build(llama, 4, 64)
+    assert fixed.update(dstate, draft, accepted, None, None, None) is dstate

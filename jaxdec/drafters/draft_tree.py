@@ -170,6 +170,10 @@ def grow_tree(depth: int, top_k: int, max_nodes: int, root_logits, root_carry, e
     # children must stay draws of their parent's q in draw order, so no child may be kept or
     # dropped for its own value: sibling groups are ranked by their parent's score, and a
     # group cut short keeps its first draws. Either way parents come before children.
+    # (Sampled children ranked by their own score, the parent's plus draw order, would be
+    # exact too, since that score ignores the tokens; on the 12 held-out code prompts at
+    # temperature 1, seeds 0 and 1, it gave 4.44 / 3.92 / 4.10 tokens per step for 6x2x12 /
+    # 4x3x12 / 5x2x8 trees against 4.56 / 3.72 / 3.79 for the groups: no clear winner.)
     parent_score = jnp.where(cand_parent >= 0, cand_score[rows, jnp.maximum(cand_parent, 0)], 0.0)
     rank_by = jnp.where(sampling.temperature > 0, parent_score, cand_score)
     order = jnp.argsort(-rank_by, axis=1, stable=True)[:, :max_nodes]
