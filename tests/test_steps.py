@@ -18,6 +18,7 @@ import pytest
 
 import jaxdec
 from jaxdec import steps
+from jaxdec.cache import write_slots
 from jaxdec.cache import init_cache
 from jaxdec.model import causal_mask, forward, prefill_hidden
 from jaxdec.sampling import SamplingParams, row_keys
@@ -411,3 +412,14 @@ def test_cache_bucket_edges(llama, max_positions):
     assert steps.cache_bucket(cfg, 1) == min(steps.MIN_CACHE_BUCKET, max_positions)
     # Past the context it never hands back fewer slots than needed (generate rejects it first).
     assert steps.cache_bucket(cfg, max_positions + 1) == max_positions + 1
+
+
+def test_cache_writes_past_the_last_slot_are_dropped():
+    """cache.write_slots drops a write to a slot past the end rather than clamping it onto the
+    last slot (finished rows and drafts near the end of the cache write there)."""
+    layer = jnp.zeros((1, 2, 4, 3))                                  # [B, kv_heads, slots, D]
+    new = jnp.ones((1, 3, 2, 3))                                     # [B, T, kv_heads, D]
+    out = np.asarray(write_slots(layer, new * jnp.arange(1, 4)[None, :, None, None], jnp.asarray([[2, 4, 9]])))
+    np.testing.assert_array_equal(out[0, :, 2], 1.0)                 # the in-range write
+    np.testing.assert_array_equal(out[0, :, 3], 0.0)                 # the last slot: untouched
+    np.testing.assert_array_equal(out[0, :, :2], 0.0)

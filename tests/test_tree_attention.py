@@ -10,7 +10,7 @@ import pytest
 
 import jaxdec
 from jaxdec.tree import ancestor_mask, chain_parents
-from pallas_kernels.tree_attention import reference, tree_attention
+from pallas_kernels.tree_attention import fold, reference, tree_attention
 
 
 def _case(rng, B, T, H, Hkv, D, S, dtype=jnp.float32, chain=False, lengths=None):
@@ -264,3 +264,20 @@ def test_mosaic_gpu_kernel_refuses_what_it_cannot_run(dtype, D, S, block_s, matc
     args = _case(np.random.default_rng(0), 1, 3, 2, 1, D, S, dtype=dtype)
     with pytest.raises(ValueError, match=match):
         tree_attention_mgpu(*args, block_s=block_s, num_splits=2 if "num_splits" in match else 1)
+
+
+def test_online_softmax_passes_over_a_block_with_nothing_visible():
+    """`fold` (the online softmax of every CPU/TPU/Triton kernel here) over a block whose keys
+    are all masked, first or later, adds nothing: no exp(-inf - -inf) = NaN. The shipped
+    kernels never hand it such a block first (only the prefix's blocks are read), so only this
+    test holds the guard; the sparse kernel's page list is the caller's and may."""
+    rng = np.random.default_rng(5)
+    M, n, D = 3, 4, 8
+    scores = jnp.asarray(rng.normal(size=(M, n)), jnp.float32)
+    values = jnp.asarray(rng.normal(size=(n, D)), jnp.float32)
+    masked = jnp.full((M, n), -jnp.inf)
+    start = (jnp.full((M,), -jnp.inf), jnp.zeros((M,)), jnp.zeros((M, D)))
+    want = jax.nn.softmax(scores, axis=1) @ values
+    for carry in (fold(scores, values, fold(masked, values, start)), fold(masked, values, fold(scores, values, start))):
+        _, total, acc = carry
+        np.testing.assert_allclose(np.asarray(acc / total[:, None]), np.asarray(want), rtol=1e-5, atol=1e-6)
