@@ -93,8 +93,8 @@ def select_page_ids(q, kmin, kmax, lengths, page_size: int, budget: int, recent:
     first_recent = (page == 0) | ((page + 1) * page_size > lengths[:, None] - recent)
     forced = (filled & first_recent)[:, None, :]
     scores = page_scores(q, kmin, kmax)
-    if shared:
-        scores = jnp.sum(jnp.where(jnp.isneginf(scores), 0.0, scores), axis=1, keepdims=True)
+    if shared:  # a page without a summary scores -inf under every head, so in the sum too
+        scores = jnp.sum(scores, axis=1, keepdims=True)
     scores = jnp.where(forced, jnp.inf, jnp.where(filled[:, None, :], scores, -jnp.inf))
     best, top = jax.lax.top_k(scores, keep)
     ids = jnp.where(best > -jnp.inf, top, -1).astype(jnp.int32)

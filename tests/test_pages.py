@@ -110,3 +110,19 @@ def test_bad_settings_raise(kwargs, word):
         pages.select_pages(jnp.ones((1, 1, 2)), kmin, kmax, jnp.array([8]), 4, **kwargs)
     with pytest.raises(ValueError, match="page_size"):
         pages.empty_summaries(1, 1, 8, 2, 0)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_page_without_a_summary_is_read_only_when_forced(shared):
+    """Slots below the length whose keys were never summarized (written since, not committed)
+    score -inf whether each kv head chooses or all choose together: only the first and recent
+    pages take them, never a score of 0 that beats the real pages' negative bounds."""
+    B, H, S, D, P = 1, 2, 32, 4, 4
+    keys = -np.ones((B, H, S, D), np.float32)
+    kmin, kmax = pages.summarize(jnp.asarray(keys), jnp.asarray([12]), P)  # pages 0-2 summarized
+    q = np.ones((B, 2 * H, D), np.float32)                                  # every real bound is negative
+    ids = np.asarray(pages.select_page_ids(jnp.asarray(q), kmin, kmax, jnp.asarray([24]), P, budget=5 * P,
+                                           recent=1, shared=shared))
+    # Pages 3 and 4 are filled but empty: never chosen; page 5 is recent, 0 first; 1, 2 the best.
+    for h in range(H):
+        assert sorted(ids[0, h]) == [-1, 0, 1, 2, 5]
