@@ -72,7 +72,8 @@ def _matches(tokens, lengths, max_ngram: int, num_candidates: int):
     def longer(carry):
         n, match, chosen = carry
         chosen = jnp.where(jnp.any(match, axis=1)[:, None], match, chosen)  # longer n-grams overwrite shorter
-        agrees = (jnp.roll(tokens, n, axis=1) == last(n)) & (ends >= n) & (lengths[:, None] > n)
+        # No check that the row is longer than n: a match ends at e >= n and below length - 1.
+        agrees = (jnp.roll(tokens, n, axis=1) == last(n)) & (ends >= n)
         return n + 1, match & agrees, chosen
 
     _, _, chosen = jax.lax.while_loop(lambda c: (c[0] <= min(max_ngram, S)) & jnp.any(c[1]), longer,
