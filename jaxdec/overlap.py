@@ -103,6 +103,14 @@ def _verify(cfg, params, cache, state, draft, sampling, stop_ids, max_new_tokens
     return state, cache, num_accepted, next_token
 
 
+def guess_came_true(num_accepted, next_token, guess, active, num_tokens: int) -> bool:
+    """Whether every active row accepted its whole chain and the target's next token is the
+    draft's guess y1 (host arrays [B]): only then is the chain drafted ahead the one the next
+    round would draft. A row that stopped early whose next token happens to equal y1 is no hit:
+    its chain was drafted after tokens that were not committed."""
+    return bool(np.all((num_accepted[active] == num_tokens) & (next_token[active] == guess[active])))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Overlapped:
     """The host side of the overlapped schedule (what `spec.Pearl.build` returns as its drafter)."""
@@ -150,8 +158,8 @@ class Overlapped:
             num_accepted, next_token, done = map(sharding.to_host, (num_accepted, next_token, state.done))
             if done.all():
                 break
-            if self.overlap and np.all((num_accepted[active] == self.num_tokens)
-                                       & (next_token[active] == sharding.to_host(guess)[active])):
+            if self.overlap and guess_came_true(num_accepted, next_token, sharding.to_host(guess), active,
+                                                self.num_tokens):
                 ostate.hits += 1
                 ostate.draft = following
             else:

@@ -7,6 +7,7 @@ test_speculative_sampling.py with the other methods.)"""
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 
 import jaxdec
@@ -103,3 +104,15 @@ def test_steady_state_compiles_nothing(models):
         jaxdec.generate(models["target"], PROMPTS[2:4], max_new_tokens=MAX_NEW - 4, temperature=0.8, seed=3,
                         speculative=method)
     assert steady == [], steady
+
+
+def test_a_chain_drafted_ahead_is_used_only_when_the_whole_guess_came_true():
+    from jaxdec.overlap import guess_came_true
+    full, guess, active = np.array([3, 3]), np.array([7, 9]), np.array([True, True])
+    assert guess_came_true(full, np.array([7, 9]), guess, active, 3)
+    assert not guess_came_true(full, np.array([7, 8]), guess, active, 3)            # a wrong next token
+    # The next token equals the guess, but a row stopped after 2 of 3 tokens: its next token
+    # follows other tokens than the guess did.
+    assert not guess_came_true(np.array([3, 2]), np.array([7, 9]), guess, active, 3)
+    # Finished rows (inactive) do not count.
+    assert guess_came_true(np.array([3, 0]), np.array([7, 1]), guess, np.array([True, False]), 3)
