@@ -552,17 +552,31 @@ def run_rounds(target, method, temperature, num_rounds=4):
     lambda draft: spec.DraftTree(draft, depth=4, top_k=3, max_nodes=12),
     lambda draft: spec.DraftModel(draft, num_tokens=3),
     lambda draft: spec.StaticTree(draft, [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]),
-], ids=["tree-3x2", "tree-4x3", "chain", "static"])
+    lambda draft: spec.SparseSelf(budget=16, num_tokens=4, page_size=4, draft=draft, draft_tokens=2),
+], ids=["tree-3x2", "tree-4x3", "chain", "static", "triforce"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_commit_leaves_the_cache_of_plain_decoding(llama, noisy_draft, make, temperature):
     """After a few rounds every valid slot of the target's cache holds what a plain forward
     over the emitted tokens computes there (a tree's accepted path was gathered into place),
     and the draft's cache does too below the two tokens it re-reads each round (a tree
     drafter moves the accepted path's entries to their positions after each round)."""
+    _check_caches_after_rounds(llama, noisy_draft, make(noisy_draft), temperature)
+
+
+def test_triforce_keeps_the_draft_cache_when_every_guess_is_accepted(llama):
+    """TriForce with a perfect draft and a budget of the whole cache: each inner round accepts
+    all draft_tokens guesses and adds a bonus token, after a last guess the draft model never
+    read. With num_tokens a multiple of draft_tokens + 1, an inner loop that stopped once the
+    chain held num_tokens (not num_tokens + 1) would leave that guess's slot unwritten below
+    where the next round, all accepted, trusts the draft cache."""
+    method = spec.SparseSelf(budget=64, num_tokens=3, page_size=4, draft=llama, draft_tokens=2)
+    _check_caches_after_rounds(llama, llama, method, 0.0)
+
+
+def _check_caches_after_rounds(llama, draft_model, method, temperature):
     from jaxdec.cache import init_cache
     from jaxdec.model import causal_mask, forward_hidden
 
-    cfg, method = llama.config, make(noisy_draft)
     state, cache, dstate, _ = run_rounds(llama, method, temperature)
     lengths, (B, S) = np.asarray(cache.lengths), state.tokens.shape
 
@@ -579,8 +593,8 @@ def test_commit_leaves_the_cache_of_plain_decoding(llama, noisy_draft, make, tem
                     np.testing.assert_allclose(np.asarray(g[b, :, :valid[b]]), np.asarray(w[b, :, :valid[b]]),
                                                atol=2e-5, err_msg=f"{name} layer {layer} row {b}")
 
-    check(cache, plain_cache(cfg, llama.params), lengths)
-    check(dstate.cache, plain_cache(noisy_draft.config, noisy_draft.params), np.asarray(state.lengths) - 2)
+    check(cache, plain_cache(llama.config, llama.params), lengths)
+    check(dstate.cache, plain_cache(draft_model.config, draft_model.params), np.asarray(state.lengths) - 2)
 
 
 def test_float32_models_run_float32_products(llama, converted_dirs, monkeypatch):

@@ -87,9 +87,9 @@ class TriForceDrafter(Drafter):
             length = jnp.where(live, length + num_accepted + 1, length)
             return i + 1, cache, dcache, tokens, probs, length
 
-        def keep_going(carry):
-            i, *_, length = carry
-            return (i <= K) & jnp.any(length < wanted)
+        def keep_going(carry):  # at most K + 1 rounds: each adds at least one token to every live row
+            *_, length = carry
+            return jnp.any(length < wanted)
 
         V = cfg.vocab_size
         start = (jnp.int32(0), cache, dstate.cache, state.tokens, jnp.zeros((B, K + 1, V), jnp.float32), state.lengths)
