@@ -134,6 +134,24 @@ def test_default_num_splits():
     assert default_num_splits(64, 8, 32768) == 1        # the batch fills the GPU already
     assert default_num_splits(1, 8, 7 * 128) == 1       # 7 blocks: no divisor up to 7 // 4
     assert default_num_splits(1, 2, 12 * 128) == 3      # a divisor of the 12 blocks
+    assert default_num_splits(1, 1, 14 * 128) == 2      # 3 would fit, but does not divide 14 blocks
+    for blocks in range(1, 70):
+        for batch, kv_heads in ((1, 1), (1, 8), (2, 4), (32, 8)):
+            splits = default_num_splits(batch, kv_heads, blocks * 128)
+            assert splits >= 1 and blocks % splits == 0, (blocks, batch, kv_heads, splits)
+            assert splits == 1 or blocks // splits >= 4
+
+
+def test_a_token_that_sees_no_step_token_reads_the_cache_alone():
+    """step_mask may hide every step token from a query (only the cache is visible to it):
+    its step part then weighs nothing, rather than turning the output into NaN."""
+    rng = np.random.default_rng(5)
+    q, kc, vc, lengths, kn, vn, mask = _case(rng, 3, 4, 2, 16, 64, [5, 40], chain=True)
+    mask = mask.at[:, 0].set(False)
+    want = np.asarray(reference(q, kc, vc, lengths, kn, vn, mask))
+    got = np.asarray(decode_attention(q, kc, vc, lengths, kn, vn, mask, num_splits=4, block_s=8))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [
