@@ -105,11 +105,13 @@ def _target_features(llama, tokens):
     return np.asarray(hidden)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_medusa_keeps_the_feature_behind_the_pending_token(llama, medusa, temperature):
+@pytest.mark.parametrize("temperature, num_rounds", [(0.0, 4), (1.0, 4), (0.0, 0)])
+def test_medusa_keeps_the_feature_behind_the_pending_token(llama, medusa, temperature, num_rounds):
     """After rounds, each row's feature is the target's hidden state at the token before the
-    pending one: the one whose logits gave the pending token."""
-    state, _, dstate, _ = run_rounds(llama, spec.Medusa(medusa, [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]), temperature)
+    pending one: the one whose logits gave the pending token. After prefill alone too: the
+    last prompt token's (the first round drafts from it)."""
+    state, _, dstate, _ = run_rounds(llama, spec.Medusa(medusa, [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]), temperature,
+                                     num_rounds=num_rounds)
     lengths = np.asarray(state.lengths)
     features = _target_features(llama, state.tokens)
     want = features[np.arange(len(lengths)), lengths - 2]
