@@ -391,6 +391,19 @@ def test_sampled_tokens_follow_the_target_distribution(tiny, name):
     assert rejects(counts, wrong), f"{name}: no power against the draft's own distribution"
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=1.0, top_k=4, top_p=0.95)],
+                         ids=["t1", "filtered"])
+def test_plain_sampling_follows_the_target_distribution(tiny, sampling):
+    """The reference every method above is held to: plain decoding's first 3 tokens (prefill's
+    draw, then two decode steps, each with its own counter: reusing one for two tokens draws
+    them with the same noise) follow the target's processed distributions. Power: the draws
+    refute the target at another temperature."""
+    target_logits = _prefix_logits(tiny["target"])
+    counts, _ = draw3(tiny["target"], None, sampling)
+    check_fit(counts, joint3([target_logits] * 3, sampling), "plain")
+    assert rejects(counts, joint3([target_logits] * 3, {**sampling, "temperature": 1.6}, exact=False))
+
+
 @pytest.mark.parametrize("name", ["draft_model", "pearl", "draft_tree", "prompt_lookup_tree", "medusa", "eagle"])
 def test_the_same_seed_repeats_a_speculative_call(tiny, name):
     """API.md: the same call with the same seed gives the same output, through every kind of
