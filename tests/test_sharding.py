@@ -164,6 +164,17 @@ def test_rules_replicate_what_does_not_divide():
     assert sharding.ShardingRules(vocab=None).spec(mesh, [("vocab", 4096)]) == P(None)
 
 
+def test_a_bias_is_split_like_its_kernels_output():
+    """Qwen2's q/k/v biases (and Llama's optional o bias) shard with their kernel's output
+    axis: by whole heads where the heads divide the axis, else replicated."""
+    mesh = jaxdec.make_mesh(data=4, model=2)
+    spec = lambda name, size: sharding.param_spec(mesh, ("layers_0", "self_attn", name, "bias"), (size,), 64)
+    assert spec("q_proj", 6 * 64) == P("model")
+    assert spec("k_proj", 2 * 64) == P("model")
+    assert spec("v_proj", 3 * 64) == P(None)          # 3 kv heads on 2 devices: never split inside a head
+    assert spec("o_proj", 384) == P(None)             # the hidden axis is replicated
+
+
 def test_cache_stays_sharded_and_donated_through_prefill_and_decode():
     mesh = jaxdec.make_mesh(data=4, model=2)
     target = jaxdec.load("demo-target", mesh=mesh)
