@@ -18,8 +18,7 @@ import pytest
 
 import jaxdec
 from jaxdec import steps
-from jaxdec.cache import write_slots
-from jaxdec.cache import init_cache
+from jaxdec.cache import init_cache, write_slots
 from jaxdec.model import causal_mask, forward, prefill_hidden
 from jaxdec.sampling import SamplingParams, row_keys
 from tests.hf_models import SLIDING_WINDOW, VOCAB_SIZE
@@ -412,6 +411,18 @@ def test_cache_bucket_edges(llama, max_positions):
     assert steps.cache_bucket(cfg, 1) == min(steps.MIN_CACHE_BUCKET, max_positions)
     # Past the context it never hands back fewer slots than needed (generate rejects it first).
     assert steps.cache_bucket(cfg, max_positions + 1) == max_positions + 1
+
+
+def test_a_context_shorter_than_the_smallest_prompt_bucket(llama):
+    """A model of 12 positions: the cache holds 12 slots, fewer than the smallest prompt bucket
+    (16), so prefill reads the prompts in a bucket cut to the cache. The tokens are the full
+    model's (max_position_embeddings changes no computation, only what fits)."""
+    from jaxdec.loading import model_from_params
+    assert steps.MIN_PROMPT_BUCKET > 12
+    short = model_from_params(dataclasses.replace(llama.config, max_position_embeddings=12), llama.params)
+    prompts = [[5, 6, 7, 8, 9], [3, 1, 4]]
+    out = jaxdec.generate(short, prompts, max_new_tokens=7, stop_token_ids=[])
+    assert out.tokens == jaxdec.generate(llama, prompts, max_new_tokens=7, stop_token_ids=[]).tokens
 
 
 def test_cache_writes_past_the_last_slot_are_dropped():
