@@ -192,6 +192,37 @@ def test_corpus_split_and_filters(tmp_path):
         int.from_bytes(__import__("hashlib").sha256(b"json/decoder.py").digest()[:8], "big") % 1000 < 40)
 
 
+def test_windows_are_slices_of_the_stream_at_each_epochs_own_offset():
+    """batch_at: every row is seq_len + 1 consecutive tokens; an epoch's windows do not
+    overlap; and each epoch cuts the stream at its own random offset, so windows do not always
+    start at multiples of seq_len (the same token pairs would always straddle window edges)."""
+    tokens, seq_len = np.arange(1000, dtype=np.uint16), 32
+    starts = []
+    for step in range(30):  # 120 windows: about 4 epochs of 30
+        batch = corpus.batch_at(tokens, step, 4, seq_len, seed=3)
+        assert batch.shape == (4, seq_len + 1)
+        assert (np.diff(batch, axis=1) == 1).all()
+        starts += batch[:, 0].tolist()
+    first_epoch = starts[:(1000 - 1 - seq_len) // seq_len]
+    assert len(set(first_epoch)) == len(first_epoch)
+    assert len({s % seq_len for s in first_epoch}) == 1                  # one offset per epoch
+    assert any(s % seq_len for s in starts)
+
+
+def test_distillation_loss_adds_the_weighted_cross_entropy():
+    """loss_fn with a teacher: KL(teacher || model) + ce_weight x cross-entropy, the two also
+    reported on their own."""
+    from jaxdec.model import init_params
+    cfg = train.make_config(64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=8)
+    student, teacher = init_params(cfg, jax.random.key(0)), init_params(cfg, jax.random.key(1), init_std=0.5)
+    batch = jax.random.randint(jax.random.key(2), (2, 9), 0, 64)
+    for weight in (0.0, 0.5):
+        loss, metrics = train.loss_fn(cfg, student, batch, cfg, teacher, ce_weight=weight)
+        assert metrics["kl"] > 0.01 and metrics["ce"] > 1.0
+        np.testing.assert_allclose(loss, metrics["kl"] + weight * metrics["ce"], rtol=1e-6)
+
+
 def _tiny_data():
     texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n\nclass C{i}:\n    pass\n" for i in range(300)]
     tokenizer = corpus.train_tokenizer(texts, vocab_size=320)
