@@ -18,7 +18,9 @@ from jaxdec import spec
 from jaxdec.heads import (Heads, HeadsConfig, best_static_tree, eagle_forward, init_heads, load_heads,
                           save_heads)
 from jaxdec.loading import model_from_params
-from tests.test_speculative import PER_COMBO, ROUND_PROMPTS, _check_greedy_equal, greedy_case, run_rounds
+from tests.test_speculative import (PER_COMBO, ROUND_PROMPTS, _check_greedy_equal, assert_cache_rows_equal,
+                                   greedy_case, plain_forward,
+                                   run_rounds)
 
 
 def random_heads(model, kind, seed=0, num_heads=3, tree=(), scale=0.3):
@@ -98,11 +100,7 @@ def test_greedy_eagle_equals_plain(llama, eagle, combo, data):
 
 def _target_features(llama, tokens):
     """The target's hidden states over whole rows (what its LM head reads), from no cache."""
-    from jaxdec.model import causal_mask, step_hidden
-    B, S = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    hidden, _ = step_hidden(llama.config, llama.params, tokens, positions, None, causal_mask(B, S), read_cache=False)
-    return np.asarray(hidden)
+    return np.asarray(plain_forward(llama, tokens)[0])
 
 
 @pytest.mark.parametrize("temperature, num_rounds", [(0.0, 4), (1.0, 4), (0.0, 0)])
@@ -145,10 +143,8 @@ def _check_eagle_cache(llama, eagle, temperature):
     positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     _, want = eagle_forward(eagle.config, llama.params, eagle.params, shifted, tokens, positions,
                             init_cache(eagle.config.layer, B, S, jnp.float32), causal_mask(B, S), read_cache=False)
+    assert_cache_rows_equal(dstate.cache, want, fed)
     for b in range(B):
-        for name, got, ref in (("k", dstate.cache.k[0], want.k[0]), ("v", dstate.cache.v[0], want.v[0])):
-            np.testing.assert_allclose(np.asarray(got[b, :, :fed[b]]), np.asarray(ref[b, :, :fed[b]]), atol=2e-5,
-                                       err_msg=f"{name} row {b}")
         new = lengths[b] - fed[b]
         np.testing.assert_allclose(np.asarray(dstate.features[b, :new]), features[b, fed[b] - 1:lengths[b] - 1],
                                    atol=2e-5, err_msg=f"features row {b}")

@@ -13,7 +13,8 @@ import pytest
 import jaxdec
 from jaxdec import pages, spec
 from tests.hf_models import VOCAB_SIZE
-from tests.test_speculative import _check_stats, _diverges_at_near_tie, run_rounds
+from tests.test_speculative import (_check_stats, _diverges_at_near_tie, assert_cache_rows_equal, plain_forward,
+                                   run_rounds)
 from tests.test_speculative_sampling import _prefix_logits, check_fit, draw3, joint3, rejects
 from tests.test_steps import _truncate_at_stop
 
@@ -118,15 +119,10 @@ def test_budget_covering_the_context_drafts_what_the_target_decodes(long_llama):
 
 def _prefilled(model, B=2, S=512, n=300, page_size=16, budget=64):
     """A cache of S slots holding two prompts of n and n - 37 tokens, and SparsePages over it."""
-    from jaxdec.cache import init_cache
-    from jaxdec.model import causal_mask, forward_hidden
     from jaxdec.sparse import init_pages, summarize_cache
 
-    cfg, params = model.config, model.params
-    tokens = jnp.asarray(_long_prompts((n, n), seed=3), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))
-    _, cache = forward_hidden(cfg, params, tokens, positions, init_cache(cfg, B, S, jnp.float32), causal_mask(B, n),
-                              read_cache=False)
+    cfg = model.config
+    _, cache = plain_forward(model, jnp.asarray(_long_prompts((n, n), seed=3), jnp.int32), num_slots=S)
     cache = cache.replace(lengths=jnp.array([n, n - 37], jnp.int32))
     sparse = init_pages(cfg, B, S, page_size, budget, page_size, range(cfg.num_hidden_layers))
     return cache, summarize_cache(sparse, cache)
@@ -228,23 +224,13 @@ def test_summaries_after_rounds_equal_recomputed(llama, temperature):
     """After prefill and several rounds the drafter's page summaries are exactly those of the
     committed cache (the draft's own writes past the length are never in them), and the cache
     is plain decoding's."""
-    from jaxdec.cache import init_cache
-    from jaxdec.model import causal_mask, forward_hidden
-
     method = spec.SparseSelf(budget=16, num_tokens=3, page_size=4)
     state, cache, dstate, _ = run_rounds(llama, method, temperature)
     for layer in range(llama.config.num_hidden_layers):
         want_min, want_max = pages.summarize(cache.k[layer], cache.lengths, 4)
         np.testing.assert_array_equal(np.asarray(dstate.kmin[layer]), np.asarray(want_min))
         np.testing.assert_array_equal(np.asarray(dstate.kmax[layer]), np.asarray(want_max))
-    B, S = state.tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    _, ref = forward_hidden(llama.config, llama.params, state.tokens, positions,
-                            init_cache(llama.config, B, S, jnp.float32), causal_mask(B, S), read_cache=False)
-    for layer in range(llama.config.num_hidden_layers):
-        for b, n in enumerate(np.asarray(cache.lengths)):
-            np.testing.assert_allclose(np.asarray(cache.k[layer][b, :, :n]), np.asarray(ref.k[layer][b, :, :n]),
-                                       atol=2e-5)
+    assert_cache_rows_equal(cache, plain_forward(llama, state.tokens)[1], np.asarray(cache.lengths))
 
 
 def test_sliding_window_layers_stay_dense(models):

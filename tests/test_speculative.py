@@ -575,27 +575,30 @@ def test_triforce_keeps_the_draft_cache_when_every_guess_is_accepted(llama):
 
 
 def _check_caches_after_rounds(llama, draft_model, method, temperature):
+    state, cache, dstate, _ = run_rounds(llama, method, temperature)
+    assert_cache_rows_equal(cache, plain_forward(llama, state.tokens)[1], np.asarray(cache.lengths))
+    assert_cache_rows_equal(dstate.cache, plain_forward(draft_model, state.tokens)[1], np.asarray(state.lengths) - 2)
+
+
+def plain_forward(model, tokens, num_slots=None):
+    """One causal forward of `model` over whole rows `tokens` [B, T] into an empty cache of
+    `num_slots` (default T) slots, no speculation: (hidden states [B, T, D], the cache plain
+    decoding would hold, its lengths left at 0)."""
     from jaxdec.cache import init_cache
     from jaxdec.model import causal_mask, forward_hidden
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return forward_hidden(model.config, model.params, jnp.asarray(tokens), positions,
+                          init_cache(model.config, B, num_slots or T, jnp.float32), causal_mask(B, T), read_cache=False)
 
-    state, cache, dstate, _ = run_rounds(llama, method, temperature)
-    lengths, (B, S) = np.asarray(cache.lengths), state.tokens.shape
 
-    def plain_cache(model_cfg, params):
-        positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        _, ref = forward_hidden(model_cfg, params, state.tokens, positions, init_cache(model_cfg, B, S, jnp.float32),
-                                causal_mask(B, S), read_cache=False)
-        return ref
-
-    def check(got, want, valid):
-        for layer in range(len(got.k)):
-            for b in range(B):
-                for name, g, w in (("k", got.k[layer], want.k[layer]), ("v", got.v[layer], want.v[layer])):
-                    np.testing.assert_allclose(np.asarray(g[b, :, :valid[b]]), np.asarray(w[b, :, :valid[b]]),
-                                               atol=2e-5, err_msg=f"{name} layer {layer} row {b}")
-
-    check(cache, plain_cache(llama.config, llama.params), lengths)
-    check(dstate.cache, plain_cache(draft_model.config, draft_model.params), np.asarray(state.lengths) - 2)
+def assert_cache_rows_equal(got, want, valid):
+    """Every layer's keys and values agree in each row b's first valid[b] slots."""
+    for layer in range(len(got.k)):
+        for b, n in enumerate(valid):
+            for name, g, w in (("k", got.k[layer], want.k[layer]), ("v", got.v[layer], want.v[layer])):
+                np.testing.assert_allclose(np.asarray(g[b, :, :n]), np.asarray(w[b, :, :n]),
+                                           atol=2e-5, err_msg=f"{name} layer {layer} row {b}")
 
 
 def test_float32_models_run_float32_products(llama, converted_dirs, monkeypatch):

@@ -78,10 +78,8 @@ def test_pallas_attention_in_the_model_equals_xla(converted_dirs):
     plain decoding gives the reference path's tokens, and a tree verify step its logits.
     (The whole speculative loop with the interpreted kernel inside is not compiled here: its
     program is huge in interpret mode, and XLA:CPU has crashed compiling it late in a full run.)"""
-    import jax
-    from jaxdec.cache import init_cache
-    from jaxdec.model import causal_mask, forward_hidden
     from jaxdec.verify import Draft, verify_forward
+    from tests.test_speculative import plain_forward
 
     xla = jaxdec.load(converted_dirs["llama"])
     pallas = jaxdec.load(converted_dirs["llama"], attn_impl="pallas")
@@ -96,10 +94,7 @@ def test_pallas_attention_in_the_model_equals_xla(converted_dirs):
                   parents=jnp.asarray([[-1, 0, 0, 1, -1], [-1, -1, 1, 2, 3]], jnp.int32))
 
     def verify_logits(model):
-        cache = init_cache(model.config, B, S, jnp.float32)
-        positions = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (B, 6))
-        _, cache = forward_hidden(model.config, model.params, tokens[:, :6], positions, cache, causal_mask(B, 6),
-                                  read_cache=False)
+        _, cache = plain_forward(model, tokens[:, :6], num_slots=S)
         cache = cache.replace(lengths=jnp.asarray([6, 4], jnp.int32))
         run = jax.jit(lambda params, cache: verify_forward(model.config, params, cache, tokens[:, 6], draft,
                                                            jnp.ones((B,), bool))[0])
