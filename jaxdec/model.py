@@ -105,7 +105,7 @@ def dense_kernel(num_tokens: int, num_slots: int):
     program G * T query rows to work on)."""
     from pallas_kernels.decode_attention import decode_attention
     from pallas_kernels.tree_attention import tree_attention
-    if num_tokens == 1 and num_slots >= SPLIT_K_MIN_SLOTS and num_slots % 128 == 0:
+    if num_tokens == 1 and num_slots >= SPLIT_K_MIN_SLOTS:
         return decode_attention
     return tree_attention
 

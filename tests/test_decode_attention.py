@@ -187,13 +187,26 @@ def test_plain_decoding_at_long_context_runs_split_k_and_equals_xla(llama):
     want = jaxdec.generate(xla, prompts, max_new_tokens=6, stop_token_ids=[]).tokens
     assert jaxdec.generate(pallas, prompts, max_new_tokens=6, stop_token_ids=[]).tokens == want
 
-    state, cache = steps.prefill(pallas.config, pallas.params, init_cache(pallas.config, 2, 1024, jnp.float32),
-                                 np.zeros((2, 1024), np.int32), np.array([3, 5], np.int32), np.ones(2, bool),
-                                 SamplingParams.create(0.0), jax.random.split(jax.random.key(0), 2),
-                                 np.full((16,), -1, np.int32), np.int32(4), prompt_bucket=16)
-    jaxpr = str(jax.make_jaxpr(lambda c, s: steps.decode(pallas.config, pallas.params, c, s, SamplingParams.create(0.0),
-                                                         np.full((16,), -1, np.int32), np.int32(4), num_steps=2))(cache, state))
-    assert "decode_attention_splits" in jaxpr
+    def step_program(model, num_slots):
+        def prefill_and_decode(cache):
+            state, cache = steps.prefill(model.config, model.params, cache, jnp.zeros((2, num_slots), jnp.int32),
+                                         jnp.array([3, 5], jnp.int32), jnp.ones(2, bool), SamplingParams.create(0.0),
+                                         jax.random.split(jax.random.key(0), 2), jnp.full((16,), -1, jnp.int32),
+                                         jnp.int32(4), prompt_bucket=16)
+            return steps.decode(model.config, model.params, cache, state, SamplingParams.create(0.0),
+                                jnp.full((16,), -1, jnp.int32), jnp.int32(4), num_steps=2)
+        return str(jax.make_jaxpr(prefill_and_decode)(init_cache(model.config, 2, num_slots, jnp.float32)))
+
+    assert "decode_attention_splits" in step_program(pallas, 1024)
+    # A context that is not whole 128-slot blocks (1100) gets a cache of whole blocks past it,
+    # which the split kernel (and the tree kernel, at any width) takes; XLA's stops at 1100.
+    short = model_from_params(dataclasses.replace(pallas.config, max_position_embeddings=1100), llama.params)
+    assert steps.cache_bucket(short.config, 1050) == 1152
+    assert steps.cache_bucket(dataclasses.replace(short.config, attn_impl="xla"), 1050) == 1100
+    assert "decode_attention_splits" in step_program(short, 1152)
+    short_xla = model_from_params(dataclasses.replace(cfg, max_position_embeddings=1100), llama.params)
+    assert (jaxdec.generate(short, prompts[:1], max_new_tokens=30, stop_token_ids=[]).tokens  # 1152 slots
+            == jaxdec.generate(short_xla, prompts[:1], max_new_tokens=30, stop_token_ids=[]).tokens)
 
 
 @pytest.mark.parametrize("dtype, lowering", [(jnp.bfloat16, "mosaic_gpu"), (jnp.float32, "__gpu$xla.gpu.triton")])

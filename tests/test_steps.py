@@ -398,9 +398,10 @@ def test_bucket_edges():
         assert b >= n and b & (b - 1) == 0 and (b == steps.MIN_PROMPT_BUCKET or b < 2 * n)
 
 
-@pytest.mark.parametrize("max_positions", [256, 100, 40, 64])
+@pytest.mark.parametrize("max_positions", [256, 100, 40, 64, 300])
 def test_cache_bucket_edges(llama, max_positions):
     cfg = dataclasses.replace(llama.config, max_position_embeddings=max_positions)
+    pallas = dataclasses.replace(cfg, attn_impl="pallas")
     previous = 0
     for needed in range(1, max_positions + 1):
         slots = steps.cache_bucket(cfg, needed)
@@ -408,6 +409,9 @@ def test_cache_bucket_edges(llama, max_positions):
         assert slots == max_positions or (slots & (slots - 1) == 0 and slots >= steps.MIN_CACHE_BUCKET)
         assert slots >= previous, "monotone"
         previous = slots
+        # The Pallas kernels' cache is whole blocks once past one: the same, rounded up to them.
+        blocks = slots if slots <= steps.KERNEL_BLOCK else -(-slots // steps.KERNEL_BLOCK) * steps.KERNEL_BLOCK
+        assert steps.cache_bucket(pallas, needed) == blocks
     assert steps.cache_bucket(cfg, 1) == min(steps.MIN_CACHE_BUCKET, max_positions)
     # Past the context it never hands back fewer slots than needed (generate rejects it first).
     assert steps.cache_bucket(cfg, max_positions + 1) == max_positions + 1
