@@ -19,8 +19,9 @@ FAMILIES = {
     "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
     "qwen2": dict(tie_word_embeddings=True),
-    # Per-head q/k norms, and a head_dim that is not hidden_size / heads (4 x 32 = 128 != 64).
-    "qwen3": dict(head_dim=32),
+    # Per-head q/k norms, and a head_dim that is not hidden_size / heads (4 x 32 = 128 != 64);
+    # an epsilon large beside the mean squares (about 0.04 here), so reading another one shows.
+    "qwen3": dict(head_dim=32, rms_norm_eps=0.01),
     "mistral": dict(sliding_window=16),
 }
 SLIDING_WINDOW = 16
