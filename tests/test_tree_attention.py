@@ -73,6 +73,31 @@ def test_block_size_must_divide_the_cache():
         tree_attention(*_case(rng, 1, 3, 2, 1, 16, 48), block_s=32)
 
 
+@pytest.mark.parametrize("family, extra", [("mistral", False), ("llama", True)], ids=["window", "extra-slots"])
+def test_steps_the_kernel_cannot_take_stay_on_the_reference(models, family, extra):
+    """The kernel reads a plain prefix of the cache: a sliding-window layer (Mistral's, window
+    16 here, behind a 36-token prefix) and a step that also sees slots past the row's length
+    (what a draft tree's kept ancestors are) stay on the reference under attn_impl="pallas",
+    with the XLA path's hidden states."""
+    import dataclasses
+
+    from jaxdec.loading import model_from_params
+    from jaxdec.model import causal_mask, forward_hidden
+    from tests.test_speculative import plain_forward
+
+    xla = models[family]
+    pallas = model_from_params(dataclasses.replace(xla.config, attn_impl="pallas"), xla.params)
+    tokens = jnp.asarray(np.random.default_rng(8).integers(0, 100, (2, 39)), jnp.int32)
+    _, cache = plain_forward(xla, tokens[:, :36], num_slots=64)
+    cache = cache.replace(lengths=jnp.asarray([36, 28], jnp.int32))
+    positions = cache.lengths[:, None] + jnp.arange(3)
+    # Row 1 also sees two of the entries past its length (slots 30 and 33).
+    seen = jnp.zeros((2, 3, 64), bool).at[1, :, jnp.asarray([30, 33])].set(True) if extra else None
+    hidden = lambda model: np.asarray(forward_hidden(model.config, model.params, tokens[:, 36:], positions, cache,
+                                                     causal_mask(2, 3), extra_visible=seen)[0])
+    np.testing.assert_allclose(hidden(pallas), hidden(xla), atol=2e-5)
+
+
 def test_pallas_attention_in_the_model_equals_xla(converted_dirs):
     """attn_impl="pallas" runs the kernel in every full-attention layer that reads the cache:
     plain decoding gives the reference path's tokens, and a tree verify step its logits.
