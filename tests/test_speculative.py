@@ -733,6 +733,22 @@ def test_a_draft_of_fewer_positions_runs_where_the_call_fits(llama):
     assert out.tokens == jaxdec.generate(llama, prompt, max_new_tokens=16, stop_token_ids=[]).tokens
 
 
+def test_layer_skip_drafts_what_the_model_without_the_layer_drafts(llama):
+    """A skipped layer is left out of the draft: LayerSkip([1]) accepts, round by round, what
+    a separate draft model accepts whose layer 1 adds nothing to the residual stream (zero
+    output projections), and less than the target itself would (layer 1 matters)."""
+    import copy
+    zeroed = copy.deepcopy(jax.device_get(llama.params))
+    for block, name in (("self_attn", "o_proj"), ("mlp", "down_proj")):
+        zeroed["layers_1"][block][name] = {k: np.zeros_like(v) for k, v in zeroed["layers_1"][block][name].items()}
+    without = model_from_params(llama.config, zeroed)
+    run = lambda method: jaxdec.generate(llama, ROUND_PROMPTS, max_new_tokens=24, stop_token_ids=[], speculative=method)
+    skipping, drafting = run(spec.LayerSkip([1], num_tokens=3)), run(spec.DraftModel(without, num_tokens=3))
+    assert skipping.tokens == drafting.tokens
+    counts = lambda stats: (stats.target_steps, stats.active_row_steps, stats.mean_accepted)
+    assert counts(skipping.stats) == counts(drafting.stats) and 1 < skipping.stats.mean_accepted < 4
+
+
 @pytest.mark.parametrize("layers, bad", [([2], 2), ([0, 7], 7), ([-1], -1), ([1, -3], -3)])
 def test_skipped_layer_out_of_range(llama, layers, bad):
     assert llama.config.num_hidden_layers == 2
