@@ -111,6 +111,21 @@ def test_sliding_window_layers_cannot_select(models):
                         speculative=spec.LossySparseDecode(budget=48, selection_layers=[0]))
 
 
+def test_a_sliding_window_layer_after_a_selection_layer_keeps_its_window(models):
+    """A model whose layer 0 has full attention and layer 1 a 16-token window: layer 0
+    selects (every page, with this budget) and layer 1, a window layer, does not reuse the
+    choice but attends over its window as in plain decoding."""
+    import dataclasses
+    from jaxdec.loading import model_from_params
+    qwen2 = models["qwen2"]
+    mixed = model_from_params(dataclasses.replace(qwen2.config, layer_windows=(None, 16)), qwen2.params)
+    prompts = [list(range(3, 100)), [9, 9, 9, 12] * 20]
+    plain = jaxdec.generate(mixed, prompts, max_new_tokens=24, stop_token_ids=[]).tokens
+    out = jaxdec.generate(mixed, prompts, max_new_tokens=24, stop_token_ids=[],
+                          speculative=spec.LossySparseDecode(budget=128, page_size=16, selection_layers=[0]))
+    assert out.tokens == plain
+
+
 def test_agreement_benchmark(tmp_path):
     """benchmarks/lossy_agreement.py: its measures on known rows, and a smoke run."""
     import json
