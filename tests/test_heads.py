@@ -257,14 +257,27 @@ def test_eagle_max_nodes_is_a_cap(eagle):
 
 
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])
-def test_heads_of_another_target_are_refused(llama, kind):
+@pytest.mark.parametrize("name", ["hidden_size", "vocab_size"])
+def test_heads_of_another_target_are_refused(llama, kind, name):
     import dataclasses
-    other = model_from_params(dataclasses.replace(llama.config, hidden_size=llama.config.hidden_size * 2),
-                              llama.params)
+    theirs = 2 * getattr(llama.config, name)
+    other = model_from_params(dataclasses.replace(llama.config, **{name: theirs}), llama.params)
     heads = random_heads(other, kind, tree=[(0,)])
     method = spec.Medusa(heads) if kind == "medusa" else spec.Eagle(heads)
-    with pytest.raises(ValueError, match=f"trained for a target with hidden_size={2 * llama.config.hidden_size}"):
+    with pytest.raises(ValueError, match=f"trained for a target with {name}={theirs}, this target has {name}="):
         jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=2, speculative=method)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_float32_heads_draft_in_a_bfloat16_targets_dtype(llama, kind):
+    """Heads stored in float32 (as training writes them) on a bfloat16 target: the drafter
+    gets them in bfloat16, the dtype of the features and cache they meet."""
+    bf16 = model_from_params(llama.config, jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), llama.params))
+    heads = random_heads(llama, kind, tree=[(0,), (1,), (0, 0)])
+    assert {x.dtype for x in jax.tree_util.tree_leaves(heads.params)} == {jnp.dtype(jnp.float32)}
+    method = spec.Medusa(heads) if kind == "medusa" else spec.Eagle(heads, depth=2, top_k=2)
+    _, params, _ = method.build(bf16, 2, 64)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_eagle_layer_must_have_room_for_the_cache(llama, eagle):
@@ -303,9 +316,11 @@ def _saved_medusa(llama, directory):
 
 @pytest.mark.parametrize("field, value, says", [
     ("num_heads", 2.5, r"num_heads >= 1, got 2\.5"),  # was a TypeError from the shapes
+    ("num_heads", 0, r"num_heads >= 1, got 0"),
     ("hidden_size", "x", r"hidden_size must be a positive integer, got 'x'"),
     ("accuracy", [[0.5, 2.0]], r"accuracy entries are shares in \[0, 1\], got 2\.0"),
     ("accuracy", [[float("nan")]], r"shares, got \[\[nan\]\]"),
+    ("accuracy", [[0.5, -0.1]], r"accuracy entries are shares in \[0, 1\], got -0\.1"),
     ("layer", "x", r"layer must be a model config .* got 'x'"),
     ("kind", "eagle", r"EAGLE heads need the layer's config"),
     # were "'int' object is not iterable", or a rank 1.5 read as 1

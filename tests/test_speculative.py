@@ -692,6 +692,12 @@ def test_bad_draft_tree_options(llama, kwargs, pattern):
         spec.DraftTree(llama, **kwargs)
 
 
+def test_the_whole_vocabulary_is_a_tree_width_and_its_last_rank_a_node(llama):
+    """The bounds are the vocabulary itself: top_k = vocab_size children, rank vocab_size - 1."""
+    assert spec.DraftTree(llama, depth=1, top_k=VOCAB_SIZE, max_nodes=4).top_k == VOCAB_SIZE
+    assert spec.StaticTree(llama, [(0,), (VOCAB_SIZE - 1,)]).paths == ((0,), (VOCAB_SIZE - 1,))
+
+
 @pytest.mark.parametrize("paths, pattern", [
     ([], r"paths must be non-empty"), ([()], r"non-empty"), ([(0,), (-1,)], r"ranks >= 0"),
     ([(0,), (0, 1, 0)], r"path \(0, 1\) is missing"), ("abc", r"paths must be a list of tuples.*abc"),
