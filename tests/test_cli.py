@@ -173,6 +173,55 @@ def test_streamed_text_is_the_rows_text_from_short_tails(make_tokenizer):
     assert max(decoded_lengths) <= 32 < len(row) // 2, (max(decoded_lengths), len(row))
 
 
+def test_a_final_text_that_does_not_continue_the_stream_goes_on_a_new_line():
+    """finish() writes the rest of the row's final text; should that text not continue what
+    was streamed, the whole of it follows on a new line rather than a garbled tail."""
+    tokenizer = _byte_level_tokenizer()
+    for final, written in (("hello world!", "P: hello world!"), ("goodbye", "P: hello world\ngoodbye")):
+        out = io.StringIO()
+        stream = cli.TextStream(tokenizer, out, head="P: ")
+        stream.update(tokenizer.encode("hello world").ids)
+        stream.finish(final)
+        assert out.getvalue() == written
+
+
+def test_ctrl_c_is_caught_only_from_the_main_thread():
+    """Python runs signal handlers in the main thread and refuses to install one from another
+    (ValueError): decoding driven from a worker thread keeps the default Ctrl-C."""
+    import threading
+    ctrl_c, errors = cli.CtrlC(), []
+    worker = threading.Thread(target=lambda: _record_errors(ctrl_c.check, errors))
+    worker.start()
+    worker.join()
+    assert errors == [] and not ctrl_c.installed
+    before = signal.getsignal(signal.SIGINT)
+    ctrl_c.check()  # the main thread: installed, and restored after
+    assert ctrl_c.installed and signal.getsignal(signal.SIGINT) == ctrl_c.press
+    ctrl_c.restore()
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def _record_errors(call, errors):
+    try:
+        call()
+    except Exception as err:  # noqa: BLE001 (the test reports it)
+        errors.append(err)
+
+
+@pytest.mark.parametrize("word", ["-1", "0.-1", "a", "0..1", ""])
+def test_paths_words_are_ranks_joined_by_dots(word):
+    with pytest.raises(ValueError, match=rf"--paths: each node is child ranks joined by dots.*got {re.escape(repr(word))}"):
+        cli.tree_paths(["0", word])
+
+
+def test_layerskip_skips_every_other_inner_layer_by_default():
+    """Without --skip-layers: layers 1, 3, ... below the last (the first and last stay)."""
+    target = jaxdec.load("demo-target")
+    assert target.config.num_hidden_layers == 6
+    method = cli.build_speculative(cli.parser().parse_args(["generate", "--method", "layerskip"]), target)
+    assert method.skip_layers == (1, 3)
+
+
 def test_sampling_options_and_the_kernel_reach_generate(capsys, monkeypatch, llama_dir, loaded_models):
     """--temperature, --top-k, --min-p and --seed are generate's; --attn-impl pallas loads the
     target to verify with the Pallas kernel (interpret mode here)."""
@@ -214,6 +263,9 @@ def test_reads_the_prompt_from_stdin(capsys, monkeypatch, llama_dir):
     code, out, _ = run(capsys, monkeypatch, ["generate", "--model", llama_dir, "--method", "ar",
                                              "--max-new-tokens", "5"], stdin="x = 1\n")
     assert code == 0 and out.startswith("x = 1\n")
+    code, out, _ = run(capsys, monkeypatch, ["generate", "--model", llama_dir, "--method", "ar",
+                                             "--max-new-tokens", "2"], stdin=" \n\n")  # nothing but blanks
+    assert code == 0 and out.startswith(cli.DEMO_PROMPT)
     code, out, err = run(capsys, monkeypatch, ["generate", "--model", llama_dir, "--method", "ar"],
                          stdin=b"x = '\xff'\n")  # Latin-1, not UTF-8: one line, not a traceback
     assert code == 2 and out == "" and err.strip() == "jaxdec: error: stdin is not UTF-8 text: invalid start byte at byte 5"
