@@ -64,6 +64,11 @@ def test_the_command_exports_a_shipped_model_and_refuses_to_overwrite(tmp_path, 
     with torch.no_grad():
         got = load_hf_model(dst)(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(got, jaxdec.logits(jaxdec.load("demo-target"), ids), atol=1e-4, rtol=1e-4)
+    # The tokenizer goes with it, and transformers reads it as the same tokenizer (the
+    # tokenizer_config.json written beside it names the fast class for versions that need it).
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(str(dst)).encode("def add(a, b):") == ids
+    assert json.loads((dst / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
 
     again = run("demo-target", str(dst))
     assert again.returncode == 1 and "not empty" in again.stderr and len(again.stderr.strip().splitlines()) == 1

@@ -211,6 +211,41 @@ def test_training_lowers_the_heads_loss(llama, kind):
     assert accuracy.shape == (2, 8) and (accuracy >= 0).all() and accuracy.sum(axis=1).max() <= 1 + 1e-9
 
 
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_heads_losses_are_the_documented_sums(llama, kind):
+    """Medusa's loss is the heads' KL(target || head) weighted 0.8^(k-1), normalised; EAGLE's
+    is KL of the first pass + KL of the second + 0.1 x smooth-L1 to the target's features. The
+    KLs are recomputed here from the objective's outputs. And the accuracies count the
+    positions each depth is scored at: EAGLE's second pass not at position 0 (no predicted
+    feature came before it)."""
+    import optax
+    from jaxdec.model import lm_head
+    from jaxdec.train_heads import EagleObjective, MedusaObjective
+    heads = random_heads(llama, kind, num_heads=3)
+    objective = (MedusaObjective if kind == "medusa" else EagleObjective)(heads.config, llama.config)
+    batch = jnp.asarray(np.random.default_rng(3).integers(0, llama.config.vocab_size, (2, 17)), jnp.int32)
+    loss, metrics = objective.loss(heads.params, batch, llama.params)
+
+    def kl(t_logp, logits):
+        t, q = np.asarray(t_logp, np.float64), np.asarray(jax.nn.log_softmax(logits), np.float64)
+        return float(np.mean(np.sum(np.exp(t) * (t - q), axis=-1)))
+
+    if kind == "medusa":
+        kls = [kl(t, s) for s, t in objective.outputs(heads.params, batch, llama.params)]
+        want = sum(0.8 ** k * v for k, v in enumerate(kls)) / sum(0.8 ** k for k in range(3))
+        positions = [2 * (17 - k) for k in (1, 2, 3)]
+    else:
+        features, t_logp, first, second = objective.outputs(heads.params, batch, llama.params)
+        head = lambda h: lm_head(llama.config, llama.params, h)
+        kls = [kl(t_logp, head(first)), kl(t_logp[:, 1:], head(second[:, 1:]))]
+        want = kls[0] + kls[1] + 0.1 * float(jnp.mean(optax.huber_loss(first, features, delta=1.0)))
+        positions = [2 * 17, 2 * 16]
+    assert min(kls) > 1e-3  # every term weighs
+    np.testing.assert_allclose([float(metrics[f"kl{k + 1}"]) for k in range(len(kls))], kls, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+    assert np.asarray(objective.hits(heads.params, batch, llama.params))[:, -1].tolist() == positions
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 
