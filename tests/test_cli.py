@@ -208,6 +208,21 @@ def _record_errors(call, errors):
         errors.append(err)
 
 
+def test_numeric_flag_types_take_their_bounds_exactly():
+    """The argparse types of counts and rates: POSITIVE >= 1, COUNT >= 0, RATE > 0 (a learning
+    rate of 0 trains nothing), WEIGHT >= 0; checked here as types, since a bound let through
+    would start a whole training run in the command tests."""
+    import argparse
+    for parse, edge, below in ((cli.POSITIVE, "1", "0"), (cli.COUNT, "0", "-1"), (cli.WEIGHT, "0", "-0.5")):
+        assert parse(edge) == float(edge)
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"must be >= .*, got {below}"):
+            parse(below)
+    assert cli.RATE("1e-9") == 1e-9
+    for below in ("0", "-0.001"):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"must be > 0\.0, got {below}"):
+            cli.RATE(below)
+
+
 @pytest.mark.parametrize("word", ["-1", "0.-1", "a", "0..1", ""])
 def test_paths_words_are_ranks_joined_by_dots(word):
     with pytest.raises(ValueError, match=rf"--paths: each node is child ranks joined by dots.*got {re.escape(repr(word))}"):
