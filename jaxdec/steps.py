@@ -30,17 +30,16 @@ def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-KERNEL_BLOCK = 128  # cache slots per block the Pallas attention kernels read
-
-
 def cache_bucket(cfg: ModelConfig, needed: int) -> int:
     """Cache slots for `needed` tokens: a power of two, capped at the model's context. With
-    attn_impl="pallas", a cache longer than one kernel block is whole blocks, the kernels'
-    shape: a context that is not (say 1100) gets slots past it (1152), never read, as slots
-    at or past each row's length are masked."""
+    attn_impl="pallas", a cache longer than one kernel block (`BLOCK_S` slots) is whole
+    blocks, the kernels' shape: a context that is not (say 1100) gets slots past it (1152),
+    never read, as slots at or past each row's length are masked."""
     slots = max(needed, min(bucket(needed, MIN_CACHE_BUCKET), cfg.max_position_embeddings))
-    if cfg.attn_impl == "pallas" and slots > KERNEL_BLOCK:
-        slots = -(-slots // KERNEL_BLOCK) * KERNEL_BLOCK
+    if cfg.attn_impl == "pallas":
+        from pallas_kernels.tree_attention import BLOCK_S
+        if slots > BLOCK_S:
+            slots = -(-slots // BLOCK_S) * BLOCK_S
     return slots
 
 

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tree_attention import gpu_compiler_params, on_tpu
+from pallas_kernels.tree_attention import BLOCK_S, gpu_compiler_params, on_tpu
 from pallas_kernels.tree_attention import reference as _tree_reference
 
 # The default split count aims for about one program per SM of an H100/H200 (132 SMs) over the
@@ -60,7 +60,7 @@ def reference(q, k_cache, v_cache, lengths, k_new, v_new, step_mask):
     return _tree_reference(q, k_cache, v_cache, lengths, k_new, v_new, step_mask)
 
 
-def default_num_splits(batch: int, kv_heads: int, num_slots: int, block_s: int = 128) -> int:
+def default_num_splits(batch: int, kv_heads: int, num_slots: int, block_s: int = BLOCK_S) -> int:
     """Splits per (row, kv head): enough programs to fill a GPU when batch * kv_heads alone does
     not, at least `_MIN_BLOCKS_PER_SPLIT` blocks each, and a divisor of the number of blocks (so
     every split's chunk is a whole block of the grid; a prime number of blocks gets 1)."""
@@ -70,7 +70,7 @@ def default_num_splits(batch: int, kv_heads: int, num_slots: int, block_s: int =
 
 
 def decode_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, num_splits: int | None = None,
-                     block_s: int = 128, interpret=None, compiler_params=None):
+                     block_s: int = BLOCK_S, interpret=None, compiler_params=None):
     """q: [B, T, H, D]; k_cache, v_cache: [B, Hkv, S, D]; lengths: int32 [B] (slots < lengths[b] are
     the row's prefix); k_new, v_new: [B, T, Hkv, D]; step_mask: bool [B, T, T]. Returns [B, T, H, D]
     in q's dtype. num_splits: chunks of the cache per (row, kv head), a divisor of S / block_s

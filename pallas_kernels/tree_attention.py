@@ -37,6 +37,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxdec.attention import prefix_mask, reference_attention
 
+BLOCK_S = 128  # cache slots per block, by default, in this kernel and the split-K one
+
 
 def reference(q, k_cache, v_cache, lengths, k_new, v_new, step_mask):
     """The same attention through the XLA reference path."""
@@ -45,7 +47,7 @@ def reference(q, k_cache, v_cache, lengths, k_new, v_new, step_mask):
                                k_new, v_new, step_mask)
 
 
-def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s: int = 128, interpret=None,
+def tree_attention(q, k_cache, v_cache, lengths, k_new, v_new, step_mask, *, block_s: int = BLOCK_S, interpret=None,
                    compiler_params=None):
     """q: [B, T, H, D]; k_cache, v_cache: [B, Hkv, S, D]; lengths: int32 [B];
     k_new, v_new: [B, T, Hkv, D]; step_mask: bool [B, T, T]. Returns [B, T, H, D].

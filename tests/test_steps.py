@@ -21,6 +21,7 @@ from jaxdec import steps
 from jaxdec.cache import init_cache, write_slots
 from jaxdec.model import causal_mask, forward, prefill_hidden
 from jaxdec.sampling import SamplingParams, row_keys
+from pallas_kernels.tree_attention import BLOCK_S
 from tests.hf_models import SLIDING_WINDOW, VOCAB_SIZE
 
 TOL = 1e-4            # float32, same math along different step shapes
@@ -410,7 +411,7 @@ def test_cache_bucket_edges(llama, max_positions):
         assert slots >= previous, "monotone"
         previous = slots
         # The Pallas kernels' cache is whole blocks once past one: the same, rounded up to them.
-        blocks = slots if slots <= steps.KERNEL_BLOCK else -(-slots // steps.KERNEL_BLOCK) * steps.KERNEL_BLOCK
+        blocks = slots if slots <= BLOCK_S else -(-slots // BLOCK_S) * BLOCK_S
         assert steps.cache_bucket(pallas, needed) == blocks
     assert steps.cache_bucket(cfg, 1) == min(steps.MIN_CACHE_BUCKET, max_positions)
     # Past the context it never hands back fewer slots than needed (generate rejects it first).
