@@ -108,7 +108,7 @@ def main(argv=None):
     with refused_in_one_line(parser):  # an unknown category, a missing checkpoint, a draft of another vocabulary
         texts = load_prompts([args.category])[args.category]
         target, draft = jaxdec.load(args.target), jaxdec.load(args.draft)
-        _check_draft_model("draft_agreement.py", draft, target, 0, same_devices=False)  # what DraftModel checks
+        _check_draft_model("draft_agreement.py", draft, target, same_devices=False)  # what DraftModel checks
         if target.tokenizer is None:
             raise ValueError(f"--target {args.target!r} has no tokenizer; the prompts are text")
     room = target.config.max_position_embeddings - args.max_new_tokens

@@ -174,9 +174,10 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     stop_ids = _stop_ids(model, stop_token_ids)
     cfg = model.config
     longest = max(len(r) for r in rows)
-    if longest + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
-                         f"model's max_position_embeddings={cfg.max_position_embeddings}")
+    for what, context in [("the model", cfg.max_position_embeddings), *spec.draft_contexts(speculative)]:
+        if longest + max_new_tokens > context:
+            raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
+                             f"{what}'s max_position_embeddings={context}")
     if max_new_tokens == 0:
         return GenerateOutput([[] for _ in rows], [""] * len(rows) if model.tokenizer else None,
                               Stats(0, 0, 1.0, 0.0, 0.0, 0.0))

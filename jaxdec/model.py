@@ -95,6 +95,13 @@ class Attention(nn.Module):
         return (out, k_cache, v_cache, page_ids) if slots is not None else (out, k, v, page_ids)
 
 
+def kernel_takes(num_slots: int) -> bool:
+    """Whether the Pallas kernels take a cache of `num_slots`: whole blocks of BLOCK_S slots,
+    or one shorter block (steps.cache_bucket sizes a Pallas target's cache so)."""
+    from pallas_kernels.tree_attention import BLOCK_S
+    return num_slots <= BLOCK_S or num_slots % BLOCK_S == 0
+
+
 SPLIT_K_MIN_SLOTS = 1024  # from here on a plain decoding step splits the cache across programs
 
 
@@ -179,9 +186,11 @@ class Decoder(nn.Module):
             if i in self.skip_layers:
                 continue
             k_cache, v_cache = (cache.k[i], cache.v[i]) if self.read_cache else (None, None)
-            # The kernel takes full-attention layers reading a plain prefix; sliding windows and
-            # a draft tree's extra visible slots stay on the reference.
-            kernel = (cfg.attn_impl == "pallas" and self.read_cache and window is None and extra_visible is None)
+            # The kernel takes full-attention layers reading a plain prefix of whole blocks;
+            # sliding windows, a draft tree's extra visible slots and a cache of other slots
+            # (a Pallas draft's cache has the target's) stay on the reference.
+            kernel = (cfg.attn_impl == "pallas" and self.read_cache and window is None and extra_visible is None
+                      and kernel_takes(cache.num_slots))
             # Sparse: the layers from the first choosing one on (full attention, a plain prefix).
             pages = None
             if (sparse is not None and self.read_cache and window is None and extra_visible is None

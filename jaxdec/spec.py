@@ -40,9 +40,9 @@ def _check_num_tokens(num_tokens):
     _check_positive("num_tokens", num_tokens, "draft tokens per step")
 
 
-def _check_draft_model(method, model, target, num_slots, same_devices=True):
-    """The checks every separate draft model needs: a jaxdec.Model, the target's vocabulary,
-    and room for the cache."""
+def _check_draft_model(method, model, target, same_devices=True):
+    """The checks every separate draft model needs: a jaxdec.Model and the target's
+    vocabulary (room for a call's positions: `draft_contexts`)."""
     if not isinstance(model, Model):
         raise ValueError(f"{method} needs a jaxdec.Model (from jaxdec.load), got {model!r:.60}")
     if target is None:
@@ -51,9 +51,6 @@ def _check_draft_model(method, model, target, num_slots, same_devices=True):
     if draft_vocab != target_vocab:
         raise ValueError(f"the draft model's vocabulary (vocab_size={draft_vocab}) differs from the "
                          f"target's (vocab_size={target_vocab})")
-    if num_slots > model.config.max_position_embeddings:
-        raise ValueError(f"{num_slots} cache slots exceed the draft model's max_position_embeddings="
-                         f"{model.config.max_position_embeddings}")
     if same_devices:
         check_same_mesh("the draft model's parameters", model.config.mesh, target)
 
@@ -79,11 +76,11 @@ class DraftModel:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold!r}")
         if not isinstance(self.adaptive_schedule, bool):
             raise ValueError(f"adaptive_schedule must be True or False, got {self.adaptive_schedule!r}")
-        _check_draft_model("DraftModel", self.model, None, 0)
+        _check_draft_model("DraftModel", self.model, None)
 
     def build(self, target: Model, batch_size: int, num_slots: int):
         """(static drafter, draft params, draft state) for `target`."""
-        _check_draft_model("DraftModel", self.model, target, num_slots)
+        _check_draft_model("DraftModel", self.model, target)
         same = self.model.params is target.params
         drafter = DraftModelDrafter(self.model.config, int(self.num_tokens), float(self.confidence_threshold),
                                     bool(self.adaptive_schedule), drafts_with_target=same)
@@ -108,14 +105,14 @@ class Pearl:
 
     def __post_init__(self):
         _check_num_tokens(self.num_tokens)
-        _check_draft_model("Pearl", self.model, None, 0)
+        _check_draft_model("Pearl", self.model, None)
         if not isinstance(self.overlap, bool):
             raise ValueError(f"overlap must be True or False, got {self.overlap!r}")
 
     def build(self, target: Model, batch_size: int, num_slots: int):
         from jaxdec.overlap import Overlapped, OverlapState
         sharding.check_one_process("spec.Pearl")
-        _check_draft_model("Pearl", self.model, target, num_slots, same_devices=False)
+        _check_draft_model("Pearl", self.model, target, same_devices=False)
         cache = init_cache(self.model.config, batch_size, num_slots, self.model.dtype)
         return Overlapped(target, self.model, int(self.num_tokens), self.overlap), None, OverlapState(cache)
 
@@ -135,13 +132,13 @@ class DraftTree:
     max_nodes: int = 32
 
     def __post_init__(self):
-        _check_draft_model("DraftTree", self.model, None, 0)
+        _check_draft_model("DraftTree", self.model, None)
         _check_tree_options(self.depth, self.top_k, self.max_nodes, self.model.config.vocab_size)
 
     num_tokens = property(lambda self: _kept_nodes(self.depth, self.top_k, self.max_nodes))
 
     def build(self, target: Model, batch_size: int, num_slots: int):
-        _check_draft_model("DraftTree", self.model, target, num_slots)
+        _check_draft_model("DraftTree", self.model, target)
         same = self.model.params is target.params
         nodes = self.num_tokens
         drafter = DraftTreeDrafter(self.model.config, _grown_levels(self.depth, nodes), int(self.top_k), nodes,
@@ -162,14 +159,14 @@ class StaticTree:
     paths: tuple
 
     def __post_init__(self):
-        _check_draft_model("StaticTree", self.model, None, 0)
+        _check_draft_model("StaticTree", self.model, None)
         _set_tree_paths(self, self.paths, self.model.config.vocab_size)
 
     num_tokens = property(lambda self: len(self.paths))
     depth = property(lambda self: max(len(p) for p in self.paths))
 
     def build(self, target: Model, batch_size: int, num_slots: int):
-        _check_draft_model("StaticTree", self.model, target, num_slots)
+        _check_draft_model("StaticTree", self.model, target)
         same = self.model.params is target.params
         drafter = StaticTreeDrafter(self.model.config, TreeShape(self.paths), drafts_with_target=same)
         state = DraftTreeState(cache=init_cache(self.model.config, batch_size, num_slots, self.model.dtype),
@@ -260,9 +257,6 @@ class Eagle:
     def build(self, target: Model, batch_size: int, num_slots: int):
         check_heads_fit(self.heads, target)
         layer = self.heads.config.layer
-        if num_slots > layer.max_position_embeddings:
-            raise ValueError(f"{num_slots} cache slots exceed the EAGLE layer's max_position_embeddings="
-                             f"{layer.max_position_embeddings}")
         nodes = self.num_tokens
         drafter = EagleDrafter(self.heads.config, _grown_levels(self.depth, nodes), int(self.top_k), nodes)
         width = drafter.catch_up_width
@@ -348,7 +342,7 @@ class SparseSelf:
         _check_sparse_settings(self)
         _check_positive("draft_tokens", self.draft_tokens, "tokens the draft model proposes to the sparse target")
         if self.draft is not None:
-            _check_draft_model("SparseSelf", self.draft, None, 0)
+            _check_draft_model("SparseSelf", self.draft, None)
 
     @property
     def recent_tokens(self) -> int:
@@ -364,7 +358,7 @@ class SparseSelf:
         pages = init_pages(cfg, batch_size, num_slots, int(self.page_size), int(self.budget), recent, choosing)
         if self.draft is None:
             return SparseSelfDrafter(int(self.num_tokens)), None, pages
-        _check_draft_model("SparseSelf", self.draft, target, num_slots)
+        _check_draft_model("SparseSelf", self.draft, target)
         # The sparse target scores the draft model's guesses (and its last token) in one forward.
         check_draft_window("SparseSelf's draft model (draft_tokens)", int(self.draft_tokens),
                            min(cfg.max_position_embeddings, self.draft.config.max_position_embeddings))
@@ -435,6 +429,20 @@ class PromptLookup:
         drafter = PromptLookupDrafter(int(self.max_ngram), int(self.num_tokens), target.config.vocab_size,
                                       int(self.num_candidates))
         return drafter, None, None
+
+
+def draft_contexts(method) -> list[tuple[str, int]]:
+    """(what, max_position_embeddings) of each model `method` drafts with besides the target.
+    A call's positions (prompt plus max_new_tokens) must fit each, as they fit the target; its
+    cache has the target's slots, past its context where those do (slots at or past a row's
+    length are never read)."""
+    if isinstance(method, (DraftModel, Pearl, DraftTree, StaticTree)):
+        return [("the draft model", method.model.config.max_position_embeddings)]
+    if isinstance(method, SparseSelf) and method.draft is not None:
+        return [("the draft model", method.draft.config.max_position_embeddings)]
+    if isinstance(method, Eagle):
+        return [("the EAGLE layer", method.heads.config.layer.max_position_embeddings)]
+    return []
 
 
 METHODS = (DraftModel, Pearl, DraftTree, StaticTree, Medusa, Eagle, LayerSkip, SparseSelf, PromptLookup,

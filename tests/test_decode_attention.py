@@ -205,8 +205,15 @@ def test_plain_decoding_at_long_context_runs_split_k_and_equals_xla(llama):
     assert steps.cache_bucket(dataclasses.replace(short.config, attn_impl="xla"), 1050) == 1100
     assert "decode_attention_splits" in step_program(short, 1152)
     short_xla = model_from_params(dataclasses.replace(cfg, max_position_embeddings=1100), llama.params)
-    assert (jaxdec.generate(short, prompts[:1], max_new_tokens=30, stop_token_ids=[]).tokens  # 1152 slots
-            == jaxdec.generate(short_xla, prompts[:1], max_new_tokens=30, stop_token_ids=[]).tokens)
+    want = jaxdec.generate(short_xla, prompts[:1], max_new_tokens=30, stop_token_ids=[]).tokens
+    assert jaxdec.generate(short, prompts[:1], max_new_tokens=30, stop_token_ids=[]).tokens == want  # 1152 slots
+    # A draft model of that context drafts in the cache of its target's slots: a Pallas
+    # target's 1152 (past its context), an XLA target's 1100 (not whole blocks: a Pallas draft
+    # reads them on the reference).
+    for target, draft in ((short, short_xla), (short_xla, short)):
+        out = jaxdec.generate(target, prompts[:1], max_new_tokens=30, stop_token_ids=[],
+                              speculative=jaxdec.spec.DraftModel(draft, num_tokens=3))
+        assert out.tokens == want
 
 
 @pytest.mark.parametrize("dtype, lowering", [(jnp.bfloat16, "mosaic_gpu"), (jnp.float32, "__gpu$xla.gpu.triton")])

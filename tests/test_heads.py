@@ -315,12 +315,18 @@ def test_float32_heads_draft_in_a_bfloat16_targets_dtype(llama, kind):
     assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_eagle_layer_must_have_room_for_the_cache(llama, eagle):
+def test_eagle_layer_must_have_room_for_the_call(llama, eagle):
+    """A call's positions must fit the EAGLE layer's context; where they do, it runs, in the
+    target's cache of 128 slots past the layer's 100 positions."""
     import dataclasses
-    layer = dataclasses.replace(eagle.config.layer, max_position_embeddings=64)
-    short = Heads(dataclasses.replace(eagle.config, layer=layer), eagle.params)
-    with pytest.raises(ValueError, match=r"128 cache slots exceed the EAGLE layer's max_position_embeddings=64"):
-        jaxdec.generate(llama, [[1] * 60], max_new_tokens=30, speculative=spec.Eagle(short))
+    short = lambda context: Heads(dataclasses.replace(
+        eagle.config, layer=dataclasses.replace(eagle.config.layer, max_position_embeddings=context)), eagle.params)
+    with pytest.raises(ValueError, match=r"prompt of 60 tokens plus max_new_tokens=5 exceeds the EAGLE layer's "
+                                         r"max_position_embeddings=64"):
+        jaxdec.generate(llama, [[1] * 60], max_new_tokens=5, speculative=spec.Eagle(short(64)))
+    prompt = [[5, 9, 2, 7] * 10]
+    out = jaxdec.generate(llama, prompt, max_new_tokens=50, stop_token_ids=[], speculative=spec.Eagle(short(100)))
+    assert out.tokens == jaxdec.generate(llama, prompt, max_new_tokens=50, stop_token_ids=[]).tokens
 
 
 def test_load_tells_models_and_heads_apart(llama, tmp_path, converted_dirs):

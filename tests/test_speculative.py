@@ -723,20 +723,26 @@ def test_draft_vocabulary_must_match_target(llama, vocab, method):
         jaxdec.generate(llama, [[1, 2, 3]], max_new_tokens=4, speculative=method(draft))
 
 
-@pytest.mark.parametrize("method", [spec.DraftModel, spec.DraftTree, lambda d: spec.StaticTree(d, [(0,)])])
-def test_draft_model_must_have_room_for_the_cache(llama, method):
-    """The draft's cache is as long as the target's: a draft of fewer positions is refused
-    (where the call fits the draft's positions, it runs: the test below)."""
+@pytest.mark.parametrize("method", [spec.DraftModel, spec.Pearl, spec.DraftTree, lambda d: spec.StaticTree(d, [(0,)]),
+                                    lambda d: spec.SparseSelf(budget=16, page_size=4, draft=d)])
+def test_draft_model_must_have_room_for_the_call(llama, method):
+    """A call's positions must fit the draft's context as they fit the target's (where they
+    do, it runs: the test below)."""
     draft = model_from_params(dataclasses.replace(llama.config, max_position_embeddings=64), llama.params)
-    with pytest.raises(ValueError, match=r"128 cache slots exceed the draft model's max_position_embeddings=64"):
-        jaxdec.generate(llama, [[1] * 60], max_new_tokens=30, speculative=method(draft))
+    with pytest.raises(ValueError, match=r"prompt of 60 tokens plus max_new_tokens=5 exceeds the draft model's "
+                                         r"max_position_embeddings=64"):
+        jaxdec.generate(llama, [[1] * 60], max_new_tokens=5, speculative=method(draft))
 
 
 def test_a_draft_of_fewer_positions_runs_where_the_call_fits(llama):
-    draft = model_from_params(dataclasses.replace(llama.config, max_position_embeddings=64), llama.params)
-    prompt = [[5, 9, 2, 7] * 8]
-    out = jaxdec.generate(llama, prompt, max_new_tokens=16, stop_token_ids=[], speculative=spec.DraftModel(draft))
-    assert out.tokens == jaxdec.generate(llama, prompt, max_new_tokens=16, stop_token_ids=[]).tokens
+    """60 positions in a cache of 64 slots; and 90 in the target's 128 slots, past the draft's
+    context of 100 (its cache has the target's slots)."""
+    for context, prompt_length, new_tokens in ((64, 32, 28), (100, 40, 50)):
+        draft = model_from_params(dataclasses.replace(llama.config, max_position_embeddings=context), llama.params)
+        prompt = [[5, 9, 2, 7] * (prompt_length // 4)]
+        out = jaxdec.generate(llama, prompt, max_new_tokens=new_tokens, stop_token_ids=[],
+                              speculative=spec.DraftModel(draft))
+        assert out.tokens == jaxdec.generate(llama, prompt, max_new_tokens=new_tokens, stop_token_ids=[]).tokens
 
 
 def test_layer_skip_drafts_what_the_model_without_the_layer_drafts(llama):
