@@ -101,7 +101,9 @@ def build_speculative(args, target):
         return jaxdec.spec.Eagle(heads, *tree_shape(args.tree))
     if args.method == "layerskip":
         layers = target.config.num_hidden_layers
-        skip = args.skip_layers if args.skip_layers is not None else list(range(1, layers - 1, 2))
+        # Every other inner layer; a model of two or three has one (layer 1), and one of a
+        # single layer is refused by LayerSkip itself, as it should be.
+        skip = args.skip_layers if args.skip_layers is not None else list(range(1, layers - 1, 2)) or [layers - 1]
         return jaxdec.spec.LayerSkip(skip, num_tokens=args.num_tokens)
     if args.method in ("sparse", "triforce"):
         draft = jaxdec.load(args.draft, **place) if args.method == "triforce" else None
@@ -274,7 +276,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--heads", default=None,
                      help="draft heads for --method medusa or eagle (default: the shipped demo-medusa / demo-eagle)")
     gen.add_argument("--skip-layers", type=int, nargs="+", default=None,
-                     help="layers to skip for --method layerskip (default: every other inner layer)")
+                     help="layers to skip for --method layerskip (default: every other inner layer; layer 1 of a "
+                          "2-layer model)")
     gen.add_argument("--budget", type=int, default=1024, help="KV-cache tokens the draft reads for --method sparse and triforce")
     gen.add_argument("--max-ngram", type=int, default=3, help="longest n-gram for --method lookup")
     gen.add_argument("--num-candidates", type=int, default=1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 
 import jaxdec
 from jaxdec import cli
+from jaxdec.loading import model_from_params
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_flags_build_the_methods_they_name(llama_dir):
 # A value away from the default for each method-specific flag; "/no/draft" and "/no/heads" fail
 # to load, which reads the flag as surely as a different build does.
 OTHER_VALUES = {"draft": ["--draft", "/no/draft"], "num_tokens": ["--num-tokens", "3"], "tree": ["--tree", "2x2x3"],
-                "paths": ["--paths", "0", "1"], "heads": ["--heads", "/no/heads"], "skip_layers": ["--skip-layers", "1"],
+                "paths": ["--paths", "0", "1"], "heads": ["--heads", "/no/heads"], "skip_layers": ["--skip-layers", "0"],
                 "budget": ["--budget", "64"], "max_ngram": ["--max-ngram", "2"], "num_candidates": ["--num-candidates", "2"]}
 
 
@@ -229,12 +231,18 @@ def test_paths_words_are_ranks_joined_by_dots(word):
         cli.tree_paths(["0", word])
 
 
-def test_layerskip_skips_every_other_inner_layer_by_default():
-    """Without --skip-layers: layers 1, 3, ... below the last (the first and last stay)."""
+def test_layerskip_skips_every_other_inner_layer_by_default(llama):
+    """Without --skip-layers: layers 1, 3, ... below the last (the first and last stay); a
+    2-layer model, with no inner layer, skips its last (else it would draft with itself)."""
+    args = cli.parser().parse_args(["generate", "--method", "layerskip"])
     target = jaxdec.load("demo-target")
     assert target.config.num_hidden_layers == 6
-    method = cli.build_speculative(cli.parser().parse_args(["generate", "--method", "layerskip"]), target)
-    assert method.skip_layers == (1, 3)
+    assert cli.build_speculative(args, target).skip_layers == (1, 3)
+    assert llama.config.num_hidden_layers == 2
+    assert cli.build_speculative(args, llama).skip_layers == (1,)
+    one_layer = model_from_params(dataclasses.replace(llama.config, num_hidden_layers=1), llama.params)
+    with pytest.raises(ValueError, match=r"skips all 1 layers"):
+        jaxdec.generate(one_layer, [[1, 2]], max_new_tokens=2, speculative=cli.build_speculative(args, one_layer))
 
 
 def test_sampling_options_and_the_kernel_reach_generate(capsys, monkeypatch, llama_dir, loaded_models):
