@@ -112,9 +112,11 @@ class ModelConfig:
             hash(self.rope_scaling)
         except TypeError:
             raise ValueError(f"rope_scaling values must be numbers or strings, got {scaling!r:.80}") from None
-        for key in ROPE_SCALING_KEYS[rope_type]:  # a missing one failed deep in tracing with a KeyError
-            if not finite(scaling.get(key)):
-                raise ValueError(f"rope_scaling rope_type={rope_type!r} needs {key} as a finite number, "
+        # A missing one failed deep in tracing with a KeyError; a factor <= 0 decoded garbage
+        # (negative) or NaN (zero).
+        for key in ROPE_SCALING_KEYS[rope_type]:
+            if not (finite(scaling.get(key)) and scaling[key] > 0):
+                raise ValueError(f"rope_scaling rope_type={rope_type!r} needs {key} as a finite number > 0, "
                                  f"got {scaling.get(key)!r}")
         from jaxdec.rope import inverse_frequencies  # local: rope reads this module's config
         inverse_frequencies(self)  # refuses settings whose frequencies are not finite (factor 0: NaN logits)

@@ -30,7 +30,7 @@ def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled)
-    if not np.all(np.isfinite(inv_freq)):  # e.g. factor 0: every position would decode to NaN
+    if not np.all(np.isfinite(inv_freq)):  # e.g. rope_theta=1e-300: every position would decode to NaN
         raise ValueError(f"rope_theta={cfg.rope_theta!r} and rope_scaling={dict(cfg.rope_scaling)} give RoPE "
                          f"frequencies that are not finite")
     return inv_freq.astype(np.float32)

@@ -519,7 +519,7 @@ REFUSALS = {  # name: (source, break it, what the one stderr line must say)
     "tensor-in-two-shards": ("sharded", _tensor_in_two_shards, r"tensor 'model\..*' appears twice in the weight files"),
     "rope-parameters-not-an-object": ("single", _rope_parameters_not_an_object,
                                       r"rope_parameters must be an object of RoPE settings or null, got 'llama3'"),
-    "rope-factor-zero": ("single", _rope_factor_zero, r"rope_scaling=\{'factor': 0, .* frequencies that are not finite"),
+    "rope-factor-zero": ("single", _rope_factor_zero, r"rope_type='linear' needs factor as a finite number > 0, got 0"),
     "already-converted": ("single", _already_converted,
                           r"no config\.json: it is already a jaxdec checkpoint \(jaxdec_config\.json\); jaxdec\.load "),
     "draft-heads": ("single", _draft_heads, r"it is already a jaxdec checkpoint \(heads\.json\); jaxdec\.load_heads "),

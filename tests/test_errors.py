@@ -295,11 +295,14 @@ def test_the_undamaged_copy_loads(checkpoint):
     (lambda d: _edit_config(d, rope_scaling={"rope_type": "linear"}), r"rope_type='linear' needs factor .* got None"),
     (lambda d: _edit_config(d, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                              "high_freq_factor": 4.0, "original_max_position_embeddings": "8k"}),
-     r"rope_type='llama3' needs original_max_position_embeddings as a finite number, got '8k'"),
+     r"rope_type='llama3' needs original_max_position_embeddings as a finite number > 0, got '8k'"),
+    (lambda d: _edit_config(d, rope_scaling={"rope_type": "llama3", "factor": -8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+     r"rope_type='llama3' needs factor as a finite number > 0, got -8\.0"),
     (lambda d: _edit_config(d, rope_scaling={"rope_type": "linear", "factor": 2.0, "extra": [1]}),
      r"rope_scaling values must be numbers or strings"),
     (lambda d: _edit_config(d, rope_scaling={"rope_type": "linear", "factor": 0}),
-     r"rope_theta=.* rope_scaling=\{'factor': 0, .* frequencies that are not finite"),
+     r"rope_type='linear' needs factor as a finite number > 0, got 0"),
     (lambda d: _edit_config(d, rope_theta=1e-300), r"rope_theta=1e-300 .* frequencies that are not finite"),
 ])
 def test_load_corrupt_config(checkpoint, damage, pattern):
