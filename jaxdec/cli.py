@@ -101,8 +101,8 @@ def build_speculative(args, target):
         return jaxdec.spec.Eagle(heads, *tree_shape(args.tree))
     if args.method == "layerskip":
         layers = target.config.num_hidden_layers
-        # Every other inner layer; a model of two or three has one (layer 1), and one of a
-        # single layer is refused by LayerSkip itself, as it should be.
+        # Every other inner layer; a 2-layer model has none, so it skips its last (a draft of
+        # all layers would be the target itself); LayerSkip refuses a 1-layer model.
         skip = args.skip_layers if args.skip_layers is not None else list(range(1, layers - 1, 2)) or [layers - 1]
         return jaxdec.spec.LayerSkip(skip, num_tokens=args.num_tokens)
     if args.method in ("sparse", "triforce"):

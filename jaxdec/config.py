@@ -119,7 +119,7 @@ class ModelConfig:
                 raise ValueError(f"rope_scaling rope_type={rope_type!r} needs {key} as a finite number > 0, "
                                  f"got {scaling.get(key)!r}")
         from jaxdec.rope import inverse_frequencies  # local: rope reads this module's config
-        inverse_frequencies(self)  # refuses settings whose frequencies are not finite (factor 0: NaN logits)
+        inverse_frequencies(self)  # refuses settings whose frequencies are not finite (NaN logits)
 
     @property
     def qk_norm(self) -> bool:

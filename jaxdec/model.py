@@ -95,11 +95,12 @@ class Attention(nn.Module):
         return (out, k_cache, v_cache, page_ids) if slots is not None else (out, k, v, page_ids)
 
 
-def kernel_takes(num_slots: int) -> bool:
-    """Whether the Pallas kernels take a cache of `num_slots`: whole blocks of BLOCK_S slots,
-    or one shorter block (steps.cache_bucket sizes a Pallas target's cache so)."""
+def kernel_slots(num_slots: int) -> int:
+    """The fewest cache slots, at least `num_slots`, that the Pallas kernels take: one block of
+    up to BLOCK_S slots, or whole blocks. steps.cache_bucket sizes a Pallas model's cache so;
+    a cache of other slots (a Pallas draft's, which has its target's) stays on the reference."""
     from pallas_kernels.tree_attention import BLOCK_S
-    return num_slots <= BLOCK_S or num_slots % BLOCK_S == 0
+    return num_slots if num_slots <= BLOCK_S else -(-num_slots // BLOCK_S) * BLOCK_S
 
 
 SPLIT_K_MIN_SLOTS = 1024  # from here on a plain decoding step splits the cache across programs
@@ -190,7 +191,7 @@ class Decoder(nn.Module):
             # sliding windows, a draft tree's extra visible slots and a cache of other slots
             # (a Pallas draft's cache has the target's) stay on the reference.
             kernel = (cfg.attn_impl == "pallas" and self.read_cache and window is None and extra_visible is None
-                      and kernel_takes(cache.num_slots))
+                      and kernel_slots(cache.num_slots) == cache.num_slots)
             # Sparse: the layers from the first choosing one on (full attention, a plain prefix).
             pages = None
             if (sparse is not None and self.read_cache and window is None and extra_visible is None

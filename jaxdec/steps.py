@@ -16,7 +16,7 @@ from flax import struct
 
 from jaxdec.cache import KVCache
 from jaxdec.config import ModelConfig
-from jaxdec.model import forward, lm_head, prefill_hidden, sequence_logits
+from jaxdec.model import forward, kernel_slots, lm_head, prefill_hidden, sequence_logits
 from jaxdec.sampling import SamplingParams, sample
 from jaxdec.sparse import fold_entries, summarize_cache
 
@@ -33,14 +33,10 @@ def bucket(n: int, minimum: int = 1) -> int:
 def cache_bucket(cfg: ModelConfig, needed: int) -> int:
     """Cache slots for `needed` tokens: a power of two, capped at the model's context. With
     attn_impl="pallas", a cache longer than one kernel block (`BLOCK_S` slots) is whole
-    blocks, the kernels' shape: a context that is not (say 1100) gets slots past it (1152),
+    blocks (`model.kernel_slots`): a context that is not (say 1100) gets slots past it (1152),
     never read, as slots at or past each row's length are masked."""
     slots = max(needed, min(bucket(needed, MIN_CACHE_BUCKET), cfg.max_position_embeddings))
-    if cfg.attn_impl == "pallas":
-        from pallas_kernels.tree_attention import BLOCK_S
-        if slots > BLOCK_S:
-            slots = -(-slots // BLOCK_S) * BLOCK_S
-    return slots
+    return kernel_slots(slots) if cfg.attn_impl == "pallas" else slots
 
 
 @struct.dataclass
