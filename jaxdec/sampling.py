@@ -8,8 +8,9 @@ both always agree on what "the distribution" is.
 The parameters are traced arrays, not static: a new temperature or top-p compiles nothing.
 `temperature == 0` means greedy (argmax of the raw logits), a lax.cond branch in the same
 program. (Greedy as a static field instead, tried 2026-12-07: a greedy call on the demo draft
-compiled a third faster, but a program per mode, and the test suite, which runs both modes on
-the same shapes, took as long: 1127 s against 1117-1137 s.)
+compiled a third faster, but each mode was then a program of its own, compiled again on a
+switch, and the test suite, which runs both modes on the same shapes, took as long: 1127 s
+against 1117-1137 s.)
 
 Every row has its own random stream: the key of row b's n-th new token is
 fold_in(fold_in(PRNGKey(seed), b), n).
