@@ -2,7 +2,8 @@
 
     jaxdec generate ["PROMPT"] [--model demo-target] [--draft demo-draft] [--method draft]
                     [--num-tokens 4] [--tree 5x4x32] [--paths 0 1 0.0 ...]
-                    [--heads demo-medusa|demo-eagle]
+                    [--heads demo-medusa|demo-eagle] [--skip-layers 1 ...] [--budget 1024]
+                    [--max-ngram 3] [--num-candidates 1]
                     [--max-new-tokens 128] [--temperature 0]
                     [--top-p 1] [--top-k 0] [--min-p 0] [--seed 0] [--dtype bfloat16]
                     [--attn-impl pallas] [--mesh data=1,model=8]

@@ -8,8 +8,8 @@ query/key norms (qk_norm, Qwen3), tied embeddings (tie_word_embeddings), RoPE sc
 At the jit boundary everything is a pure function of pytrees:
     forward(cfg, params, tokens[B,T], positions[B,T], cache, step_mask[B,T,T])
         -> (logits[B,T,V], hidden[B,T,D], cache)
-is `step_hidden` (the decoder: reads the cache, returns the step's new keys and values), the
-LM head, and `jaxdec.cache.write` (the new entries into the cache).
+is the decoder (each layer writes the step's keys and values into the cache at their slots,
+then attends to the cache, so the whole cache is never copied) and the LM head.
 Prefill, decode (T = 1) and verification (T = k + 1 or tree size) differ only in T and the mask.
 
 Parameter tree (what the converter writes; `kernel`s are [in, out]):

@@ -345,7 +345,8 @@ def test_a_reader_that_left_stops_it_quietly():
 
 
 def test_ctrl_c_stops_it_with_status_130_and_no_traceback():
-    proc = subprocess.Popen([sys.executable, "-m", "jaxdec.cli", "generate", "--method", "ar", "--max-new-tokens", "2000"],
+    # `python -m jaxdec`, the command line where the console script is not on PATH
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdec", "generate", "--method", "ar", "--max-new-tokens", "2000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout.read(len(cli.DEMO_PROMPT)) == cli.DEMO_PROMPT  # decoding has started
