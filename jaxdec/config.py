@@ -86,6 +86,10 @@ class ModelConfig:
         for name, value in (("bos_token_id", self.bos_token_id), *(("eos_token_id", t) for t in self.eos_token_id)):
             if value is not None and not (is_int(value) and value >= 0):
                 raise ValueError(f"{name} must hold token ids (integers >= 0), got {value!r}")
+            # else every generate() call would refuse its default stop ids, naming an argument
+            # the user never passed
+            if value is not None and value >= self.vocab_size:
+                raise ValueError(f"{name} {value} is outside the vocabulary [0, vocab_size={self.vocab_size})")
         bad_window = next((w for w in self.layer_windows if w is not None and (not is_int(w) or w < 1)), None)
         if bad_window is not None:
             raise ValueError(f"layer_windows entries must be positive integers or None, got {bad_window!r}")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from jaxdec import storage
 from jaxdec.config import ModelConfig
+from jaxdec.loading import read_tokenizer
 from jaxdec.storage import ConversionError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
@@ -56,14 +57,18 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, and UnicodeDecodeError for non-UTF-8
         raise ConversionError(f"cannot read {path}: {err}") from err
 
 
 def _weight_files(src: Path, allow_pickle: bool) -> tuple[str, list[Path]]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map", {}) if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise ConversionError(f"{index} is damaged: expected {{\"weight_map\": {{tensor name: file name}}}}")
+        shards = sorted(set(weight_map.values()))
         if not shards:
             raise ConversionError(f"{index} has an empty weight_map")
         missing = [s for s in shards if not (src / s).is_file()]
@@ -123,6 +128,8 @@ def convert(src, dst, *, dtype: str | None = None, overwrite: bool = False,
         raise ConversionError(f"source {src} is a file, not a model folder" if src.exists()
                               else f"source folder {src} does not exist")
     storage.check_destination(dst, overwrite)
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:  # --overwrite would delete it
+        raise ConversionError(f"destination {dst} is or holds the source folder {src}: choose another folder")
     if dtype is not None and dtype not in storage.DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(storage.DTYPES)}, got {dtype!r}")
     if not (src / "config.json").is_file():
@@ -140,6 +147,11 @@ def convert(src, dst, *, dtype: str | None = None, overwrite: bool = False,
         raise ConversionError(f"unsupported architecture ({found}, model_type={hf.get('model_type')!r}); "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     generation = _read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else None
+    if (src / "tokenizer.json").is_file():  # copied as it is: jaxdec.load must be able to read it
+        try:
+            read_tokenizer(src)
+        except ValueError as err:
+            raise ConversionError(str(err)) from err
     try:
         cfg = ModelConfig.from_hf(hf, generation)
     except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as err:

@@ -64,6 +64,8 @@ def _first_bad_token_id(ids, vocab: int) -> str | None:
 def _checked_ids(ids, vocab: int, what: str) -> list[int]:
     """`ids` (a sequence) as Python ints, after a ValueError naming `what` for an empty one or
     for the first id outside the vocabulary."""
+    if isinstance(ids, (bytes, bytearray, memoryview)):  # a sequence of ints, but of bytes, not of token ids
+        raise ValueError(f"{what} is bytes ({bytes(ids)!r:.40}), not token ids: decode it to text first")
     ids = list(ids)
     bad = _first_bad_token_id(ids, vocab)
     if bad:
@@ -102,6 +104,12 @@ def encode_prompts(model: Model, prompts) -> list[list[int]]:
                 raise ValueError(f"prompt {i} is not valid text: {err.reason} {prompt[err.start]!r} at character "
                                  f"{err.start} (bytes that are not UTF-8?)") from None
             ids = model.tokenizer.encode(prompt).ids
+            # A tokenizer with tokens past the model's embeddings (added tokens) would index
+            # outside them, which XLA does not refuse.
+            bad = _first_bad_token_id(ids, vocab)
+            if bad:
+                raise ValueError(f"prompt {i} ({prompt!r:.40}) encodes to token id {bad}: the tokenizer has "
+                                 f"tokens the model does not")
         elif isinstance(prompt, Sequence):
             ids = _checked_ids(prompt, vocab, f"prompt {i}")
         elif is_int(prompt):  # a flat list (or 1-D array) of ids: one prompt, not a batch of them
@@ -170,6 +178,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     # jax.random.key takes a C long: a larger seed would fail later with an OverflowError.
     if not is_int(seed) or not -2**63 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
+    # Python ints from here: a NumPy int8 of 120 plus a prompt's length would wrap around.
+    max_new_tokens, seed = int(max_new_tokens), int(seed)
     sampling = SamplingParams.create(temperature, top_k, top_p, min_p)
     stop_ids = _stop_ids(model, stop_token_ids)
     cfg = model.config
@@ -178,10 +188,6 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         if longest + max_new_tokens > context:
             raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
                              f"{what}'s max_position_embeddings={context}")
-    if max_new_tokens == 0:
-        return GenerateOutput([[] for _ in rows], [""] * len(rows) if model.tokenizer else None,
-                              Stats(0, 0, 1.0, 0.0, 0.0, 0.0))
-
     batch = steps.bucket(len(rows))
     slots = steps.cache_bucket(cfg, longest + max_new_tokens)
     prompt_bucket = min(steps.bucket(longest, steps.MIN_PROMPT_BUCKET), slots)
@@ -203,6 +209,9 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         drafter, dparams, dstate = speculative.build(model, batch, slots)
         if drafter is not None:  # the verify step scores the pending token and every draft slot
             check_draft_window(type(speculative).__name__, drafter.num_tokens, cfg.max_position_embeddings)
+    if max_new_tokens == 0:  # after every check, so that a bad call fails the same way at any length
+        return GenerateOutput([[] for _ in rows], [""] * len(rows) if model.tokenizer else None,
+                              Stats(0, 0, 1.0, 0.0, 0.0, 0.0))
 
     start = time.perf_counter()
     cache = init_cache(cfg, batch, slots, model.dtype)

@@ -79,7 +79,8 @@ def _resolve(path_or_name) -> Path:
                                   f"or one of the shipped names {SHIPPED_CHECKPOINTS})")
 
 
-def _read_tokenizer(directory: Path):
+def read_tokenizer(directory: Path):
+    """The folder's tokenizer.json as a `tokenizers.Tokenizer` (None without one)."""
     from tokenizers import Tokenizer
     path = directory / "tokenizer.json"
     if not path.is_file():
@@ -102,7 +103,7 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
     """
     if attn_impl is None:
         attn_impl = "xla"
-    if attn_impl not in ATTN_IMPLS:
+    if not isinstance(attn_impl, str) or attn_impl not in ATTN_IMPLS:  # (an array's `in` compares elementwise)
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS} or None, got {attn_impl!r}")
     if mesh is not None:
         check_mesh(mesh)
@@ -113,7 +114,7 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
     params = storage.read_params(directory, cast)
     storage.check_params(directory, cfg, params)
     cfg = dataclasses.replace(cfg, attn_impl=attn_impl)
-    return on_mesh(Model(config=cfg, params=params, tokenizer=_read_tokenizer(directory)), mesh)
+    return on_mesh(Model(config=cfg, params=params, tokenizer=read_tokenizer(directory)), mesh)
 
 
 def check_mesh(mesh) -> None:
@@ -121,6 +122,7 @@ def check_mesh(mesh) -> None:
         raise ValueError(f"mesh must be a jax.sharding.Mesh (jaxdec.make_mesh) or None, got {mesh!r:.80}")
     if tuple(mesh.axis_names) != sharding.AXES:
         raise ValueError(f"mesh axes must be {sharding.AXES} (jaxdec.make_mesh), got {tuple(mesh.axis_names)}")
+    sharding.check_distinct(list(mesh.devices.flat), "mesh")
     # Every process runs the same program over the mesh (README, "Sharding"), so each must hold
     # a part of it; checked alike on every process, so that all of them stop here together.
     held = sorted({d.process_index for d in mesh.devices.flat})

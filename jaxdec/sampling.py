@@ -39,6 +39,9 @@ class SamplingParams:
         for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
             if not is_real(value):
                 raise ValueError(f"{name} must be a real number, got {value!r}")
+        # NumPy floats as Python floats: compared with a float16, float32's largest value would
+        # be cast to float16's inf, and float16's inf would pass for finite.
+        temperature, top_p, min_p = (float(v) if isinstance(v, np.floating) else v for v in (temperature, top_p, min_p))
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
         # An infinite one (or one past float32's range, which becomes inf on the device) would
@@ -55,6 +58,10 @@ class SamplingParams:
         # A top_k at or above the vocabulary keeps every token, so a larger one than int32 holds
         # (top_k=10**12) means the same as 2**31 - 1 rather than an OverflowError.
         top_k = min(int(top_k), 2**31 - 1)
+        # Any top_p up to float32's smallest normal number keeps the same set, the most likely
+        # token(s); a smaller one would become 0 on the device (or be flushed to it), and a cut
+        # whose mass is 0 would keep no token at all.
+        top_p = max(top_p, float(np.finfo(np.float32).tiny))
         return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p))
 
 

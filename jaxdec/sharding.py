@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from collections.abc import Iterable
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -41,6 +43,14 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
         if not is_int(n) or n < 1:
             raise ValueError(f"make_mesh: {name} must be an integer >= 1, got {n!r}")
     where = "available" if devices is None else "given"
+    if devices is not None:
+        if isinstance(devices, (str, bytes)) or not isinstance(devices, Iterable):
+            raise ValueError(f"make_mesh: devices must be a list of JAX devices (jax.devices()), got {devices!r:.60}")
+        devices = list(devices)
+        for device in devices:
+            if not isinstance(device, jax.Device):
+                raise ValueError(f"make_mesh: devices must be JAX devices (jax.devices()), got {device!r:.60}")
+        check_distinct(devices, "make_mesh: devices")
     devices = list(jax.devices()[:data * model] if devices is None else devices)
     if data * model != len(devices):
         verb = "is" if len(devices) == 1 else "are"
@@ -49,6 +59,15 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
                          f"({devices[0].platform if devices else 'none'}); "
                          f"on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices")
     return Mesh(np.asarray(devices, dtype=object).reshape(data, model), AXES)
+
+
+def check_distinct(devices: list, what: str) -> None:
+    """ValueError for a device listed twice: jax.sharding.Mesh takes one, and placing arrays on
+    such a mesh fails only later, inside XLA."""
+    seen = set()
+    twice = next((d for d in devices if d in seen or seen.add(d)), None)
+    if twice is not None:
+        raise ValueError(f"{what} lists device {twice} more than once: each device holds one part of the mesh")
 
 
 def check_one_process(what: str) -> None:

@@ -33,7 +33,10 @@ def parse_dtype(dtype) -> jnp.dtype | None:
     """None, "float32" or "bfloat16" (or the jnp dtypes) -> a jnp dtype or None."""
     if dtype is None:
         return None
-    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    try:  # a type (jnp.bfloat16, np.float32) or a dtype; numpy's TypeError for anything else (5, True)
+        name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    except TypeError:
+        name = None
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
     return jnp.dtype(DTYPES[name])
@@ -65,6 +68,10 @@ def check_destination(dst, overwrite: bool) -> Path:
         raise ConversionError(f"destination {dst} is a file, not a folder: give the folder to write")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise ConversionError(f"destination {dst} exists and is not empty (pass --overwrite to replace it)")
+    # Checked before the work, not found when the folder is made at the end.
+    ancestor = next(p for p in dst.absolute().parents if p.exists())
+    if not dst.exists() and not ancestor.is_dir():
+        raise ConversionError(f"destination {dst} cannot be made: {ancestor} is a file")
     return dst
 
 
@@ -86,8 +93,11 @@ def written_atomically(dst):
     folder replaces `dst` (or is removed, if the block raised). A failed or interrupted export
     leaves the old `dst` (or no `dst`), never a half-written one."""
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    except OSError as err:  # a read-only or missing file system, no permission
+        raise ConversionError(f"cannot write {dst}: {err}") from err
     umask = os.umask(0o022)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would stay with the export: the mode mkdir gives

@@ -54,7 +54,7 @@ from jaxdec import storage
 from jaxdec.cli import COUNT, POSITIVE, RATE, WEIGHT
 from jaxdec.config import ModelConfig
 from jaxdec.corpus import BOS_ID, DEFAULT_VOCAB_SIZE, EOS_ID, batch_at, eval_windows, prepare
-from jaxdec.loading import _read_tokenizer, _resolve
+from jaxdec.loading import _resolve, read_tokenizer
 from jaxdec.model import init_params, sequence_logits
 from jaxdec.sampling import SamplingParams
 
@@ -388,7 +388,7 @@ def load_teacher(name, workdir: Path, vocab_size: int):
     teacher = jaxdec.load(name, dtype="float32")
     if teacher.config.vocab_size != vocab_size:
         raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != the corpus's {vocab_size}")
-    if teacher.tokenizer is not None and teacher.tokenizer.get_vocab() != _read_tokenizer(workdir).get_vocab():
+    if teacher.tokenizer is not None and teacher.tokenizer.get_vocab() != read_tokenizer(workdir).get_vocab():
         raise ValueError(f"teacher {name} has another tokenizer than {workdir / 'tokenizer.json'}")
     return teacher
 

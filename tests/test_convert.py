@@ -482,6 +482,26 @@ def _tensor_in_two_shards(src, dst):
     save_file({**load_file(first), name: extra[name]}, first, metadata={"format": "pt"})
 
 
+def _index_not_an_object(src, dst):
+    (src / "model.safetensors.index.json").write_text('["model.safetensors"]')
+
+
+def _index_names_no_file(src, dst):
+    _edit_json(src / "model.safetensors.index.json", weight_map={"model.norm.weight": None})
+
+
+def _config_not_utf8(src, dst):  # an AttributeError, a TypeError and a UnicodeDecodeError, each with a traceback
+    (src / "config.json").write_bytes(b"\xff\xfe{}")
+
+
+def _corrupt_tokenizer(src, dst):  # copied as it was, and jaxdec.load then refused the converted folder
+    (src / "tokenizer.json").write_text("{")
+
+
+def _eos_outside_the_vocabulary(src, dst):  # every generate() then refused its default stop ids
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": VOCAB_SIZE + 99}))
+
+
 def _rope_parameters_not_an_object(src, dst):
     _edit_json(src / "config.json", rope_parameters="llama3")
 
@@ -516,6 +536,12 @@ REFUSALS = {  # name: (source, break it, what the one stderr line must say)
     "config-not-an-object": ("single", _config_not_an_object, r"config\.json is not a JSON object"),
     "no-config": ("single", _no_config, r"has no config\.json$"),
     "empty-weight-map": ("sharded", _empty_weight_map, r"model\.safetensors\.index\.json has an empty weight_map"),
+    "index-not-an-object": ("sharded", _index_not_an_object, r"model\.safetensors\.index\.json is damaged"),
+    "index-names-no-file": ("sharded", _index_names_no_file, r"model\.safetensors\.index\.json is damaged"),
+    "config-not-utf8": ("single", _config_not_utf8, r"cannot read .*config\.json: 'utf-8' codec can't decode"),
+    "corrupt-tokenizer": ("single", _corrupt_tokenizer, r"unreadable tokenizer .*tokenizer\.json"),
+    "eos-outside-the-vocabulary": ("single", _eos_outside_the_vocabulary,
+                                   rf"eos_token_id {VOCAB_SIZE + 99} is outside the vocabulary \[0, vocab_size={VOCAB_SIZE}\)"),
     "tensor-in-two-shards": ("sharded", _tensor_in_two_shards, r"tensor 'model\..*' appears twice in the weight files"),
     "rope-parameters-not-an-object": ("single", _rope_parameters_not_an_object,
                                       r"rope_parameters must be an object of RoPE settings or null, got 'llama3'"),
@@ -570,6 +596,42 @@ def test_a_file_is_not_a_destination(tmp_path, write, overwrite):
     with pytest.raises(ConversionError, match=rf"destination {re.escape(str(dst))} is a file, not a folder"):
         run()
     assert dst.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == [dst.name, "src"]
+
+
+@pytest.mark.parametrize("write", ["convert", "export"])
+def test_a_destination_below_a_file_is_refused_before_the_work(tmp_path, write, monkeypatch):
+    """It used to fail with a FileExistsError traceback when the folder was made, at the end."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "a_file").write_bytes(b"precious")
+    dst = tmp_path / "a_file" / "out"
+    monkeypatch.setattr(storage, "written_atomically", None)  # not reached
+    run = {"convert": lambda: convert(tmp_path / "src", dst, progress=False),
+           "export": lambda: export("demo-draft", dst, progress=False)}[write]
+    with pytest.raises(ConversionError, match=rf"destination {re.escape(str(dst))} cannot be made: .*a_file is a file"):
+        run()
+    assert (tmp_path / "a_file").read_bytes() == b"precious"
+
+
+def test_a_destination_that_cannot_be_written_is_one_line(single, tmp_path, monkeypatch, capsys):
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(storage.tempfile, "mkdtemp", refused)
+    assert main([str(single), str(tmp_path / "out")]) == 1
+    assert re.fullmatch(r"jaxdec\.convert: error: cannot write .*out: \[Errno 13\] Permission denied\n",
+                        capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["the source", "its parent"])
+def test_the_source_is_never_the_destination(variant, tmp_path, where):
+    """--overwrite replaces the destination: given the source (or a folder holding it), that
+    deleted the Hugging Face weights."""
+    src = variant(name="hf")
+    before = sorted(p.name for p in src.iterdir())
+    dst = src if where == "the source" else tmp_path
+    with pytest.raises(ConversionError, match=rf"destination {re.escape(str(dst))} is or holds the source folder"):
+        convert(src, dst, overwrite=True, progress=False)
+    assert sorted(p.name for p in src.iterdir()) == before
 
 
 def test_export_refuses_draft_heads(tmp_path):

@@ -40,6 +40,10 @@ def named(value) -> str:
     ([{"ids": [1]}], r"prompt 0 .*ids"),
     # bytes that were not UTF-8, decoded with errors="surrogateescape" (argv, a C-locale stdin)
     (["ok", "x\udcff"], r"prompt 1 is not valid text: surrogates not allowed '\\udcff' at character 1"),
+    # bytes are sequences of ints: they were read as token ids, one per byte
+    ([b"def f"], r"prompt 0 is bytes \(b'def f'\), not token ids: decode it"),
+    ([[1, 2], bytearray(b"x")], r"prompt 1 is bytes \(b'x'\)"),
+    ([memoryview(b"ab")], r"prompt 0 is bytes \(b'ab'\)"),
 ])
 def test_malformed_prompts(llama, prompts, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -77,6 +81,19 @@ def test_numpy_token_ids_are_checked_too(llama):
         jaxdec.generate(llama, [np.array([1, VOCAB_SIZE], np.int64)], max_new_tokens=4)
 
 
+def test_text_that_encodes_past_the_vocabulary(llama):
+    """A tokenizer with more tokens than the model has embeddings (added tokens): the ids used
+    to reach XLA, which reads some embedding for them, and decoded garbage."""
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_str(llama.tokenizer.to_str())
+    tokenizer.add_tokens([f"<extra{i}>" for i in range(VOCAB_SIZE + 2 - tokenizer.get_vocab_size())])
+    extra = f"<extra{VOCAB_SIZE + 1 - llama.tokenizer.get_vocab_size()}>"
+    assert tokenizer.token_to_id(extra) == VOCAB_SIZE + 1
+    with pytest.raises(ValueError, match=rf"prompt 1 \('a {extra}'\) encodes to token id {VOCAB_SIZE + 1} outside "
+                                         rf"the vocabulary \[0, {VOCAB_SIZE}\): the tokenizer has tokens the model"):
+        jaxdec.generate(dataclasses.replace(llama, tokenizer=tokenizer), ["ok", f"a {extra}"], max_new_tokens=4)
+
+
 def test_text_prompt_without_tokenizer(llama):
     bare = dataclasses.replace(llama, tokenizer=None)
     with pytest.raises(ValueError, match=r"'hello world'.*tokenizer"):
@@ -92,7 +109,9 @@ def test_text_prompt_without_tokenizer(llama):
 
 
 @pytest.mark.parametrize("prompt_len, max_new", [(200, 57), (MAX_POSITIONS, 1), (1, MAX_POSITIONS),
-                                                 (MAX_POSITIONS + 1, 0)])
+                                                 (MAX_POSITIONS + 1, 0),
+                                                 # 200 + 32767 wrapped around in int16, to a length that fit
+                                                 (200, np.int16(32767))])
 def test_prompt_plus_max_new_tokens_too_long(llama, prompt_len, max_new):
     prompts = [[3] * min(prompt_len, 5), [3] * prompt_len]  # the longest row counts
     with pytest.raises(ValueError, match=rf"{prompt_len} tokens.*max_new_tokens={max_new}.*{MAX_POSITIONS}"):
@@ -124,6 +143,12 @@ def test_draft_window_longer_than_the_model(llama, method):
         jaxdec.generate(llama, OK, max_new_tokens=4, speculative=method(llama, MAX_POSITIONS))
 
 
+def test_a_bad_method_is_refused_with_no_new_tokens_too(llama):
+    """max_new_tokens=0 returned before the method was checked against the model."""
+    with pytest.raises(ValueError, match=r"skipped layer index 99 is out of range"):
+        jaxdec.generate(llama, OK, max_new_tokens=0, speculative=jaxdec.spec.LayerSkip([99]))
+
+
 @pytest.mark.parametrize("bad", [True, "print", [print]])
 def test_on_progress_that_is_not_a_function(llama, bad):
     with pytest.raises(ValueError, match=rf"on_progress .*{named(bad)}"):
@@ -143,6 +168,7 @@ def test_bad_max_new_tokens(llama, bad):
 @pytest.mark.parametrize("name, bad", [
     ("temperature", -0.5), ("temperature", -1e-9), ("temperature", float("nan")), ("temperature", "0.7"),
     ("temperature", None), ("temperature", float("inf")), ("temperature", 1e39), ("temperature", True),
+    ("temperature", np.float16("inf")),  # compared with float32's largest, cast to float16: inf, so not larger
     ("top_p", 0.0), ("top_p", -0.1), ("top_p", 1.5), ("top_p", float("nan")), ("top_p", None),
     ("top_k", -1), ("top_k", 2.5), ("top_k", "5"), ("top_k", None),
     ("min_p", -0.1), ("min_p", 1.5), ("min_p", float("nan")), ("min_p", False),
@@ -188,6 +214,7 @@ def test_bad_stop_token_ids(llama, bad, pattern):
     ([1, 2.5], named(2.5)),
     ([1] * (MAX_POSITIONS + 1), rf"{MAX_POSITIONS + 1} tokens.*{MAX_POSITIONS}"),
     ("hello", r"text"),
+    (bytearray(b"\x05\x06"), r"token_ids is bytes"),  # bytes was refused, bytearray read as ids
     (None, r"None"),
     (5, r"token_ids must be a sequence of token ids.*\b5\b"),
     (np.array([[1, 2]]), r"token_ids has token id \[1, 2\], not an integer"),  # a batch: logits scores one row
@@ -223,6 +250,9 @@ def test_load_something_that_is_not_a_path(load, bad):
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(dtype="float16"), r"float16"), (dict(dtype="int8"), r"int8"), (dict(dtype=np.float16), r"float16"),
     (dict(attn_impl="bogus"), r"bogus"),
+    # numpy's TypeError ("Cannot interpret '5' as a data type"), and an array whose `in` compares elementwise
+    (dict(dtype=5), r"dtype must be one of .* got 5"), (dict(dtype=True), r"dtype must be one of .* got True"),
+    (dict(attn_impl=np.array("xla")), r"attn_impl must be one of .* got array\('xla'"),
 ])
 def test_load_bad_options(converted_dirs, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -291,6 +321,8 @@ def test_the_undamaged_copy_loads(checkpoint):
     (lambda d: _edit_config(d, eos_token_id="x"), r"eos_token_id must be a token id, a list of them or null, got 'x'"),
     (lambda d: _edit_config(d, eos_token_id=[2.5]), r"eos_token_id must hold token ids .* got 2\.5"),
     (lambda d: _edit_config(d, bos_token_id="x"), r"bos_token_id must hold token ids .* got 'x'"),
+    (lambda d: _edit_config(d, eos_token_id=[2, VOCAB_SIZE]),
+     rf"eos_token_id {VOCAB_SIZE} is outside the vocabulary \[0, vocab_size={VOCAB_SIZE}\)"),
     # RoPE settings that failed in tracing with a bare KeyError, or decoded NaN (factor 0)
     (lambda d: _edit_config(d, rope_scaling={"rope_type": "linear"}), r"rope_type='linear' needs factor .* got None"),
     (lambda d: _edit_config(d, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

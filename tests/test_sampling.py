@@ -146,6 +146,15 @@ def test_top_k_beyond_int32_keeps_every_token():
                                       np.asarray(_probabilities(logits, _params(top_k=0))))
 
 
+def test_top_p_below_float32s_normal_range_keeps_the_likeliest():
+    """A top_p of 1e-40 is in (0, 1], but on the device it became 0 (or was flushed to it) and
+    the cut kept no token: every draw was token 0."""
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(3, 50)), jnp.float32)
+    for top_p in (1e-40, 5e-324, np.float64(1e-45)):
+        probs = np.asarray(_probabilities(logits, _params(top_p=top_p)))
+        np.testing.assert_array_equal(probs, np.eye(50)[np.argmax(np.asarray(logits), axis=-1)])
+
+
 def test_masked_logits_stay_impossible():
     """-inf logits (a masked vocabulary) never get probability, whatever the filters."""
     logits = jnp.array([0.0, -jnp.inf, 1.0, -jnp.inf, 0.5, 0.5], jnp.float32)

@@ -216,6 +216,16 @@ def test_mesh_errors():
         jaxdec.make_mesh(model=2, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="model must be an integer"):
         jaxdec.make_mesh(data=8, model=0)
+    # A device twice made a mesh that failed in XLA at the first step; the others, an
+    # AttributeError or TypeError that named nothing.
+    d = jax.devices()[0]
+    with pytest.raises(ValueError, match="make_mesh: devices lists device .*0 more than once"):
+        jaxdec.make_mesh(data=2, devices=[d, d])
+    with pytest.raises(ValueError, match="mesh lists device .*0 more than once"):
+        jaxdec.load("demo-draft", mesh=jax.sharding.Mesh(np.asarray([d, d], dtype=object).reshape(2, 1), sharding.AXES))
+    for bad in ("ab", 5, [None]):
+        with pytest.raises(ValueError, match=r"make_mesh: devices must be .*JAX devices .*got ('ab'|5|None)"):
+            jaxdec.make_mesh(devices=bad)
     with pytest.raises(ValueError, match="data=N,model=M"):
         sharding.parse_mesh("data=2,pipe=4")
     assert sharding.parse_mesh("model=8") == (1, 8)
