@@ -148,6 +148,9 @@ def prompt_ids(tokenizer, prompt: dict, context: int, filler=(), max_tokens: int
     whole prompt (context and task), cutting the context's front."""
     task = tokenizer.encode(prompt["task"]).ids
     if max_tokens is not None:
+        if len(task) > max_tokens:  # the callers' room: the model's positions less --max-new-tokens
+            raise ValueError(f"--max-new-tokens leaves room for prompts of {max_tokens} tokens in the model's "
+                             f"positions, but a task alone has {len(task)}")
         context = max(0, min(context, max_tokens - len(task)))
     text = prompt["context"]
     ids = tokenizer.encode(text).ids
@@ -372,7 +375,8 @@ def main(argv=None):
             for context in contexts:
                 # The prompt plus the new tokens must fit the model's positions.
                 room = target.config.max_position_embeddings - args.max_new_tokens
-                prompts = category_prompts(target.tokenizer, texts, args.num_prompts, context, room)
+                with refused_in_one_line(parser):
+                    prompts = category_prompts(target.tokenizer, texts, args.num_prompts, context, room)
                 used = [len(ids) - len(target.tokenizer.encode(p["task"]).ids)
                         for ids, p in zip(prompts, texts)]
                 if min(used) < context:

@@ -112,7 +112,8 @@ def main(argv=None):
         if target.tokenizer is None:
             raise ValueError(f"--target {args.target!r} has no tokenizer; the prompts are text")
     room = target.config.max_position_embeddings - args.max_new_tokens
-    prompts = category_prompts(target.tokenizer, texts, args.num_prompts, args.context, room)
+    with refused_in_one_line(parser):
+        prompts = category_prompts(target.tokenizer, texts, args.num_prompts, args.context, room)
     outputs = jaxdec.generate(target, prompts, max_new_tokens=args.max_new_tokens).tokens
     reads = draft_reads(draft, prompts, outputs)
     rows = []

@@ -90,7 +90,8 @@ def main(argv=None):
     rate = lambda timings: sum(n for n, _ in timings) / sum(s for _, s in timings)  # pooled over the batches
     progress = tqdm(total=len(contexts) * (1 + len(methods)), desc="lossy agreement")
     for context in contexts:
-        prompts = category_prompts(target.tokenizer, texts, args.num_prompts, context, room)
+        with refused_in_one_line(parser):
+            prompts = category_prompts(target.tokenizer, texts, args.num_prompts, context, room)
         dense, dense_runs = [], []
         for start in range(0, len(prompts), args.batch_size):
             tokens, run = timed(target, prompts[start:start + args.batch_size], args.max_new_tokens, None)

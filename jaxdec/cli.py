@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import signal
 import sys
@@ -29,11 +30,15 @@ import threading
 
 def at_least(low, kind=int, strict=False):
     """An argparse type: a `kind` >= low (> low if strict), so a bad count or rate fails in one
-    line before any work (the training and benchmark commands use these too)."""
+    line before any work (the training and benchmark commands use these too). Floats must be
+    finite (a learning rate of inf trains to NaN weights) and integers below 2**31 (larger
+    ones overflowed inside JAX as a traceback)."""
     def parse(text):
         value = kind(text)  # a ValueError here is argparse's "invalid int value"
         if not (value > low if strict else value >= low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        if not (math.isfinite(value) if kind is float else value < 2**31):
+            raise argparse.ArgumentTypeError(f"must be {'finite' if kind is float else 'below 2**31'}, got {text}")
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -42,6 +47,13 @@ def at_least(low, kind=int, strict=False):
 # Integers >= 1 and >= 0; floats > 0 (learning rates) and >= 0 (weights of losses, decays).
 POSITIVE, COUNT, RATE = at_least(1), at_least(0), at_least(0.0, float, strict=True)
 WEIGHT = at_least(0.0, float)
+
+
+def FOLDER(text):  # noqa: N802 - an argparse type, named as the others
+    """An argparse type: a folder path that is not empty ("" would be the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}")
+    return text
 
 METHODS = ("ar", "draft", "pearl", "tree", "static", "medusa", "eagle", "layerskip", "sparse", "triforce", "lookup")
 DEMO_PROMPT = "def fibonacci(n):"
@@ -117,7 +129,7 @@ def tree_shape(text: str, flag: str = "--tree") -> tuple[int, int, int]:
     """"DEPTHxTOP_KxMAX_NODES" -> (depth, top_k, max_nodes), each >= 1 (benchmarks/verify_cost.py's
     --tree-rounds reads them so too); a ValueError naming `flag` and the text otherwise."""
     parts = text.lower().split("x")
-    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 3 or not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
         raise ValueError(f"{flag} must be DEPTHxTOP_KxMAX_NODES of positive integers, e.g. 5x4x32, got {text!r}")
     return tuple(int(p) for p in parts)
 
@@ -128,7 +140,7 @@ def tree_paths(words) -> list[tuple[int, ...]]:
     paths = []
     for word in words:
         ranks = word.split(".")
-        if not all(r.isdigit() for r in ranks):
+        if not all(r.isdecimal() for r in ranks):
             raise ValueError(f"--paths: each node is child ranks joined by dots, e.g. 0 1 0.0 0.1, got {word!r}")
         paths.append(tuple(int(r) for r in ranks))
     return paths

@@ -128,8 +128,7 @@ def convert(src, dst, *, dtype: str | None = None, overwrite: bool = False,
         raise ConversionError(f"source {src} is a file, not a model folder" if src.exists()
                               else f"source folder {src} does not exist")
     storage.check_destination(dst, overwrite)
-    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:  # --overwrite would delete it
-        raise ConversionError(f"destination {dst} is or holds the source folder {src}: choose another folder")
+    storage.check_not_source(dst, src)
     if dtype is not None and dtype not in storage.DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(storage.DTYPES)}, got {dtype!r}")
     if not (src / "config.json").is_file():

@@ -104,6 +104,22 @@ def _check_same_corpus(info: dict, info_path: Path, vocab_size, corpus_root, inc
                              f"leave it out, or use another --workdir")
 
 
+def _check_work_folder(workdir: Path, info_path: Path) -> None:
+    """ValueError for a --workdir that preparing would write into wrongly: a file, a folder
+    below a file, a checkpoint (its tokenizer.json would be replaced), or a folder with a
+    tokenizer.json of its own but no corpus.json."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} is a file, not a folder")
+    storage.check_makeable(workdir)
+    for marker in (storage.CONFIG_FILE, storage.HEADS_FILE):
+        if (workdir / marker).is_file():
+            raise ValueError(f"--workdir {workdir} is a checkpoint ({marker}), not a work folder: preparing it would "
+                             f"replace its tokenizer.json; give a new folder")
+    if not info_path.exists() and (workdir / "tokenizer.json").exists():
+        raise ValueError(f"--workdir {workdir} holds a tokenizer.json but no corpus.json: not a work folder of "
+                         f"jaxdec.train (or one whose preparation was cut short); give a new folder")
+
+
 def prepare(workdir: Path, vocab_size: int | None = None, corpus_root=None, include_tests: bool | None = None,
             log=functools.partial(print, flush=True)) -> dict:
     """Trains the tokenizer and tokenizes the corpus into `workdir` (once; then reused).
@@ -113,8 +129,15 @@ def prepare(workdir: Path, vocab_size: int | None = None, corpus_root=None, incl
     """
     workdir = Path(workdir)
     info_path = workdir / "corpus.json"
+    _check_work_folder(workdir, info_path)
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {info_path}: {err}") from None
+        if not isinstance(info, dict) or not {"vocab_size", "stdlib", "include_tests"} <= info.keys():
+            raise ValueError(f"{info_path} is damaged (no vocab_size, stdlib or include_tests): prepare a new "
+                             f"--workdir")
         _check_same_corpus(info, info_path, vocab_size, corpus_root, include_tests)
         return info
     vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size

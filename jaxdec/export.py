@@ -70,6 +70,7 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True) -> Path:
     storage.check_destination(dst, overwrite)
     try:
         directory = _resolve(src)
+        storage.check_not_source(dst, directory)
         storage.refuse_heads(directory, "only models have a Hugging Face form")
         cfg, dtype = storage.read_config(directory)
         params = storage.read_params(directory)

@@ -69,6 +69,12 @@ class HeadsConfig:
             raise ValueError(f"heads accuracy entries are shares in [0, 1], got {bad!r}")
         if self.kind == "eagle" and self.layer is None:
             raise ValueError("EAGLE heads need the layer's config")
+        # The layer reads the target's features and the target's embeddings of the same width;
+        # another width failed in JAX, as a TypeError about broadcasting.
+        if self.layer is not None and (self.layer.hidden_size, self.layer.vocab_size) != (self.hidden_size,
+                                                                                         self.vocab_size):
+            raise ValueError(f"the EAGLE layer's hidden_size={self.layer.hidden_size} and vocab_size="
+                             f"{self.layer.vocab_size} differ from the heads' {self.hidden_size} and {self.vocab_size}")
 
     @classmethod
     def medusa(cls, target: ModelConfig, num_heads: int, tree=()) -> "HeadsConfig":

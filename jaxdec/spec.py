@@ -81,6 +81,8 @@ class DraftModel:
     def build(self, target: Model, batch_size: int, num_slots: int):
         """(static drafter, draft params, draft state) for `target`."""
         _check_draft_model("DraftModel", self.model, target)
+        # Before the state below: a num_tokens past int64 would be an OverflowError there.
+        check_draft_window("DraftModel", int(self.num_tokens), target.config.max_position_embeddings)
         same = self.model.params is target.params
         drafter = DraftModelDrafter(self.model.config, int(self.num_tokens), float(self.confidence_threshold),
                                     bool(self.adaptive_schedule), drafts_with_target=same)

@@ -68,11 +68,24 @@ def check_destination(dst, overwrite: bool) -> Path:
         raise ConversionError(f"destination {dst} is a file, not a folder: give the folder to write")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise ConversionError(f"destination {dst} exists and is not empty (pass --overwrite to replace it)")
-    # Checked before the work, not found when the folder is made at the end.
-    ancestor = next(p for p in dst.absolute().parents if p.exists())
-    if not dst.exists() and not ancestor.is_dir():
-        raise ConversionError(f"destination {dst} cannot be made: {ancestor} is a file")
+    check_makeable(dst, ConversionError)
     return dst
+
+
+def check_makeable(folder, error=ValueError) -> None:
+    """`error` when the folder does not exist and cannot be made because a file stands where
+    one of its parents would: checked before the work, not found when the folder is made at the end."""
+    folder = Path(folder)
+    ancestor = next(p for p in folder.absolute().parents if p.exists())
+    if not folder.exists() and not ancestor.is_dir():
+        raise error(f"{folder} cannot be made: {ancestor} is a file")
+
+
+def check_not_source(dst, src) -> None:
+    """ConversionError when `dst` is `src` or a folder holding it: writing it replaces the
+    whole folder (with --overwrite), the source with it."""
+    if Path(dst).resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
+        raise ConversionError(f"destination {dst} is or holds the source folder {src}: choose another folder")
 
 
 def check_replaceable(directory, marker: str) -> Path:
@@ -84,6 +97,7 @@ def check_replaceable(directory, marker: str) -> Path:
                                                           or (directory / marker).is_file())):
         raise ValueError(f"{directory} exists and is not an export of this kind (no {marker}): "
                          f"refusing to replace it; choose another output folder")
+    check_makeable(directory)
     return directory
 
 

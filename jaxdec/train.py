@@ -51,7 +51,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from jaxdec import storage
-from jaxdec.cli import COUNT, POSITIVE, RATE, WEIGHT
+from jaxdec.cli import COUNT, FOLDER, POSITIVE, RATE, WEIGHT
 from jaxdec.config import ModelConfig
 from jaxdec.corpus import BOS_ID, DEFAULT_VOCAB_SIZE, EOS_ID, batch_at, eval_windows, prepare
 from jaxdec.loading import _resolve, read_tokenizer
@@ -361,7 +361,12 @@ def _load_data(workdir: Path, seq_len: int):
     """(train tokens, held-out tokens, corpus.json) of the work folder, long enough for windows
     of `seq_len` + 1 tokens: every epoch of training windows non-empty, and a held-out window
     and probe window to evaluate on."""
-    train_tokens, held_tokens = np.load(workdir / "train_tokens.npy"), np.load(workdir / "held_out_tokens.npy")
+    def tokens(name):
+        try:
+            return np.load(workdir / name)  # pickles are refused (allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {workdir / name}: {err}") from None
+    train_tokens, held_tokens = tokens("train_tokens.npy"), tokens("held_out_tokens.npy")
     # An epoch starts at a random offset < seq_len, then needs seq_len + 1 tokens.
     if train_tokens.size < 2 * seq_len:
         raise ValueError(f"--seq-len {seq_len} needs at least {2 * seq_len} training tokens, but {workdir} holds "
@@ -379,6 +384,19 @@ def run_folder(workdir: Path, run: str) -> Path:
     if not run or Path(run).name != run or run in (".", ".."):
         raise ValueError(f"--run must be a folder name inside --workdir, got {run!r}")
     return workdir / run
+
+
+def discard_run(run_dir: Path) -> None:
+    """--fresh: removes the run's folder, but only one that holds a run (run.json and
+    checkpoints, what train_run writes) or nothing: the name may be a folder of the user's."""
+    if not run_dir.exists():
+        return
+    strangers = sorted(p.name for p in run_dir.iterdir() if p.name not in ("run.json", "checkpoints")) \
+        if run_dir.is_dir() else [run_dir.name]
+    if strangers:
+        raise ValueError(f"--fresh: {run_dir} is not only a training run (it holds {', '.join(strangers[:3])}); "
+                         f"refusing to delete it: give another --run")
+    shutil.rmtree(run_dir)
 
 
 def load_teacher(name, workdir: Path, vocab_size: int):
@@ -420,7 +438,7 @@ def run_stage(kind: str, args) -> dict:
             raise ValueError(f"--init {opts.init} holds a model of config {init.config.to_dict()}, but the sizes "
                              f"given (--hidden, --layers, ...) make {cfg.to_dict()}")
     if args.fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        discard_run(run_dir)
     counts = param_counts(cfg)
     print(f"{kind}: {json.dumps(counts)}", flush=True)
     if teacher is not None:
@@ -479,7 +497,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--workdir", required=True, help="work folder: tokenized corpus and resumable runs")
+        p.add_argument("--workdir", required=True, type=FOLDER, help="work folder: tokenized corpus and resumable runs")
         # The corpus settings: a prepared work folder's own unless given (then they must match).
         p.add_argument("--vocab-size", type=POSITIVE, default=None,
                        help=f"default: the work folder's, else {DEFAULT_VOCAB_SIZE}")
@@ -516,7 +534,7 @@ def main(argv=None) -> int:
         p.add_argument("--log-every", type=POSITIVE, default=25)
         p.add_argument("--eval-windows", type=POSITIVE, default=1024,
                        help="held-out windows of --seq-len tokens to evaluate (at most all of them)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=COUNT, default=0)
         p.add_argument("--fresh", action="store_true", help="discard this run's checkpoints first")
         p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     from jaxdec import train_heads

@@ -35,7 +35,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -200,7 +199,7 @@ def run_heads_stage(kind: str, args) -> dict:
     batches, generations = on_policy.training_data(teacher, train_tokens, held_tokens, workdir, run_dir.name, opts,
                                                    args.eval_generations, not args.no_progress)
     if args.fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        train.discard_run(run_dir)
     params, info = train.train_run(run_dir, None, train_tokens, opts, teacher=teacher, progress=not args.no_progress,
                                    objective=objective, init_params=None if init is None else init.params,
                                    batches=batches)
@@ -269,6 +268,6 @@ def add_commands(sub, common) -> None:
         p.add_argument("--save-every", type=POSITIVE, default=50)
         p.add_argument("--log-every", type=POSITIVE, default=25)
         p.add_argument("--eval-windows", type=POSITIVE, default=64, help="held-out windows for the accuracies")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=COUNT, default=0)
         p.add_argument("--fresh", action="store_true", help="discard this run's checkpoints first")
         p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")

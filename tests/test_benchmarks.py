@@ -227,6 +227,13 @@ def test_every_benchmark_with_out_is_checked():
     ("draft_agreement", ["--draft", "demo-medusa"], r"holds draft heads, not a model"),
     ("draft_agreement", ["--confidence-thresholds", "0", "-0.5"], r"argument --confidence-thresholds: must be >= 0"),
     ("draft_agreement", ["--num-tokens", "4", "0"], r"argument --num-tokens: must be >= 1"),
+    # no room left for a prompt in the model's positions: a ValueError traceback from generate
+    ("draft_agreement", ["--max-new-tokens", "5000"], r"--max-new-tokens leaves room for prompts of -904 tokens"),
+    ("lossy_agreement", ["--max-new-tokens", "4095", "--context", "16"],
+     r"--max-new-tokens leaves room for prompts of 1 tokens .* a task alone has \d+"),
+    ("decode", ["--max-new-tokens", "4095", "--methods", "ar", "--num-prompts", "1", "--context", "16"],
+     r"--max-new-tokens leaves room for prompts of 1 tokens"),
+    ("sampling_cost", ["--vocab", str(10**20)], r"argument --vocab: must be below 2\*\*31"),  # an OverflowError
 ])
 def test_checkpoints_and_lists_are_refused_in_one_line(module, args, reason, capsys):
     """A missing checkpoint or a bad list was a traceback from deep in the script."""

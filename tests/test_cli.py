@@ -305,6 +305,9 @@ def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, llama_dir):
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "tree",
                                              "--draft", llama_dir, "--tree", "5x0x32"])  # refused here, not by DraftTree
     assert code == 2 and err.strip().endswith("got '5x0x32'") and "positive integers" in err
+    code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "tree",
+                                             "--draft", llama_dir, "--tree", "\u00b2x4x32"])  # '²'.isdigit(), not an int
+    assert code == 2 and err.strip().endswith("got '\u00b2x4x32'") and "positive integers" in err
     code, _, err = run(capsys, monkeypatch, ["generate", "hi", "--model", llama_dir, "--method", "static",
                                              "--draft", llama_dir, "--paths", "0", "0.x"])
     assert code == 2 and err.strip() == ("jaxdec: error: --paths: each node is child ranks joined by dots, "

@@ -607,7 +607,7 @@ def test_a_destination_below_a_file_is_refused_before_the_work(tmp_path, write, 
     monkeypatch.setattr(storage, "written_atomically", None)  # not reached
     run = {"convert": lambda: convert(tmp_path / "src", dst, progress=False),
            "export": lambda: export("demo-draft", dst, progress=False)}[write]
-    with pytest.raises(ConversionError, match=rf"destination {re.escape(str(dst))} cannot be made: .*a_file is a file"):
+    with pytest.raises(ConversionError, match=rf"{re.escape(str(dst))} cannot be made: .*a_file is a file"):
         run()
     assert (tmp_path / "a_file").read_bytes() == b"precious"
 
@@ -622,15 +622,20 @@ def test_a_destination_that_cannot_be_written_is_one_line(single, tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("write", ["convert", "export"])
 @pytest.mark.parametrize("where", ["the source", "its parent"])
-def test_the_source_is_never_the_destination(variant, tmp_path, where):
+def test_the_source_is_never_the_destination(variant, tmp_path, where, write):
     """--overwrite replaces the destination: given the source (or a folder holding it), that
-    deleted the Hugging Face weights."""
-    src = variant(name="hf")
+    deleted the Hugging Face weights, or the checkpoint exported."""
+    if write == "convert":
+        src = variant(name="hf")
+    else:
+        src = shutil.copytree(Path(jaxdec.__file__).parents[1] / "checkpoints" / "demo-draft", tmp_path / "ckpt")
     before = sorted(p.name for p in src.iterdir())
     dst = src if where == "the source" else tmp_path
-    with pytest.raises(ConversionError, match=rf"destination {re.escape(str(dst))} is or holds the source folder"):
-        convert(src, dst, overwrite=True, progress=False)
+    run = {"convert": convert, "export": export}[write]
+    with pytest.raises(ConversionError, match=r"destination .* is or holds the source folder"):
+        run(src, dst, overwrite=True, progress=False)
     assert sorted(p.name for p in src.iterdir()) == before
 
 

@@ -313,6 +313,11 @@ def test_training_command_refuses_bad_settings_before_any_work(tmp_path, capsys,
     refused(capsys, [command, *work, "--lr", "-0.001"], r"--lr: must be > 0.0, got -0.001")
     refused(capsys, [command, *work, "--batch-size", "-2"], r"--batch-size: must be >= 1")
     refused(capsys, [command, *work, "--warmup", "-1"], r"--warmup: must be >= 0")
+    # an infinite rate trained to NaN weights and exported them; a huge count overflowed in JAX
+    refused(capsys, [command, *work, "--lr", "inf"], r"--lr: must be finite, got inf")
+    refused(capsys, [command, *work, "--warmup", str(10**20)], rf"--warmup: must be below 2\*\*31, got {10**20}")
+    refused(capsys, [command, *work, "--seed", "-1"], r"--seed: must be >= 0, got -1")
+    refused(capsys, [command, "--workdir", "", *work[2:]], r"--workdir: must name a folder, got ''")  # not the cwd
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
@@ -324,6 +329,40 @@ def test_training_command_refuses_bad_settings_before_any_work(tmp_path, capsys,
             refused(capsys, [command, *work, "--run", run, "--fresh"], rf"--run must be a folder name.*{re.escape(repr(run))}")
     refused(capsys, [command, *work, "--log-every", "0"], r"--log-every: must be >= 1")
     assert not (tmp_path / "w").exists()
+
+
+def test_a_work_folder_must_be_one(tmp_path, capsys):
+    """Preparing writes tokenizer.json, corpus.json and the tokens into --workdir: a checkpoint
+    given there lost its tokenizer (and decoded garbage after); a file, a damaged corpus.json or
+    a folder below a file ended in a traceback. Each is refused before the corpus is read."""
+    checkpoint = shutil.copytree(Path(jaxdec.__file__).parents[1] / "checkpoints" / "demo-draft", tmp_path / "ckpt")
+    before = (checkpoint / "tokenizer.json").read_bytes()
+    refused(capsys, ["tokenizer", "--workdir", str(checkpoint)], r"--workdir .*ckpt is a checkpoint \(jaxdec_config\.json\)")
+    assert (checkpoint / "tokenizer.json").read_bytes() == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "tokenizer.json").write_bytes(before)
+    refused(capsys, ["tokenizer", "--workdir", str(foreign)], r"holds a tokenizer\.json but no corpus\.json")
+    (tmp_path / "a_file").write_text("keep")
+    refused(capsys, ["tokenizer", "--workdir", str(tmp_path / "a_file")], r"--workdir .*a_file is a file, not a folder")
+    refused(capsys, ["tokenizer", "--workdir", str(tmp_path / "a_file" / "w")], r"w cannot be made: .*a_file is a file")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for text, says in (("{}", r"corpus\.json is damaged"), ("[]", r"corpus\.json is damaged"),
+                       ("garbage", r"cannot read .*corpus\.json: Expecting value")):
+        (damaged / "corpus.json").write_text(text)
+        refused(capsys, ["tokenizer", "--workdir", str(damaged)], says)
+
+
+def test_fresh_deletes_only_a_training_run(tiny_work, capsys):
+    """--fresh removed any folder of the --run's name in the work folder, the user's too."""
+    work, tiny = tiny_work
+    mine = Path(work[work.index("--workdir") + 1]) / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    refused(capsys, ["target", *work, *TINY_DRAFT, "--steps", "1", "--run", "mine", "--fresh"],
+            r"--fresh: .*mine is not only a training run \(it holds notes\.txt\); refusing to delete it")
+    assert (mine / "notes.txt").read_text() == "keep me"
 
 
 def test_exports_do_not_replace_other_folders(tmp_path):

@@ -143,6 +143,12 @@ def test_draft_window_longer_than_the_model(llama, method):
         jaxdec.generate(llama, OK, max_new_tokens=4, speculative=method(llama, MAX_POSITIONS))
 
 
+def test_a_draft_length_past_int64_is_the_window_error(llama):
+    """It was an OverflowError, from the draft state made before the window was checked."""
+    with pytest.raises(ValueError, match=rf"DraftModel drafts {10**20} tokens"):
+        jaxdec.generate(llama, OK, max_new_tokens=4, speculative=jaxdec.spec.DraftModel(llama, 10**20))
+
+
 def test_a_bad_method_is_refused_with_no_new_tokens_too(llama):
     """max_new_tokens=0 returned before the method was checked against the model."""
     with pytest.raises(ValueError, match=r"skipped layer index 99 is out of range"):

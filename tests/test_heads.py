@@ -380,6 +380,20 @@ def test_load_refuses_a_damaged_heads_config(llama, tmp_path, field, value, says
         load_heads(tmp_path / "medusa")
 
 
+def test_load_refuses_an_eagle_layer_of_another_width(llama, tmp_path):
+    """It was a TypeError from JAX, about broadcasting (384 against 128)."""
+    import json
+    heads = random_heads(llama, "eagle")
+    save_heads(tmp_path / "eagle", heads.config, heads.params)
+    path = tmp_path / "eagle" / "heads.json"
+    meta = json.loads(path.read_text())
+    meta["config"]["layer"]["hidden_size"] = 48
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"the EAGLE layer's hidden_size=48 and vocab_size=128 differ from the heads' "
+                                         r"64 and 128"):
+        load_heads(tmp_path / "eagle")
+
+
 @pytest.mark.parametrize("written, says", [('{"format": 99, "config": {}}', r"unknown heads format 99"),
                                           ("[1, 2]", r"unknown heads format \[1, 2\]")])
 def test_load_refuses_heads_of_another_format(llama, tmp_path, written, says):
