@@ -550,6 +550,9 @@ def main(argv=None) -> int:
             run_stage(args.command, args)
     except (ValueError, FileNotFoundError) as err:  # bad settings or inputs: one line, as argparse's
         parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
+    except KeyboardInterrupt:  # Ctrl-C: the user's own stop; the checkpoints written so far are whole
+        parser.exit(130, f"\n{parser.prog} {args.command}: interrupted; the same command resumes from the last "
+                         f"checkpoint\n")
     return 0
 
 

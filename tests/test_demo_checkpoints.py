@@ -354,6 +354,19 @@ def test_a_work_folder_must_be_one(tmp_path, capsys):
         refused(capsys, ["tokenizer", "--workdir", str(damaged)], says)
 
 
+def test_ctrl_c_stops_training_in_one_line(tmp_path, capsys, monkeypatch):
+    """A KeyboardInterrupt (from anywhere in the run) ends as exit status 130 and a line that
+    says how to resume, not a traceback of 58 lines."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "run_stage", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["target", "--workdir", str(tmp_path / "w")])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == ("python -m jaxdec.train target: interrupted; the same command resumes "
+                                               "from the last checkpoint")
+
+
 def test_fresh_deletes_only_a_training_run(tiny_work, capsys):
     """--fresh removed any folder of the --run's name in the work folder, the user's too."""
     work, tiny = tiny_work
