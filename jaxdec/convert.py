@@ -146,11 +146,10 @@ def convert(src, dst, *, dtype: str | None = None, overwrite: bool = False,
         raise ConversionError(f"unsupported architecture ({found}, model_type={hf.get('model_type')!r}); "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     generation = _read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else None
-    if (src / "tokenizer.json").is_file():  # copied as it is: jaxdec.load must be able to read it
-        try:
-            read_tokenizer(src)
-        except ValueError as err:
-            raise ConversionError(str(err)) from err
+    try:  # tokenizer.json is copied as it is: jaxdec.load must be able to read it
+        read_tokenizer(src)
+    except ValueError as err:
+        raise ConversionError(str(err)) from err
     try:
         cfg = ModelConfig.from_hf(hf, generation)
     except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as err:

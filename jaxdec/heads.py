@@ -71,8 +71,8 @@ class HeadsConfig:
             raise ValueError("EAGLE heads need the layer's config")
         # The layer reads the target's features and the target's embeddings of the same width;
         # another width failed in JAX, as a TypeError about broadcasting.
-        if self.layer is not None and (self.layer.hidden_size, self.layer.vocab_size) != (self.hidden_size,
-                                                                                         self.vocab_size):
+        widths = lambda c: (c.hidden_size, c.vocab_size)
+        if self.layer is not None and widths(self.layer) != widths(self):
             raise ValueError(f"the EAGLE layer's hidden_size={self.layer.hidden_size} and vocab_size="
                              f"{self.layer.vocab_size} differ from the heads' {self.hidden_size} and {self.vocab_size}")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-
 from collections.abc import Iterable
 
 import jax
@@ -43,15 +42,15 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
         if not is_int(n) or n < 1:
             raise ValueError(f"make_mesh: {name} must be an integer >= 1, got {n!r}")
     where = "available" if devices is None else "given"
-    if devices is not None:
-        if isinstance(devices, (str, bytes)) or not isinstance(devices, Iterable):
-            raise ValueError(f"make_mesh: devices must be a list of JAX devices (jax.devices()), got {devices!r:.60}")
-        devices = list(devices)
-        for device in devices:
-            if not isinstance(device, jax.Device):
-                raise ValueError(f"make_mesh: devices must be JAX devices (jax.devices()), got {device!r:.60}")
-        check_distinct(devices, "make_mesh: devices")
-    devices = list(jax.devices()[:data * model] if devices is None else devices)
+    if devices is None:
+        devices = jax.devices()[:data * model]
+    elif isinstance(devices, (str, bytes)) or not isinstance(devices, Iterable):
+        raise ValueError(f"make_mesh: devices must be a list of JAX devices (jax.devices()), got {devices!r:.60}")
+    devices = list(devices)
+    for device in devices:
+        if not isinstance(device, jax.Device):
+            raise ValueError(f"make_mesh: devices must be JAX devices (jax.devices()), got {device!r:.60}")
+    check_distinct(devices, "make_mesh: devices")
     if data * model != len(devices):
         verb = "is" if len(devices) == 1 else "are"
         raise ValueError(f"make_mesh: data={data} x model={model} needs {data * model} "
