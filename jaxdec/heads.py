@@ -215,8 +215,8 @@ def heads_on_mesh(heads: Heads, mesh) -> Heads:
     """The heads with their parameters sharded over `mesh` like the target's (None: as they are)."""
     if mesh is None:
         return heads
-    from jaxdec.loading import check_mesh
-    check_mesh(mesh)
+    from jaxdec.loading import checked_mesh
+    mesh = checked_mesh(mesh)
     cfg = heads.config
     if cfg.layer is not None:
         cfg = dataclasses.replace(cfg, layer=dataclasses.replace(cfg.layer, mesh=mesh))
@@ -237,7 +237,7 @@ def check_heads_fit(heads: Heads, target) -> None:
 def check_same_mesh(what: str, mesh, target) -> None:
     """A drafter runs inside the target's jitted rounds, so it must live on the same devices."""
     if mesh != target.config.mesh:
-        where = lambda m: "one device" if m is None else f"mesh {dict(m.shape)}"
+        where = lambda m: "one device" if m is None else f"mesh {dict(m.shape)} of devices {[d.id for d in m.devices.flat]}"
         raise ValueError(f"{what} are on {where(mesh)} but the target is on {where(target.config.mesh)}: "
                          f"load both with the same mesh=")
 

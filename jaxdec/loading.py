@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 from jaxdec import sharding, storage
 from jaxdec.config import ModelConfig
@@ -95,7 +95,8 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
     """Loads a converted checkpoint (see `python -m jaxdec.convert`) or a shipped one by name.
 
     dtype: None keeps the stored dtype; "float32" or "bfloat16" casts on load.
-    mesh: a jax.sharding.Mesh from `jaxdec.make_mesh`: the parameters are sharded over it by
+    mesh: a jax.sharding.Mesh with axes ("data", "model"), as `jaxdec.make_mesh` makes (Explicit
+    axes are taken as Auto): the parameters are sharded over it by
     `jaxdec.sharding.RULES` and every step runs on it; None means one device.
     attn_impl: "xla" (the jax.numpy reference) or "pallas" (the Pallas tree-attention kernel for
     every full-attention layer that reads the cache; interpret mode on CPU, which is slow and
@@ -106,7 +107,7 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
     if not isinstance(attn_impl, str) or attn_impl not in ATTN_IMPLS:  # (an array's `in` compares elementwise)
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS} or None, got {attn_impl!r}")
     if mesh is not None:
-        check_mesh(mesh)
+        mesh = checked_mesh(mesh)
     cast = storage.parse_dtype(dtype)
     directory = _resolve(path_or_name)
     storage.refuse_heads(directory, "load it with jaxdec.load_heads")
@@ -117,7 +118,11 @@ def load(path_or_name, *, dtype=None, mesh=None, attn_impl=None) -> Model:
     return on_mesh(Model(config=cfg, params=params, tokenizer=read_tokenizer(directory)), mesh)
 
 
-def check_mesh(mesh) -> None:
+def checked_mesh(mesh) -> Mesh:
+    """The mesh to place a model on, ValueError if it cannot be one: its axes are made Auto
+    (jax.make_mesh makes Explicit ones, under which every step's sharding constraints and
+    gathers would need an out_sharding of their own; Auto leaves them to XLA, as on
+    jaxdec.make_mesh's meshes)."""
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh (jaxdec.make_mesh) or None, got {mesh!r:.80}")
     if tuple(mesh.axis_names) != sharding.AXES:
@@ -130,6 +135,9 @@ def check_mesh(mesh) -> None:
         raise ValueError(f"mesh data={mesh.shape['data']} x model={mesh.shape['model']} holds devices of process"
                          f"{'es' * (len(held) > 1)} {', '.join(map(str, held))} only; in a multi-process run it must span all "
                          f"{jax.process_count()} processes (jax.devices() lists {jax.device_count()})")
+    if any(kind != AxisType.Auto for kind in mesh.axis_types):
+        mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    return mesh
 
 
 def on_mesh(model: Model, mesh) -> Model:

@@ -90,16 +90,19 @@ def spare_device_mesh(mesh: Mesh | None) -> Mesh:
 
 def parse_mesh(text: str) -> tuple[int, int]:
     """"data=2,model=4" -> (2, 4) (a missing axis is 1); ValueError naming the text otherwise."""
-    sizes = {"data": 1, "model": 1}
+    sizes = {}
     try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
+        parts = [p.strip() for p in text.split(",")]
+        for part in parts[:-1] + [parts[-1]] * bool(parts[-1]):  # a trailing comma is allowed
             name, value = (s.strip() for s in part.split("="))
-            if name not in sizes:
+            if name not in AXES or name in sizes:  # (a repeated axis: which size was meant?)
                 raise ValueError(name)
             sizes[name] = int(value)
+        if not sizes:
+            raise ValueError(text)
     except ValueError:
-        raise ValueError(f"mesh {text!r}: expected data=N,model=M") from None
-    return sizes["data"], sizes["model"]
+        raise ValueError(f"mesh {text!r}: expected data=N,model=M (each axis at most once)") from None
+    return sizes.get("data", 1), sizes.get("model", 1)
 
 
 @dataclasses.dataclass(frozen=True)

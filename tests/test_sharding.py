@@ -130,6 +130,12 @@ def test_logits_on_a_mesh_match_one_device():
     one = jaxdec.logits(jaxdec.load("demo-target"), ids)
     sharded = jaxdec.logits(jaxdec.load("demo-target", mesh=jaxdec.make_mesh(data=2, model=4)), ids)
     np.testing.assert_allclose(sharded, one, atol=2e-4, rtol=1e-4)
+    # jax.make_mesh's axes are Explicit: load took such a mesh and the first step failed deep
+    # in JAX (a gather asking for its out_sharding). Placed on it as on jaxdec.make_mesh's.
+    explicit = jax.make_mesh((2, 4), sharding.AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    target = jaxdec.load("demo-target", mesh=explicit)
+    assert target.config.mesh == jaxdec.make_mesh(data=2, model=4)
+    np.testing.assert_allclose(jaxdec.logits(target, ids), one, atol=2e-4, rtol=1e-4)
 
 
 def _shard_shape(x):
@@ -226,8 +232,10 @@ def test_mesh_errors():
     for bad in ("ab", 5, [None]):
         with pytest.raises(ValueError, match=r"make_mesh: devices must be .*JAX devices .*got ('ab'|5|None)"):
             jaxdec.make_mesh(devices=bad)
-    with pytest.raises(ValueError, match="data=N,model=M"):
-        sharding.parse_mesh("data=2,pipe=4")
+    for text in ("data=2,pipe=4", "model=8,model=1", "", " , "):  # a repeated axis ran with its last size
+        with pytest.raises(ValueError, match=f"mesh {re.escape(repr(text))}: expected data=N,model=M"):
+            sharding.parse_mesh(text)
+    assert sharding.parse_mesh("data=2, model=4,") == (2, 4)
     assert sharding.parse_mesh("model=8") == (1, 8)
     with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
         jaxdec.load("demo-target", mesh="1x8")
@@ -239,6 +247,12 @@ def test_mesh_errors():
         jaxdec.generate(target, PROMPTS, max_new_tokens=4, speculative=jaxdec.spec.DraftModel(jaxdec.load("demo-draft")))
     with pytest.raises(ValueError, match="the eagle heads are on one device"):
         jaxdec.generate(target, PROMPTS, max_new_tokens=4, speculative=jaxdec.spec.Eagle(jaxdec.load_heads("demo-eagle")))
+    # Same shape, other devices: the message told two identical-looking meshes apart by nothing.
+    elsewhere = jaxdec.make_mesh(data=2, model=4, devices=jax.devices()[::-1])
+    with pytest.raises(ValueError, match=r"eagle heads are on mesh \{'data': 2, 'model': 4\} of devices \[7, 6, 5, 4, 3, 2, 1, 0\] "
+                                         r"but the target is on mesh \{'data': 2, 'model': 4\} of devices \[0, 1, 2, 3, 4, 5, 6, 7\]"):
+        jaxdec.generate(target, PROMPTS, max_new_tokens=4,
+                        speculative=jaxdec.spec.Eagle(jaxdec.load_heads("demo-eagle", mesh=elsewhere)))
 
 
 def test_spare_device_mesh_takes_a_device_the_target_leaves_free():
