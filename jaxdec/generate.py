@@ -123,6 +123,12 @@ def encode_prompts(model: Model, prompts) -> list[list[int]]:
     return rows
 
 
+def _check_model(model) -> None:
+    # Else an AttributeError on model.config that names nothing (a checkpoint's name, say).
+    if not isinstance(model, Model):
+        raise ValueError(f"model must be a jaxdec.Model (from jaxdec.load), got {model!r:.80}")
+
+
 def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:
     ids = model.stop_token_ids if stop_token_ids is None else _as_lists(stop_token_ids)
     # A bare id (or any non-iterable) would fail in list() with a TypeError that names nothing.
@@ -133,7 +139,8 @@ def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:
     if bad:
         raise ValueError(f"stop token id {bad}")
     if len(ids) > MAX_STOP_TOKENS:
-        raise ValueError(f"at most {MAX_STOP_TOKENS} stop_token_ids are supported, got {len(ids)}")
+        whose = "" if stop_token_ids is not None else " (the checkpoint's eos_token_id: pass stop_token_ids= yourself)"
+        raise ValueError(f"at most {MAX_STOP_TOKENS} stop_token_ids are supported, got {len(ids)}{whose}")
     return np.array(ids + [-1] * (MAX_STOP_TOKENS - len(ids)), np.int32)
 
 
@@ -161,12 +168,14 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
 
     temperature 0 is greedy; otherwise tokens are drawn from the distribution after
     temperature, top-k, top-p and min-p. Each row ends after a stop token (included) or
-    after max_new_tokens. `stop_token_ids=None` uses the checkpoint's EOS ids, [] never stops.
+    after max_new_tokens. `stop_token_ids` (at most 16): None uses the checkpoint's EOS ids,
+    [] never stops.
     `speculative`: None (plain decoding) or a `jaxdec.spec` method; the output is the same
     (except for spec.LossySparseDecode, an explicitly lossy opt-in).
     `on_progress(tokens)`, if given, is called with each row's new tokens so far after every
     dispatch (dispatches are then kept short, for streaming).
     """
+    _check_model(model)
     if speculative is not None and not isinstance(speculative, spec.METHODS):
         raise ValueError(f"speculative must be None or one of jaxdec.spec."
                          f"{{{', '.join(m.__name__ for m in spec.METHODS)}}}, got {speculative!r:.80}")
@@ -286,6 +295,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
 @float32_products
 def logits(model: Model, token_ids) -> np.ndarray:
     """Next-token logits [len(token_ids), vocab_size] (float32) at every position."""
+    _check_model(model)
     token_ids = _as_lists(token_ids)
     if isinstance(token_ids, (str, bytes)):
         raise ValueError("token_ids must be a sequence of token ids, not text")

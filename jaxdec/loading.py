@@ -65,9 +65,15 @@ def _resolve(path_or_name) -> Path:
     path = Path(path_or_name).expanduser()
     if path.is_file():  # one of a checkpoint's files given for its folder, say
         raise ValueError(f"{path} is a file; a checkpoint is a directory (a converted model's, or draft heads')")
+    shipped_name = str(path_or_name) in SHIPPED_CHECKPOINTS
     if path.exists():
+        # A local path wins over a shipped name (as in Hugging Face's from_pretrained); a folder
+        # that merely has the name would otherwise be reported as a broken checkpoint.
+        if shipped_name and not any((path / f).is_file() for f in (storage.CONFIG_FILE, storage.HEADS_FILE)):
+            raise ValueError(f"{path.resolve()} is not a checkpoint, and it shadows the shipped {str(path_or_name)!r}: "
+                             f"a local path wins over a shipped name; run from another folder or rename that one")
         return path
-    if str(path_or_name) in SHIPPED_CHECKPOINTS:
+    if shipped_name:
         roots = _shipped_roots()
         for root in roots:
             shipped = root / str(path_or_name)

@@ -27,6 +27,19 @@ def named(value) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# generate and logits: the model
+
+
+@pytest.mark.parametrize("bad", ["demo-target", None])
+def test_a_model_that_is_not_a_jaxdec_model(bad):
+    """A checkpoint's name for the model (as from_pretrained takes) was an AttributeError on .config."""
+    with pytest.raises(ValueError, match=rf"model must be a jaxdec.Model .*got {named(bad)}"):
+        jaxdec.generate(bad, OK, max_new_tokens=4)
+    with pytest.raises(ValueError, match=rf"model must be a jaxdec.Model .*got {named(bad)}"):
+        jaxdec.logits(bad, OK[0])
+
+
+# ---------------------------------------------------------------------------------------------
 # generate: prompts
 
 
@@ -347,6 +360,25 @@ def test_load_corrupt_config(checkpoint, damage, pattern):
     damage(checkpoint)
     with pytest.raises(ValueError, match=pattern):
         jaxdec.load(checkpoint)
+
+
+def test_more_eos_ids_than_stop_ids_fit_say_whose_they_are(checkpoint):
+    """The default stop ids are the checkpoint's: the message named stop_token_ids only, which
+    the call never passed."""
+    _edit_config(checkpoint, eos_token_id=list(range(2, 19)))
+    model = jaxdec.load(checkpoint)
+    with pytest.raises(ValueError, match=r"at most 16 stop_token_ids are supported, got 17 \(the checkpoint's eos_token_id"):
+        jaxdec.generate(model, OK, max_new_tokens=4)
+
+
+def test_a_folder_named_like_a_shipped_checkpoint_says_it_shadows_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo-target", "demo-eagle"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(ValueError, match=r"demo-target is not a checkpoint, and it shadows the shipped 'demo-target'"):
+        jaxdec.load("demo-target")
+    with pytest.raises(ValueError, match=r"demo-eagle is not a checkpoint, and it shadows the shipped 'demo-eagle'"):
+        jaxdec.load_heads("demo-eagle")
 
 
 def test_one_eos_id_need_not_be_a_list(checkpoint):
