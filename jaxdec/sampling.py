@@ -144,7 +144,12 @@ def probabilities(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 def row_keys(seed: int, batch_size: int) -> jax.Array:
     """One PRNG key per row, independent of the other rows."""
-    base = jax.random.key(seed)
+    # jax.random.key keeps a seed's low 32 bits only (without jax_enable_x64): seeds 5 and
+    # 2**32 + 5 drew the same tokens. The high bits are folded in where there are any, so
+    # every seed in [0, 2**32) keeps its stream.
+    base = jax.random.key(int(seed) & 0xFFFFFFFF)
+    if int(seed) >> 32:
+        base = jax.random.fold_in(base, (int(seed) >> 32) & 0xFFFFFFFF)
     return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch_size))
 
 

@@ -350,3 +350,14 @@ def test_first_token_follows_processed_model_distribution(llama):
     wrong = reference(jaxdec.logits(llama, PROMPT)[-1], **{**E2E, "temperature": 1.0})[0]
     assert (counts[wrong == 0].sum() > 0
             or stats.chisquare(counts[wrong > 0], counts.sum() * wrong[wrong > 0]).pvalue < P_VALUE)
+
+
+def test_every_bit_of_the_seed_counts():
+    """jax.random.key keeps a seed's low 32 bits: seeds 5 and 2**32 + 5 (or -1 and 2**32 - 1)
+    drew the same tokens, though generate takes any seed in [-2**63, 2**63)."""
+    data = lambda seed: np.asarray(jax.random.key_data(row_keys(seed, 2)))
+    seeds = [5, 2**32 + 5, 2**40 + 5, -1, 2**32 - 1, -2**63, 0]
+    assert len({data(seed).tobytes() for seed in seeds}) == len(seeds)
+    # Seeds that fit 32 bits keep the streams they always had.
+    assert np.array_equal(data(7), np.asarray(jax.random.key_data(
+        jax.vmap(lambda b: jax.random.fold_in(jax.random.key(7), b))(jnp.arange(2)))))
