@@ -147,9 +147,10 @@ def row_keys(seed: int, batch_size: int) -> jax.Array:
     # jax.random.key keeps a seed's low 32 bits only (without jax_enable_x64): seeds 5 and
     # 2**32 + 5 drew the same tokens. The high bits are folded in where there are any, so
     # every seed in [0, 2**32) keeps its stream.
-    base = jax.random.key(int(seed) & 0xFFFFFFFF)
-    if int(seed) >> 32:
-        base = jax.random.fold_in(base, (int(seed) >> 32) & 0xFFFFFFFF)
+    high, low = int(seed) >> 32, int(seed) & 0xFFFFFFFF
+    base = jax.random.key(low)
+    if high:
+        base = jax.random.fold_in(base, high & 0xFFFFFFFF)
     return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch_size))
 
 

@@ -92,8 +92,7 @@ def parse_mesh(text: str) -> tuple[int, int]:
     """"data=2,model=4" -> (2, 4) (a missing axis is 1); ValueError naming the text otherwise."""
     sizes = {}
     try:
-        parts = [p.strip() for p in text.split(",")]
-        for part in parts[:-1] + [parts[-1]] * bool(parts[-1]):  # a trailing comma is allowed
+        for part in filter(None, (p.strip() for p in text.split(","))):
             name, value = (s.strip() for s in part.split("="))
             if name not in AXES or name in sizes:  # (a repeated axis: which size was meant?)
                 raise ValueError(name)
